@@ -1,0 +1,1 @@
+"""Istio-compatible proto packages (generated code lives next to the .proto files)."""

@@ -1,0 +1,1 @@
+"""Proto package istio.security: ztunnel Authorization."""

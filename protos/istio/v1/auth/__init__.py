@@ -1,0 +1,1 @@
+"""Proto package istio.v1.auth: IstioCertificateService."""

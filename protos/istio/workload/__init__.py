@@ -1,0 +1,1 @@
+"""Proto package istio.workload: Address/Workload/Service for ztunnel WDS."""

@@ -1,0 +1,1 @@
+"""Identity: the Istio-compatible CA (sds/ca) and, later, the SDS node agent."""

@@ -1,0 +1,263 @@
+"""CA key material: a plugged-in `cacerts` folder (Istio's layout) or a self-signed root we create once.
+
+Istio's plug-in layout: ca-cert.pem (signing cert), ca-key.pem, root-cert.pem (trust bundle, may hold
+several roots during a root rotation), cert-chain.pem (signing cert up to the root). The Kubernetes
+`tls.crt`/`tls.key`/`ca.crt` naming is accepted too, as istiod does.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from ztcore.fsutil import ensure_private_dir, write_atomic
+
+log = logging.getLogger(__name__)
+
+SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+KEY_ALGORITHMS = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-4096")
+
+
+class CAError(Exception):
+    """CA material is missing, inconsistent or expired. The message names files, never key bytes."""
+
+
+def pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def generate_key(algorithm: str) -> SigningKey:
+    if algorithm == "ecdsa-p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if algorithm == "ecdsa-p384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if algorithm in ("rsa-2048", "rsa-4096"):
+        return rsa.generate_private_key(public_exponent=65537, key_size=int(algorithm[4:]))
+    raise CAError(f"unknown key algorithm {algorithm!r} (one of {', '.join(KEY_ALGORITHMS)})")
+
+
+def hash_for(key: SigningKey) -> hashes.SHA256 | hashes.SHA384:
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+@dataclass(frozen=True)
+class CAMaterial:
+    """Everything the signer needs; immutable so a rotation swaps the whole object at once."""
+
+    signing_cert: x509.Certificate
+    signing_key: SigningKey = field(repr=False)
+    # Certificates between the signing cert and a root, signing cert first; empty when we sign with a root.
+    chain: tuple[x509.Certificate, ...]
+    roots: tuple[x509.Certificate, ...]
+    source: str
+    chain_pems: tuple[str, ...] = field(init=False)
+    root_bundle_pem: str = field(init=False)
+    signing_hash: hashes.SHA256 | hashes.SHA384 = field(init=False, repr=False)
+    ski: x509.SubjectKeyIdentifier = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "chain_pems", tuple(pem(c) for c in self.chain))
+        object.__setattr__(self, "root_bundle_pem", "".join(pem(r) for r in self.roots))
+        object.__setattr__(self, "signing_hash", hash_for(self.signing_key))
+        try:
+            ski = self.signing_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        except x509.ExtensionNotFound:
+            ski = x509.SubjectKeyIdentifier.from_public_key(self.signing_cert.public_key())
+        object.__setattr__(self, "ski", ski)
+
+    @property
+    def not_after(self) -> dt.datetime:
+        return self.signing_cert.not_valid_after_utc
+
+    @property
+    def root_not_after(self) -> dt.datetime:
+        return min(r.not_valid_after_utc for r in self.roots)
+
+
+def _load_certs(path: Path, what: str) -> list[x509.Certificate]:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CAError(f"cannot read {what} {path}: {err.strerror}") from None
+    if not data.strip():
+        return []
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise CAError(f"{what} {path} is not a PEM certificate bundle") from None
+
+
+def _load_key(path: Path) -> SigningKey:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CAError(f"cannot read CA key {path}: {err.strerror}") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        # Never echo the file content: it is a private key.
+        raise CAError(f"CA key {path} is not an unencrypted PEM private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise CAError(f"CA key {path} must be ECDSA or RSA")
+    return key
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def validate(material: CAMaterial, now: dt.datetime) -> None:
+    """The signing key matches, every link is a CA signed by the next, and the path ends at a root."""
+    pub = material.signing_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    cert_pub = material.signing_cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    if pub != cert_pub:
+        raise CAError(f"{material.source}: CA key does not match the CA certificate")
+    if not material.roots:
+        raise CAError(f"{material.source}: no root certificate")
+    path = [material.signing_cert, *material.chain[1:]] if material.chain else [material.signing_cert]
+    for cert in path:
+        if not _is_ca(cert):
+            raise CAError(f"{material.source}: {cert.subject.rfc4514_string()} is not a CA certificate")
+        if cert.not_valid_after_utc <= now:
+            raise CAError(f"{material.source}: {cert.subject.rfc4514_string()} expired {cert.not_valid_after_utc}")
+    for child, parent in itertools.pairwise(path):
+        if not _issued_by(child, parent):
+            raise CAError(
+                f"{material.source}: cert-chain.pem is not a chain: {child.subject.rfc4514_string()} "
+                f"is not signed by {parent.subject.rfc4514_string()}"
+            )
+    top = path[-1]
+    if not any(top == r or _issued_by(top, r) for r in material.roots):
+        raise CAError(f"{material.source}: the CA certificate does not chain to any certificate in root-cert.pem")
+
+
+def load_cacerts(folder: Path, now: dt.datetime) -> CAMaterial:
+    """Load a plugged-in CA from Istio's `cacerts` layout."""
+    if (folder / "ca-cert.pem").exists():
+        cert_file, key_file, root_file = folder / "ca-cert.pem", folder / "ca-key.pem", folder / "root-cert.pem"
+        chain_file = folder / "cert-chain.pem"
+    elif (folder / "tls.crt").exists():
+        cert_file, key_file, root_file = folder / "tls.crt", folder / "tls.key", folder / "ca.crt"
+        chain_file = folder / "tls.crt"
+    else:
+        raise CAError(f"{folder} has neither ca-cert.pem nor tls.crt")
+    certs = _load_certs(cert_file, "CA certificate")
+    if not certs:
+        raise CAError(f"{cert_file} is empty")
+    signing = certs[0]
+    key = _load_key(key_file)
+    roots = tuple(_load_certs(root_file, "root bundle")) if root_file.exists() else ()
+    if not roots and signing.issuer == signing.subject:
+        roots = (signing,)
+    chain_certs = _load_certs(chain_file, "cert chain") if chain_file.exists() else certs
+    # Keep the signing cert first and drop roots: the response carries the root bundle separately.
+    chain: list[x509.Certificate] = []
+    if signing not in roots:
+        chain.append(signing)
+        chain.extend(c for c in chain_certs if c != signing and c not in roots and c not in chain)
+    material = CAMaterial(signing, key, tuple(chain), roots, source=str(folder))
+    validate(material, now)
+    return material
+
+
+def create_self_signed(algorithm: str, trust_domain: str, ttl: dt.timedelta, now: dt.datetime) -> CAMaterial:
+    key = generate_key(algorithm)
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=2))
+        .not_valid_after(now + ttl)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hash_for(key))
+    )
+    return CAMaterial(cert, key, (), (cert,), source="self-signed")
+
+
+def key_pem(key: SigningKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def save(material: CAMaterial, folder: Path) -> None:
+    """Write in Istio's layout. The key goes first (0600) and ca-cert.pem last, so a crash in between
+    leaves a folder that `load_or_create` recognises as incomplete and regenerates."""
+    ensure_private_dir(folder)
+    write_atomic(folder / "ca-key.pem", key_pem(material.signing_key), mode=0o600)
+    write_atomic(folder / "root-cert.pem", material.root_bundle_pem.encode())
+    write_atomic(folder / "cert-chain.pem", "".join(material.chain_pems).encode())
+    write_atomic(folder / "ca-cert.pem", pem(material.signing_cert).encode())
+
+
+def load_or_create(
+    cacerts_dir: Path | None,
+    state_ca_dir: Path,
+    *,
+    algorithm: str,
+    trust_domain: str,
+    self_signed_ttl: dt.timedelta,
+    now: dt.datetime,
+) -> CAMaterial:
+    """Plugged-in CA if given, else our self-signed root from the state folder, created on first start."""
+    if cacerts_dir is not None:
+        material = load_cacerts(cacerts_dir, now)
+        log.info(
+            "using plugged-in CA from %s (signing cert %s)", cacerts_dir, material.signing_cert.subject.rfc4514_string()
+        )
+        return material
+    if (state_ca_dir / "ca-cert.pem").exists():
+        material = load_cacerts(state_ca_dir, now)
+        log.info("loaded self-signed root from %s, valid until %s", state_ca_dir, material.not_after.isoformat())
+        return material
+    material = create_self_signed(algorithm, trust_domain, self_signed_ttl, now)
+    save(material, state_ca_dir)
+    log.info(
+        "created self-signed %s root in %s, valid until %s", algorithm, state_ca_dir, material.not_after.isoformat()
+    )
+    return material

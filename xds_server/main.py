@@ -1,0 +1,351 @@
+"""`ztd`: the control plane (CA now; xDS joins on the same ports), like istiod.
+
+Composition root: the only module that knows every part. It builds the CA material, the token issuer, the
+registry, the authenticators and the servers, and owns their lifetimes in one TaskGroup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import ipaddress
+import logging
+import signal
+import ssl
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos.istio.v1.auth import ca_pb2, ca_pb2_grpc
+from sds.ca import authn, issuer, keyring, signer
+from sds.ca.nodeauthz import NodeAuthorizer, parse_trusted_accounts
+from sds.ca.server import CAMetrics, CertificateService, PeerLookup
+from xds_server.registry.files import FileRegistrySource, RegistryLoadError
+from xds_server.registry.store import Registry
+from ztcore import config, tlsfront
+from ztcore.config import Duration, option
+from ztcore.fsutil import ensure_private_dir, write_atomic
+from ztcore.metrics import Registry as MetricsRegistry
+
+log = logging.getLogger("ztd")
+
+ISTIOD_DNS_NAMES = ("istiod.istio-system.svc", "istiod.istio-system", "istiod", "localhost")
+CA_SERVICE = ca_pb2.DESCRIPTOR.services_by_name["IstioCertificateService"].full_name
+
+
+@dataclasses.dataclass(frozen=True)
+class ZtdConfig:
+    ENV_PREFIX = "ZTD"
+
+    listen_address: str = option("127.0.0.1", "address every port binds to")
+    xds_port: int = option(15010, "plaintext gRPC port (xDS; the CA too with --ca-plaintext)")
+    secure_port: int = option(15012, "TLS gRPC port: CA and xDS, serving cert for istiod.istio-system.svc")
+    monitoring_port: int = option(15014, "HTTP port for /metrics, /ready and /debug")
+    state_dir: Path = option(Path(".ztd"), "folder for CA material, the token issuer key and the root bundle")
+    config_dir: Path | None = option(None, "folder of Kubernetes YAML (Pods, Services, policies) to serve from")
+    trust_domain: str = option("cluster.local", "SPIFFE trust domain", env="TRUST_DOMAIN")
+    cluster_id: str = option("Kubernetes", "cluster id accepted in the clusterid metadata", env="CLUSTER_ID")
+    cacerts_dir: Path | None = option(
+        None, "plug-in CA folder (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem)", env="ROOT_CA_DIR"
+    )
+    ca_key_algorithm: str = option(
+        "ecdsa-p256", "key type of a self-signed root created on first start", choices=keyring.KEY_ALGORITHMS
+    )
+    self_signed_ca_cert_ttl: Duration = option(
+        Duration(3650 * 86400), "lifetime of a self-signed root", env="CITADEL_SELF_SIGNED_CA_CERT_TTL"
+    )
+    default_workload_cert_ttl: Duration = option(
+        Duration(24 * 3600), "TTL when a request asks for none", env="DEFAULT_WORKLOAD_CERT_TTL"
+    )
+    max_workload_cert_ttl: Duration = option(
+        Duration(90 * 86400), "largest TTL a request may ask for (larger is refused)", env="MAX_WORKLOAD_CERT_TTL"
+    )
+    ca_trusted_node_accounts: tuple[str, ...] = option(
+        ["istio-system/ztunnel"],
+        "ns/sa accounts allowed to impersonate pods on their node",
+        env="CA_TRUSTED_NODE_ACCOUNTS",
+    )
+    token_audiences: tuple[str, ...] = option(["istio-ca"], "accepted JWT audiences", env="TOKEN_AUDIENCES")
+    local_issuer: bool = option(True, "mint/accept service-account tokens signed by the state folder's issuer key")
+    oidc_issuer: str = option("", "accept JWTs from this OIDC issuer (with --oidc-jwks-file)")
+    oidc_jwks_file: Path | None = option(None, "JWKS file of --oidc-issuer, re-read when it changes")
+    tls_san: tuple[str, ...] = option([], "extra DNS names or IPs for the serving certificate")
+    ca_plaintext: bool = option(False, "also serve the CA on the plaintext port (tokens only; for development)")
+    root_cert_file: Path | None = option(
+        None, "where to publish the root bundle for clients [default: <state-dir>/root-cert.pem]"
+    )
+    log_level: str = option("info", "debug, info, warning or error", choices=("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        for name in ("xds_port", "secure_port", "monitoring_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ValueError(f"--{name.replace('_', '-')} {port} is not a port number")
+        if bool(self.oidc_issuer) != bool(self.oidc_jwks_file):
+            raise ValueError("--oidc-issuer and --oidc-jwks-file go together")
+        if self.max_workload_cert_ttl < self.default_workload_cert_ttl:
+            raise ValueError("--max-workload-cert-ttl is smaller than --default-workload-cert-ttl")
+        parse_trusted_accounts(self.ca_trusted_node_accounts)
+
+    @property
+    def published_root(self) -> Path:
+        return self.root_cert_file or self.state_dir / "root-cert.pem"
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class _EmptyDirectory:
+    """The registry when no --config-dir is given: no pods, so no impersonation succeeds."""
+
+    def get_pod(self, namespace: str, name: str) -> None:
+        return None
+
+    def count_pods_on_node(self, namespace: str, service_account: str, node_name: str) -> int:
+        return 0
+
+    def has_node(self, name: str) -> bool:
+        return False
+
+
+class ServingCert:
+    """The TLS certificate of the secure port, issued by our own CA and renewed at half its life."""
+
+    TTL = dt.timedelta(hours=24)
+
+    def __init__(self, names: Sequence[str], material: Callable[[], keyring.CAMaterial]) -> None:
+        self._names = list(names)
+        self._material = material
+        self.renew(_utcnow())
+
+    def renew(self, now: dt.datetime) -> None:
+        material = self._material()
+        key = ec.generate_private_key(ec.SECP256R1())
+        chain = signer.sign(key.public_key(), self._names, self.TTL, material, now)
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        self._context = tlsfront.server_context("".join(chain).encode(), key_pem, material.root_bundle_pem.encode())
+        self.refresh_at = now + self.TTL / 2
+
+    def context(self) -> ssl.SSLContext:
+        return self._context
+
+
+class Ztd:
+    def __init__(self, cfg: ZtdConfig) -> None:
+        self.cfg = cfg
+        self.metrics = MetricsRegistry()
+        self.ready = asyncio.Event()
+        self.registry: Registry | None = None
+        self._source: FileRegistrySource | None = None
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        now = _utcnow()
+        ensure_private_dir(cfg.state_dir)
+        self.material = keyring.load_or_create(
+            cfg.cacerts_dir,
+            cfg.state_dir / "ca",
+            algorithm=cfg.ca_key_algorithm,
+            trust_domain=cfg.trust_domain,
+            self_signed_ttl=dt.timedelta(seconds=cfg.self_signed_ca_cert_ttl),
+            now=now,
+        )
+        write_atomic(cfg.published_root, self.material.root_bundle_pem.encode())
+        log.info("root bundle published at %s", cfg.published_root)
+        authenticators: list[authn.Authenticator] = [authn.ClientCertAuthenticator()]
+        if cfg.local_issuer:
+            tokens = issuer.load_or_create(cfg.state_dir / "issuer", cfg.trust_domain)
+            authenticators.append(
+                authn.JwtAuthenticator(
+                    issuer=tokens.issuer,
+                    audiences=cfg.token_audiences,
+                    jwks=authn.JwksFile(cfg.state_dir / "issuer" / issuer.JWKS_FILE),
+                    trust_domain=cfg.trust_domain,
+                    name="LocalIssuerJwtAuthenticator",
+                )
+            )
+        if cfg.oidc_issuer and cfg.oidc_jwks_file:
+            authenticators.append(
+                authn.JwtAuthenticator(
+                    issuer=cfg.oidc_issuer,
+                    audiences=cfg.token_audiences,
+                    jwks=authn.JwksFile(cfg.oidc_jwks_file),
+                    trust_domain=cfg.trust_domain,
+                )
+            )
+        trusted = parse_trusted_accounts(cfg.ca_trusted_node_accounts)
+        directory = self.registry if self.registry is not None else _EmptyDirectory()
+        node_authorizer = NodeAuthorizer(trusted, directory) if trusted else None
+        self.ca_metrics = CAMetrics(self.metrics, lambda: self.material, _utcnow)
+        policy = signer.SignPolicy(
+            default_ttl=dt.timedelta(seconds=cfg.default_workload_cert_ttl),
+            max_ttl=dt.timedelta(seconds=cfg.max_workload_cert_ttl),
+        )
+
+        def ca_service(tls_peers: PeerLookup | None) -> CertificateService:
+            return CertificateService(
+                material=lambda: self.material,
+                authenticators=authenticators,
+                node_authorizer=node_authorizer,
+                policy=policy,
+                metrics=self.ca_metrics,
+                tls_peers=tls_peers,
+            )
+
+        names = [*ISTIOD_DNS_NAMES, *cfg.tls_san]
+        with contextlib.suppress(ValueError):
+            if not ipaddress.ip_address(cfg.listen_address).is_unspecified:
+                names.append(cfg.listen_address)
+        self.serving = ServingCert(names, lambda: self.material)
+        self.front = tlsfront.TlsFront(cfg.listen_address, cfg.secure_port, 0, self.serving.context)
+        self.ca_secure = ca_service(self.front.peer)
+        self.ca_plain = ca_service(None)
+
+    def _grpc_server(self, ca: CertificateService | None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 * 1024 * 1024)])
+        services = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        if ca is not None:
+            ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(ca, server)
+            services.append(CA_SERVICE)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(services, server)
+        return server, health_servicer
+
+    async def _monitoring(self) -> web.AppRunner:
+        app = web.Application()
+
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(
+                body=self.metrics.render().encode(), headers={"Content-Type": self.metrics.content_type}
+            )
+
+        async def ready(_: web.Request) -> web.Response:
+            return web.Response(text="ready\n") if self.ready.is_set() else web.Response(status=503, text="starting\n")
+
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/ready", ready)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, self.cfg.listen_address, self.cfg.monitoring_port).start()
+        return runner
+
+    async def _rotate_serving_cert(self) -> None:
+        while True:
+            delay = max((self.serving.refresh_at - _utcnow()).total_seconds(), 1.0)
+            await asyncio.sleep(delay)
+            self.serving.renew(_utcnow())
+            self.front.reload()
+            log.info("renewed the serving certificate of the secure port")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if self.cfg.config_dir is not None:
+            self.registry = Registry()
+            self._source = FileRegistrySource(self.cfg.config_dir, self.registry)
+            await self._source.load_initial()
+        await asyncio.to_thread(self._setup)
+        cfg = self.cfg
+        # The secure port's gRPC server listens on loopback only; clients reach it through the TLS front.
+        secure, secure_health = self._grpc_server(self.ca_secure)
+        secure_addr = f"{cfg.listen_address}:{cfg.secure_port}"
+        plain, plain_health = self._grpc_server(self.ca_plain if cfg.ca_plaintext else None)
+        plain_addr = f"{cfg.listen_address}:{cfg.xds_port}"
+        try:
+            self.front.backend_port = secure.add_insecure_port("127.0.0.1:0")
+            plain.add_insecure_port(plain_addr)
+        except RuntimeError as err:
+            raise StartupError(f"cannot listen on {plain_addr}: {err}") from None
+        try:
+            await self.front.start()
+            runner = await self._monitoring()
+        except OSError as err:
+            raise StartupError(f"cannot listen on {cfg.listen_address}: {err.strerror}") from None
+        await secure.start()
+        await plain.start()
+        for h in (secure_health, plain_health):
+            await h.set("", health_pb2.HealthCheckResponse.SERVING)
+            await h.set(CA_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        self.ready.set()
+        log.info(
+            "ztd ready: secure %s (CA%s), plaintext %s, monitoring %s:%d, trust domain %s",
+            secure_addr,
+            "",
+            plain_addr,
+            cfg.listen_address,
+            cfg.monitoring_port,
+            cfg.trust_domain,
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._rotate_serving_cert())
+                if self._source is not None:
+                    tg.create_task(self._source.run())
+                await stop.wait()
+                raise _Stop
+        except* _Stop:
+            pass
+        finally:
+            self.ready.clear()
+            for h in (secure_health, plain_health):
+                await h.enter_graceful_shutdown()
+            await self.front.close()
+            await asyncio.gather(secure.stop(2.0), plain.stop(2.0))
+            await runner.cleanup()
+            log.info("ztd stopped")
+
+
+class _Stop(Exception):
+    """Raised inside the TaskGroup to cancel its tasks on a clean stop."""
+
+
+class StartupError(Exception):
+    pass
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+async def _amain(cfg: ZtdConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await Ztd(cfg).run(stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = config.load(ZtdConfig, argv, prog="ztd", description=__doc__.splitlines()[0])
+    configure_logging(cfg.log_level)
+    try:
+        asyncio.run(_amain(cfg))
+    except (keyring.CAError, issuer.IssuerError, StartupError) as err:
+        print(f"ztd: {err}", file=sys.stderr)
+        return 1
+    except RegistryLoadError as err:
+        print(f"ztd: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Shared bottom layer of ztdpu: model, configuration, identity. Imports only protos and third-party code."""

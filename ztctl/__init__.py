@@ -1,0 +1,1 @@
+"""ztctl: the operator CLI, shaped like istioctl."""

@@ -1,0 +1,5 @@
+import sys
+
+from ztctl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,65 @@
+"""ztctl command line: argument parsing and dispatch only; each command lives in ztctl/commands/."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn
+
+from ztcore import config
+from ztctl.commands import ca, token
+from ztctl.errors import CliError
+
+# (words, options dataclass, handler, help)
+Command = tuple[tuple[str, ...], type[Any], Callable[[Any], int], str]
+
+COMMANDS: list[Command] = [
+    (("token", "create"), token.TokenCreateOptions, token.create, "mint a service-account JWT that ztd accepts"),
+    (("ca", "root"), ca.CaRootOptions, ca.root, "print the CA's root bundle"),
+    (
+        ("x", "ca", "issue"),
+        ca.CaIssueOptions,
+        ca.issue,
+        "request a workload certificate from the CA (CreateCertificate) and write key, chain and root",
+    ),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ztctl", description="Operate a ztdpu mesh (istioctl-style).")
+    subparsers: dict[tuple[str, ...], argparse._SubParsersAction[argparse.ArgumentParser]] = {}
+    root = parser.add_subparsers(metavar="COMMAND")
+    root.required = True
+    subparsers[()] = root
+    for entry in COMMANDS:
+        words, options, _, help_text = entry
+        for depth in range(1, len(words)):
+            prefix = words[:depth]
+            if prefix not in subparsers:
+                group = subparsers[prefix[:-1]].add_parser(prefix[-1], help=f"{' '.join(prefix)} commands")
+                subparsers[prefix] = group.add_subparsers(metavar="SUBCOMMAND")
+                subparsers[prefix].required = True
+        sub = subparsers[words[:-1]].add_parser(words[-1], help=help_text, description=help_text)
+        config.add_arguments(options, sub)
+        sub.set_defaults(_command=entry, _parser=sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    parsed = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    words, options_cls, handler, _ = parsed._command
+    sub: argparse.ArgumentParser = parsed._parser
+
+    def fail(message: str) -> NoReturn:
+        sub.error(message)
+
+    opts = config.resolve(options_cls, parsed, os.environ if environ is None else environ, fail)
+    try:
+        return int(handler(opts))
+    except CliError as err:
+        print(f"ztctl {' '.join(words)}: {err}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
