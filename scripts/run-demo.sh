@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs ztd on localhost with the embedded registry from examples/mesh, then shows it working:
 # a token from `ztctl token create`, a certificate from CreateCertificate, the root from `ztctl ca root`.
-# Installs what it needs itself into ./.venv. Ctrl-C stops ztd; `--serve-only` skips the walk-through.
+# Installs what it needs itself into ./.venv. Ctrl-C stops ztd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/ztd ] || [ pyproject.toml -nt .venv/bin/ztd ]; then
@@ -15,7 +15,8 @@ ztd --state-dir "$state" --config-dir examples/mesh "$@" &
 ztd_pid=$!
 trap 'kill $ztd_pid 2>/dev/null; wait $ztd_pid 2>/dev/null' EXIT INT TERM
 for _ in $(seq 100); do
-  curl -fs "http://127.0.0.1:15014/ready" >/dev/null 2>&1 && break
+  python3 -c 'import urllib.request,sys; urllib.request.urlopen("http://127.0.0.1:15014/ready", timeout=1)' \
+    2>/dev/null && break
   kill -0 $ztd_pid 2>/dev/null || exit 1
   sleep 0.2
 done

@@ -279,9 +279,8 @@ class Ztd:
             await h.set(CA_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self.ready.set()
         log.info(
-            "ztd ready: secure %s (CA%s), plaintext %s, monitoring %s:%d, trust domain %s",
+            "ztd ready: secure %s (CA), plaintext %s, monitoring %s:%d, trust domain %s",
             secure_addr,
-            "",
             plain_addr,
             cfg.listen_address,
             cfg.monitoring_port,

@@ -27,6 +27,13 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (and exit code 2), pointing at --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parse_duration(text: str) -> float:
     """Seconds from "90", "30s", "1h30m", "2160h", "90d" or "500ms"."""
     value = text.strip()
@@ -249,7 +256,7 @@ def load(
     description: str,
 ) -> T:
     """Parse a whole command line for a single-command program."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", type=Path, default=None, help="YAML file of option values (keys = flag names)")
     add_arguments(cls, parser)
     parsed = parser.parse_args(list(sys.argv[1:] if argv is None else argv))

@@ -12,7 +12,6 @@ and servicers must refuse them, so nothing reaches the internal port around the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 import tempfile
@@ -21,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-
-_CHUNK = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +34,45 @@ def _der_to_pem(der: bytes) -> bytes:
     return ssl.DER_cert_to_PEM_cert(der).encode()
 
 
+class _Side(asyncio.Protocol):
+    """One end of a relay: bytes received here are written to the other end, with back-pressure."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.other: _Side | None = None
+        self.on_lost: Callable[[], None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.write(data)
+
+    def eof_received(self) -> bool | None:
+        if self.other is not None and self.other.transport is not None and self.other.transport.can_write_eof():
+            self.other.transport.write_eof()
+            # Half-close: keep our write side open until the other end finishes (TLS cannot half-close).
+            return None if self.transport is None or self.transport.get_extra_info("sslcontext") else True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.on_lost is not None:
+            self.on_lost()
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.close()
+
+    # The other end's socket buffer is full: stop reading here until it drains.
+    def pause_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.resume_reading()
+
+
 class TlsFront:
     def __init__(self, host: str, port: int, backend_port: int, context_factory: Callable[[], ssl.SSLContext]):
         self._host = host
@@ -46,12 +82,12 @@ class TlsFront:
         self._context = context_factory()
         self._server: asyncio.Server | None = None
         self._peers: dict[int, TlsPeer] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._sides: set[_Side] = set()
+        self._pending: set[asyncio.Task[None]] = set()
 
     def reload(self) -> None:
         """Pick up a renewed serving certificate or trust bundle for new handshakes."""
-        self._context = self._context_factory()  # _accept reads it per connection
+        self._context = self._context_factory()
 
     @property
     def port(self) -> int:
@@ -78,58 +114,76 @@ class TlsFront:
             ssl_object.context = self._context
 
         listener.sni_callback = use_current
-        self._server = await asyncio.start_server(
-            self._accept, self._host, self._port, ssl=listener, ssl_handshake_timeout=10, reuse_address=True
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._client_side, self._host, self._port, ssl=listener, ssl_handshake_timeout=10, reuse_address=True
         )
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        for task in list(self._pending):
+            task.cancel()
+        for side in list(self._sides):
+            if side.transport is not None:
+                side.transport.close()
+        if self._pending:
+            await asyncio.wait(self._pending, timeout=2)
+        if self._server is not None:
             await self._server.wait_closed()
-        # Closing both ends makes every relay see EOF and finish on its own (no cancellation noise).
-        for w in list(self._writers):
-            w.close()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=2)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        host, port = writer.get_extra_info("peername")[:2]
-        client = f"{host}:{port}"
-        backend_writer: asyncio.StreamWriter | None = None
-        local_port = 0
-        self._writers.add(writer)
+    def _client_side(self) -> _Side:
+        side = _ClientSide(self)
+        return side
+
+    def _connected(self, client: _Side) -> None:
+        """TLS is up: pause the client, dial the backend, register the peer, then relay."""
+        assert client.transport is not None
+        client.transport.pause_reading()
+        self._sides.add(client)
+        task = asyncio.get_running_loop().create_task(self._dial(client))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _dial(self, client: _Side) -> None:
+        assert client.transport is not None
+        host, port = client.transport.get_extra_info("peername")[:2]
+        ssl_object = client.transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        backend = _Side()
         try:
-            ssl_object = writer.get_extra_info("ssl_object")
-            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-            backend_reader, backend_writer = await asyncio.open_connection("127.0.0.1", self.backend_port)
-            self._writers.add(backend_writer)
-            local_port = backend_writer.get_extra_info("sockname")[1]
-            # Registered before the first byte is relayed, removed before the socket closes.
-            self._peers[local_port] = TlsPeer(client, _der_to_pem(der) if der else None)
-            await asyncio.gather(_pump(reader, backend_writer), _pump(backend_reader, writer))
-        except (ConnectionError, OSError) as err:
-            log.debug("relay for %s ended: %s", client, err)
-        finally:
+            await asyncio.get_running_loop().create_connection(lambda: backend, "127.0.0.1", self.backend_port)
+        except OSError as err:
+            log.warning("TLS front cannot reach its gRPC server: %s", err)
+            client.transport.close()
+            return
+        assert backend.transport is not None
+        local_port = backend.transport.get_extra_info("sockname")[1]
+        # Registered before the first byte is relayed, removed when either end goes away.
+        self._peers[local_port] = TlsPeer(f"{host}:{port}", _der_to_pem(der) if der else None)
+        self._sides.add(backend)
+
+        def forget() -> None:
             self._peers.pop(local_port, None)
-            for w in (backend_writer, writer):
-                if w is not None:
-                    w.close()
-                    self._writers.discard(w)
-            self._tasks.discard(task)
+            self._sides.discard(backend)
+            self._sides.discard(client)
+
+        backend.on_lost = client.on_lost = forget
+        client.other, backend.other = backend, client
+        if client.transport.is_closing():
+            backend.transport.close()
+            return
+        client.transport.resume_reading()
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(_CHUNK):
-            writer.write(data)
-            await writer.drain()
-    finally:
-        if writer.can_write_eof():
-            with contextlib.suppress(OSError, RuntimeError):
-                writer.write_eof()
+class _ClientSide(_Side):
+    def __init__(self, front: TlsFront) -> None:
+        super().__init__()
+        self._front = front
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._front._connected(self)
 
 
 def server_context(cert_chain_pem: bytes, key_pem: bytes, roots_pem: bytes) -> ssl.SSLContext:

@@ -28,8 +28,8 @@ COMMANDS: list[Command] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ztctl", description="Operate a ztdpu mesh (istioctl-style).")
-    subparsers: dict[tuple[str, ...], argparse._SubParsersAction[argparse.ArgumentParser]] = {}
+    parser = config.ArgumentParser(prog="ztctl", description="Operate a ztdpu mesh (istioctl-style).")
+    subparsers: dict[tuple[str, ...], argparse._SubParsersAction[config.ArgumentParser]] = {}
     root = parser.add_subparsers(metavar="COMMAND")
     root.required = True
     subparsers[()] = root

@@ -199,13 +199,27 @@ def _split_sa_username(username: str) -> tuple[str, str]:
 class JwksFile:
     """A JWKS document on disk, re-read when its mtime or size changes."""
 
-    def __init__(self, path: Path, on_change: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        on_change: Callable[[], None] | None = None,
+        check_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = path
         self._stamp: tuple[int, int] | None = None
+        self._checked_at = -float("inf")
+        self._check_interval = check_interval
+        self._clock = clock
         self._keys: dict[str | None, jwt.PyJWK] = {}
         self._on_change = on_change
 
     def keys(self) -> Mapping[str | None, jwt.PyJWK]:
+        # A stat per request would cost more than the cached token check it guards; once a second is enough.
+        now = self._clock()
+        if self._stamp is not None and now - self._checked_at < self._check_interval:
+            return self._keys
+        self._checked_at = now
         try:
             st = self.path.stat()
         except OSError as err:

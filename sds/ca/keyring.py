@@ -16,9 +16,10 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
+from sds.ca import der
 from ztcore.fsutil import ensure_private_dir, write_atomic
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class CAMaterial:
     root_bundle_pem: str = field(init=False)
     signing_hash: hashes.SHA256 | hashes.SHA384 = field(init=False, repr=False)
     ski: x509.SubjectKeyIdentifier = field(init=False, repr=False)
+    issuer_der: bytes = field(init=False, repr=False)
+    signature_algorithm_der: bytes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "chain_pems", tuple(pem(c) for c in self.chain))
@@ -76,6 +79,18 @@ class CAMaterial:
         except x509.ExtensionNotFound:
             ski = x509.SubjectKeyIdentifier.from_public_key(self.signing_cert.public_key())
         object.__setattr__(self, "ski", ski)
+        object.__setattr__(self, "issuer_der", self.signing_cert.subject.public_bytes())
+        if isinstance(self.signing_key, rsa.RSAPrivateKey):
+            algorithm = der.RSA_SHA256
+        else:
+            algorithm = der.ECDSA_SHA384 if isinstance(self.signing_hash, hashes.SHA384) else der.ECDSA_SHA256
+        object.__setattr__(self, "signature_algorithm_der", algorithm)
+
+    def sign_tbs(self, tbs: bytes) -> bytes:
+        """Signature over a TBSCertificate with the CA key (PKCS#1 v1.5 for RSA, as istiod's Go x509)."""
+        if isinstance(self.signing_key, rsa.RSAPrivateKey):
+            return self.signing_key.sign(tbs, padding.PKCS1v15(), hashes.SHA256())
+        return self.signing_key.sign(tbs, ec.ECDSA(self.signing_hash))
 
     @property
     def not_after(self) -> dt.datetime:

@@ -122,6 +122,19 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
     async def CreateCertificate(
         self, request: ca_pb2.IstioCertificateRequest, context: grpc.aio.ServicerContext
     ) -> ca_pb2.IstioCertificateResponse:
+        try:
+            return await self._create(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            # A bug must not leak a traceback or exception text to the caller; the log has it.
+            log.exception("CA request from %s failed unexpectedly", context.peer())
+            self._metrics.csr_sign_err.inc()
+            await _deny(context, grpc.StatusCode.INTERNAL, "internal error")
+
+    async def _create(
+        self, request: ca_pb2.IstioCertificateRequest, context: grpc.aio.ServicerContext
+    ) -> ca_pb2.IstioCertificateResponse:
         self._metrics.csr_count.inc()
         creds = credentials_from_context(context, self._tls_peers)
         if creds is None:

@@ -8,6 +8,7 @@ KeyEncipherment, ServerAuth + ClientAuth, not a CA.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import ipaddress
 import secrets
@@ -15,10 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from sds.ca.keyring import CAMaterial, pem
+from sds.ca import der
+from sds.ca.keyring import CAMaterial
 
 CLOCK_SKEW_GRACE = dt.timedelta(minutes=2)
 MIN_RSA_BITS = 2048
@@ -63,7 +66,7 @@ def parse_csr(csr_pem: str | bytes) -> PublicKey:
     try:
         valid = csr.is_signature_valid
         key = csr.public_key()
-    except (ValueError, TypeError, x509.UnsupportedGeneralNameType):
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.UnsupportedGeneralNameType):
         raise CSRError("CSR carries an unsupported public key") from None
     if not valid:
         raise CSRError("CSR signature is invalid")
@@ -83,40 +86,30 @@ def parse_csr(csr_pem: str | bytes) -> PublicKey:
 def resolve_ttl(requested_seconds: int, policy: SignPolicy) -> dt.timedelta:
     if requested_seconds <= 0:
         return policy.default_ttl
-    ttl = dt.timedelta(seconds=requested_seconds)
-    if ttl > policy.max_ttl:
-        max_seconds = int(policy.max_ttl.total_seconds())
+    max_seconds = int(policy.max_ttl.total_seconds())
+    # Compare as integers first: an int64 from the wire can overflow timedelta.
+    if requested_seconds > max_seconds:
         raise TTLError(f"requested TTL {requested_seconds}s is greater than the max allowed TTL {max_seconds}s")
-    return ttl
+    return dt.timedelta(seconds=requested_seconds)
 
 
-def san_entries(identities: Sequence[str]) -> list[x509.GeneralName]:
-    names: list[x509.GeneralName] = []
+def _pem(der: bytes) -> str:
+    body = base64.b64encode(der).decode()
+    lines = "\n".join(body[i : i + 64] for i in range(0, len(body), 64))
+    return f"-----BEGIN CERTIFICATE-----\n{lines}\n-----END CERTIFICATE-----\n"
+
+
+def _san_names(identities: Sequence[str]) -> list[bytes]:
+    names: list[bytes] = []
     for ident in identities:
         if "://" in ident:
-            names.append(x509.UniformResourceIdentifier(ident))
+            names.append(der.general_name("uri", ident.encode("ascii")))
             continue
         try:
-            names.append(x509.IPAddress(ipaddress.ip_address(ident)))
+            names.append(der.general_name("ip", ipaddress.ip_address(ident).packed))
         except ValueError:
-            names.append(x509.DNSName(ident))
+            names.append(der.general_name("dns", ident.encode("idna")))
     return names
-
-
-_KEY_USAGE = x509.KeyUsage(
-    digital_signature=True,
-    content_commitment=False,
-    key_encipherment=True,
-    data_encipherment=False,
-    key_agreement=False,
-    key_cert_sign=False,
-    crl_sign=False,
-    encipher_only=False,
-    decipher_only=False,
-)
-_EXT_KEY_USAGE = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
-_NOT_CA = x509.BasicConstraints(ca=False, path_length=None)
-_EMPTY_NAME = x509.Name([])
 
 
 def sign(
@@ -125,29 +118,29 @@ def sign(
     ttl: dt.timedelta,
     ca: CAMaterial,
     now: dt.datetime,
+    *,
+    serial: int | None = None,
 ) -> list[str]:
     """Issue the leaf and return [leaf, *chain] as PEM strings, each ending in a newline (no roots)."""
     if not identities:
         raise CSRError("no identity to put in the certificate")
     if ca.not_after <= now:
         raise CANotReady("the CA signing certificate has expired")
-    not_after = min(now + ttl, ca.not_after)
-    # Serial: 128 random bits as istiod (a zero serial is not allowed, hence `or 1`).
-    serial = secrets.randbits(128) or 1
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_EMPTY_NAME)
-        .issuer_name(ca.signing_cert.subject)
-        .public_key(public_key)
-        .serial_number(serial)
-        .not_valid_before(now - CLOCK_SKEW_GRACE)
-        .not_valid_after(not_after)
-        .add_extension(_KEY_USAGE, critical=True)
-        .add_extension(_EXT_KEY_USAGE, critical=False)
-        .add_extension(_NOT_CA, critical=True)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca.ski), critical=False)
-        # Critical because the subject is empty (RFC 5280 4.2.1.6, SPIFFE X509-SVID).
-        .add_extension(x509.SubjectAlternativeName(san_entries(identities)), critical=True)
-        .sign(ca.signing_key, ca.signing_hash)
+    try:
+        sans = _san_names(identities)
+    except (UnicodeError, ValueError):
+        raise CSRError("identity is not encodable in a certificate") from None
+    now = now.replace(microsecond=0)
+    tbs = der.leaf_tbs(
+        # 128 random bits as istiod (a zero serial is not allowed, hence `or 1`).
+        serial=serial if serial is not None else (secrets.randbits(128) or 1),
+        signature_algorithm=ca.signature_algorithm_der,
+        issuer_der=ca.issuer_der,
+        not_before=now - CLOCK_SKEW_GRACE,
+        not_after=min(now + ttl, ca.not_after),
+        spki_der=public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
+        authority_key_id=ca.ski.digest,
+        san_names=sans,
     )
-    return [pem(cert), *ca.chain_pems]
+    signature = ca.sign_tbs(tbs)
+    return [_pem(der.certificate(tbs, ca.signature_algorithm_der, signature)), *ca.chain_pems]

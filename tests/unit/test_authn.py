@@ -160,14 +160,15 @@ def oidc_token(key: rsa.RSAPrivateKey, kid: str = "k1", **over: object) -> str:
 
 async def test_oidc_jwks_and_key_rotation(tmp_path: Path) -> None:
     key, path = rsa_jwks(tmp_path)
-    oidc = authn.JwtAuthenticator(
-        issuer="https://issuer.example", audiences=["istio-ca"], jwks=authn.JwksFile(path), trust_domain=TD
-    )
+    clock = [0.0]
+    jwks = authn.JwksFile(path, clock=lambda: clock[0])
+    oidc = authn.JwtAuthenticator(issuer="https://issuer.example", audiences=["istio-ca"], jwks=jwks, trust_domain=TD)
     token = oidc_token(key)
     caller = await oidc.authenticate(creds(token))
     assert caller is not None and caller.identities == ("spiffe://cluster.local/ns/payments/sa/ledger",)
-    # The key is rotated out of the JWKS: the cached token must stop working at once.
+    # The key is rotated out of the JWKS: within the re-check interval (1 s) the cached token stops working.
     rsa_jwks(tmp_path, kid="k2")
+    clock[0] = 1.0
     with pytest.raises(authn.AuthenticationError, match="not in JWKS"):
         await oidc.authenticate(creds(token))
 
