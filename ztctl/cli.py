@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from ztcore import config
-from ztctl.commands import ca, token
+from ztctl.commands import authz, ca, proxy_config, token
 from ztctl.errors import CliError
 
 # (words, options dataclass, handler, help)
@@ -23,6 +23,18 @@ COMMANDS: list[Command] = [
         ca.CaIssueOptions,
         ca.issue,
         "request a workload certificate from the CA (CreateCertificate) and write key, chain and root",
+    ),
+    (
+        ("x", "authz", "check"),
+        authz.AuthzCheckOptions,
+        authz.check,
+        "decide, as ztunnel would, whether a caller may connect to a pod's port, and by which policy",
+    ),
+    (
+        ("proxy-config", "secret"),
+        proxy_config.ProxyConfigSecretOptions,
+        proxy_config.secret,
+        "print the secrets an Envoy holds (from its admin /config_dump), as istioctl does",
     ),
 ]
 
