@@ -1,0 +1,1 @@
+"""Reusable test support: real Envoy processes (envoy.py) and real Istio tools."""

@@ -1,0 +1,176 @@
+"""The versioned snapshot cache: the only thing between configuration sources and xDS streams.
+
+Resources are kept per (type URL, scope). The scope "" is shared by every client; a non-empty scope holds
+per-client resources (the SDS `default` secret of one identity, say). Every change bumps a cache-wide
+revision and notifies the watchers with the names that changed, so a stream can decide whether it cares.
+Single-threaded by design: it is called from the event loop only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Protocol
+
+from ztcore.xds.resources import Resource
+
+log = logging.getLogger(__name__)
+
+GLOBAL_SCOPE = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    type_url: str
+    scope: str
+    names: frozenset[str]  # added, updated or removed
+    revision: int
+
+
+Watcher = Callable[[Change], None]
+
+
+class SnapshotCache:
+    def __init__(self) -> None:
+        self._data: dict[tuple[str, str], dict[str, Resource]] = {}
+        self._aliases: dict[tuple[str, str], dict[str, str]] = {}
+        self._versions: dict[tuple[str, str], int] = {}
+        self._watchers: dict[int, Watcher] = {}
+        self._next_watch = 0
+        self.revision = 0
+
+    # -- reads ---------------------------------------------------------------------------------------
+
+    def get(self, type_url: str, name: str, scope: str = GLOBAL_SCOPE) -> Resource | None:
+        """By name, or by alias when no resource has that name."""
+        key = (type_url, scope)
+        found = self._data.get(key, {}).get(name)
+        if found is None:
+            canonical = self._aliases.get(key, {}).get(name)
+            if canonical is not None:
+                found = self._data[key].get(canonical)
+        return found
+
+    def resources(self, type_url: str, scope: str = GLOBAL_SCOPE) -> Mapping[str, Resource]:
+        return MappingProxyType(self._data.get((type_url, scope), {}))
+
+    def version(self, type_url: str, scope: str = GLOBAL_SCOPE) -> int:
+        """The revision of the last change to this type in this scope (0: never set)."""
+        return self._versions.get((type_url, scope), 0)
+
+    def view(self, scopes: Iterable[str]) -> CacheView:
+        return CacheView(self, tuple(scopes))
+
+    # -- writes --------------------------------------------------------------------------------------
+
+    def set_resources(
+        self, type_url: str, resources: Iterable[Resource], *, scope: str = GLOBAL_SCOPE
+    ) -> frozenset[str]:
+        """Replace the whole set of a type in a scope; returns the names that changed."""
+        incoming = self._checked(type_url, resources)
+        current = self._data.get((type_url, scope), {})
+        removed = set(current) - set(incoming)
+        return self._apply(type_url, scope, incoming, removed)
+
+    def upsert(self, type_url: str, resources: Iterable[Resource], *, scope: str = GLOBAL_SCOPE) -> frozenset[str]:
+        return self._apply(type_url, scope, self._checked(type_url, resources), set())
+
+    def remove(self, type_url: str, names: Iterable[str], *, scope: str = GLOBAL_SCOPE) -> frozenset[str]:
+        return self._apply(type_url, scope, {}, set(names))
+
+    def drop_scope(self, scope: str) -> None:
+        """Forget every resource of a per-client scope (its last client went away)."""
+        for type_url, s in [k for k in self._data if k[1] == scope]:
+            self.remove(type_url, list(self._data[(type_url, s)]), scope=scope)
+
+    def watch(self, watcher: Watcher) -> Callable[[], None]:
+        """Call `watcher` after every change; returns the function that stops it."""
+        self._next_watch += 1
+        token = self._next_watch
+        self._watchers[token] = watcher
+
+        def stop() -> None:
+            self._watchers.pop(token, None)
+
+        return stop
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _checked(type_url: str, resources: Iterable[Resource]) -> dict[str, Resource]:
+        out: dict[str, Resource] = {}
+        for res in resources:
+            if res.type_url != type_url:
+                raise ValueError(f"resource {res.name!r} is a {res.type_url}, not a {type_url}")
+            if res.name in out:
+                # Two resources of one name in a response make the client NACK; refuse before publishing.
+                raise ValueError(f"duplicate {type_url} resource {res.name!r}")
+            out[res.name] = res
+        return out
+
+    def _apply(self, type_url: str, scope: str, upserts: dict[str, Resource], removals: set[str]) -> frozenset[str]:
+        key = (type_url, scope)
+        current = self._data.setdefault(key, {})
+        changed: set[str] = set()
+        for name in removals:
+            if current.pop(name, None) is not None:
+                changed.add(name)
+        for name, res in upserts.items():
+            if not res.same_as(current.get(name)) or current[name].aliases != res.aliases:
+                current[name] = res
+                changed.add(name)
+        if not changed:
+            return frozenset()
+        self._aliases[key] = {alias: res.name for res in current.values() for alias in res.aliases}
+        if not current:
+            del self._data[key]
+        self.revision += 1
+        self._versions[key] = self.revision
+        change = Change(type_url, scope, frozenset(changed), self.revision)
+        for watcher in list(self._watchers.values()):
+            try:
+                watcher(change)
+            except Exception:  # one broken watcher must not stop the others from hearing the change
+                log.exception("cache watcher failed on a change of %s", type_url)
+        return change.names
+
+
+class ResourceView(Protocol):
+    """The read side a stream machine needs; `CacheView` is the real one, tests may pass their own."""
+
+    def get(self, type_url: str, name: str) -> Resource | None: ...
+
+    def all(self, type_url: str) -> Mapping[str, Resource]: ...
+
+    def version(self, type_url: str) -> str: ...
+
+    def sees(self, change: Change) -> bool: ...
+
+
+class CacheView:
+    """What one stream sees: its own scopes first, then the shared scope."""
+
+    def __init__(self, cache: SnapshotCache, scopes: tuple[str, ...]) -> None:
+        self._cache = cache
+        self.scopes = scopes if GLOBAL_SCOPE in scopes else (*scopes, GLOBAL_SCOPE)
+
+    def get(self, type_url: str, name: str) -> Resource | None:
+        for scope in self.scopes:
+            found = self._cache.get(type_url, name, scope)
+            if found is not None:
+                return found
+        return None
+
+    def all(self, type_url: str) -> dict[str, Resource]:
+        merged: dict[str, Resource] = {}
+        for scope in reversed(self.scopes):
+            merged.update(self._cache.resources(type_url, scope))
+        return merged
+
+    def version(self, type_url: str) -> str:
+        return str(max(self._cache.version(type_url, s) for s in self.scopes))
+
+    def sees(self, change: Change) -> bool:
+        return change.scope in self.scopes

@@ -1,0 +1,253 @@
+"""Binds the stream machines to grpc.aio bidirectional streams (SDS StreamSecrets, ADS SotW and Delta).
+
+Per stream: the first request carries the node; the `Source` turns it into a binding (which scopes of the
+cache the stream sees, and what to start when names are subscribed). Requests and cache changes enter one
+queue, so the machine sees them in order on the event loop; its responses are written as they come out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+
+from ztcore.metrics import Registry
+from ztcore.xds import status as st
+from ztcore.xds.cache import Change, SnapshotCache
+from ztcore.xds.delta import DeltaStream
+from ztcore.xds.sotw import NonceFactory, SotwStream, random_nonce
+from ztcore.xds.typeurls import short_name
+
+log = logging.getLogger(__name__)
+
+
+class SourceError(Exception):
+    """A request the source cannot serve; ends the stream with this gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class StreamBinding(Protocol):
+    """What a source attaches to one stream."""
+
+    @property
+    def scopes(self) -> tuple[str, ...]: ...
+
+    async def subscribe(self, type_url: str, names: frozenset[str]) -> None:
+        """Names newly watched (make sure the cache will hold them). Raise SourceError to refuse."""
+        ...
+
+    async def unsubscribe(self, type_url: str, names: frozenset[str]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class Source(Protocol):
+    async def open_stream(self, node: base_pb2.Node, peer: str) -> StreamBinding:
+        """Bind a new stream from `node`. Raise SourceError to refuse it."""
+        ...
+
+
+class _Machine(Protocol):
+    node: base_pb2.Node | None
+
+    def handle_request(self, req: Any, now: dt.datetime) -> st.Step: ...
+
+    def handle_change(self, change: Change, now: dt.datetime) -> tuple[Any, ...]: ...
+
+    def statuses(self) -> dict[str, st.WatchState]: ...
+
+
+@dataclass(slots=True)
+class StreamInfo:
+    """A live stream, for /debug/syncz-style status and for tests."""
+
+    id: str
+    peer: str
+    node: base_pb2.Node
+    protocol: str  # "sotw" or "delta"
+    connected_at: dt.datetime
+    machine: _Machine = field(repr=False)
+
+    def statuses(self) -> dict[str, st.WatchState]:
+        return self.machine.statuses()
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "peer": self.peer,
+            "node": self.node.id,
+            "cluster": self.node.cluster,
+            "protocol": self.protocol,
+            "connected_at": self.connected_at.isoformat(),
+            "types": {short_name(t): w.as_dict() for t, w in sorted(self.statuses().items())},
+        }
+
+
+class XdsMetrics:
+    """Istio-named series (pilot/pkg/xds/monitoring.go)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.pushes = registry.counter("pilot_xds_pushes", "Pilot build and send errors for lds, rds, cds and eds.")
+        self.rejects = registry.counter(
+            "pilot_total_xds_rejects", "Total number of XDS responses from pilot rejected by proxy."
+        )
+        self.expired_nonce = registry.counter(
+            "pilot_xds_expired_nonce", "Total number of XDS requests with an expired nonce."
+        )
+        self.connections = registry.gauge("pilot_xds", "Number of endpoints connected to this pilot using XDS.")
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+_EOF = object()
+
+
+class XdsStreams:
+    """The gRPC side of the engine; servicers delegate their streaming methods here."""
+
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        source: Source,
+        *,
+        metrics: XdsMetrics | None = None,
+        clock: Callable[[], dt.datetime] = _utcnow,
+        nonces: NonceFactory = random_nonce,
+        control_plane: str = "",
+    ) -> None:
+        self._cache = cache
+        self._source = source
+        self._metrics = metrics
+        self._clock = clock
+        self._nonces = nonces
+        self._control_plane = control_plane
+        self._ids = itertools.count(1)
+        self._streams: dict[str, StreamInfo] = {}
+
+    def streams(self) -> list[StreamInfo]:
+        return list(self._streams.values())
+
+    async def sotw(self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest], context: Any) -> None:
+        await self._run(requests, context, "sotw")
+
+    async def delta(self, requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest], context: Any) -> None:
+        await self._run(requests, context, "delta")
+
+    async def _run(self, requests: AsyncIterator[Any], context: Any, protocol: str) -> None:
+        peer = context.peer() or "unknown"
+        try:
+            first = await anext(aiter(requests))
+        except StopAsyncIteration:
+            return
+        try:
+            binding = await self._source.open_stream(first.node, peer)
+        except SourceError as err:
+            log.warning("xDS stream from %s (%s) refused: %s", peer, first.node.id, err.message)
+            await context.abort(err.code, err.message)
+            return
+        view = self._cache.view(binding.scopes)
+        machine: _Machine
+        if protocol == "sotw":
+            machine = SotwStream(view, nonces=self._nonces, control_plane=self._control_plane)
+        else:
+            machine = DeltaStream(view, nonces=self._nonces, control_plane=self._control_plane)
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        queue.put_nowait(first)
+
+        def on_change(change: Change) -> None:
+            if view.sees(change):
+                queue.put_nowait(change)
+
+        stop_watch = self._cache.watch(on_change)
+        info = StreamInfo(
+            f"{first.node.id or 'anonymous'}-{next(self._ids)}", peer, first.node, protocol, self._clock(), machine
+        )
+        self._streams[info.id] = info
+        if self._metrics is not None:
+            self._metrics.connections.set(len(self._streams))
+        log.info("xDS %s stream %s connected from %s", protocol, info.id, peer)
+        error: SourceError | None = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                reader = tg.create_task(self._read(requests, queue))
+                error = await self._serve(info, machine, binding, queue, context)
+                reader.cancel()
+        finally:
+            stop_watch()
+            self._streams.pop(info.id, None)
+            if self._metrics is not None:
+                self._metrics.connections.set(len(self._streams))
+            await binding.close()
+            log.info("xDS %s stream %s closed", protocol, info.id)
+        if error is not None:
+            await context.abort(error.code, error.message)
+
+    @staticmethod
+    async def _read(requests: AsyncIterator[Any], queue: asyncio.Queue[object]) -> None:
+        try:
+            async for req in requests:
+                queue.put_nowait(req)
+        finally:
+            queue.put_nowait(_EOF)
+
+    async def _serve(
+        self, info: StreamInfo, machine: _Machine, binding: StreamBinding, queue: asyncio.Queue[object], context: Any
+    ) -> SourceError | None:
+        while True:
+            item = await queue.get()
+            if item is _EOF:
+                return None
+            now = self._clock()
+            if isinstance(item, Change):
+                responses = machine.handle_change(item, now)
+            else:
+                step = machine.handle_request(item, now)
+                self._log_step(info, step)
+                try:
+                    if step.subscribed:
+                        await binding.subscribe(step.type_url, step.subscribed)
+                    if step.unsubscribed:
+                        await binding.unsubscribe(step.type_url, step.unsubscribed)
+                except SourceError as err:
+                    log.warning("xDS stream %s: %s", info.id, err.message)
+                    return err
+                responses = step.responses
+            for resp in responses:
+                await context.write(resp)
+                if self._metrics is not None:
+                    self._metrics.pushes.inc(type=short_name(resp.type_url).lower())
+
+    def _log_step(self, info: StreamInfo, step: st.Step) -> None:
+        kind = short_name(step.type_url)
+        if step.event == st.NACK:
+            # Keep the last good config; the detail is Envoy's reason and never holds key material.
+            log.warning("xDS %s NACK from %s: %s", kind, info.id, step.detail)
+            if self._metrics is not None:
+                self._metrics.rejects.inc(type=kind.lower())
+        elif step.event == st.STALE_NONCE:
+            log.debug("xDS %s stale request from %s: %s", kind, info.id, step.detail)
+            if self._metrics is not None:
+                self._metrics.expired_nonce.inc(type=kind.lower())
+        else:
+            log.debug(
+                "xDS %s %s from %s (+%s -%s)",
+                kind,
+                step.event,
+                info.id,
+                sorted(step.subscribed),
+                sorted(step.unsubscribed),
+            )
