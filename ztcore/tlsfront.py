@@ -41,10 +41,13 @@ class _Side(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.other: _Side | None = None
         self.on_lost: Callable[[], None] | None = None
+        self.is_tls = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        # Read once here: a closing SSL transport cannot answer get_extra_info any more.
+        self.is_tls = transport.get_extra_info("sslcontext") is not None
 
     def data_received(self, data: bytes) -> None:
         if self.other is not None and self.other.transport is not None:
@@ -54,7 +57,7 @@ class _Side(asyncio.Protocol):
         if self.other is not None and self.other.transport is not None and self.other.transport.can_write_eof():
             self.other.transport.write_eof()
             # Half-close: keep our write side open until the other end finishes (TLS cannot half-close).
-            return None if self.transport is None or self.transport.get_extra_info("sslcontext") else True
+            return None if self.is_tls else True
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:

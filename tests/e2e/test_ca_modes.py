@@ -128,3 +128,13 @@ async def test_oidc_issuer_tokens(tmp_path: Path) -> None:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await z.ca(ch).CreateCertificate(request(make_csr(new_key())), metadata=bearer(local))
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_shutdown_with_open_connections_is_clean(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Stopping ztd while clients hold TLS connections closes them without error logs."""
+    caplog.set_level("ERROR")
+    async with running_ztd(tmp_path) as z:
+        ch = z.secure_channel()
+        await z.ca(ch).CreateCertificate(request(make_csr(new_key())), metadata=bearer(z.token("shop/frontend")))
+    await ch.close()
+    assert [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")] == []
