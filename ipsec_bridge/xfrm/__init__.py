@@ -1,0 +1,1 @@
+"""XFRM netlink: pure message encoding/decoding (`messages`) and the async socket that carries it (`netlink`)."""

@@ -1,0 +1,378 @@
+"""Helpers for programs that run *inside* the UML guest (tests/kernel/guest_xfrm.py, bench/xfrm_install.py).
+
+Topology (all netns live on the guest's tmpfs /run/netns):
+
+    podA 10.1.0.10 -veth- 10.1.0.1 nodeA 192.168.50.1 =eth0= 192.168.50.2 nodeB 10.2.0.1 -veth- 10.2.0.10 podB
+
+Also: readers for tcpdump's pcap files and for `ip -s xfrm state|policy` text (ip has no JSON for xfrm), and the
+same views of our own decoded SAs/policies, so both can be compared field by field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import re
+import signal
+import struct
+import subprocess
+from dataclasses import dataclass, field
+from ipaddress import ip_address, ip_network
+from pathlib import Path
+from typing import Any
+
+from ipsec_bridge.xfrm import messages as m
+from ipsec_bridge.xfrm.consts import XFRM_INF, Mode, PolicyAction, PolicyDir, StateFlag
+
+NODE_A, NODE_B, POD_A, POD_B = "nodeA", "nodeB", "podA", "podB"
+UNDERLAY_A, UNDERLAY_B = ip_address("192.168.50.1"), ip_address("192.168.50.2")
+POD_A_IP, POD_B_IP = ip_address("10.1.0.10"), ip_address("10.2.0.10")
+POD_NET_A, POD_NET_B = ip_network("10.1.0.0/24"), ip_network("10.2.0.0/24")
+
+
+async def sh(*args: str, check: bool = True) -> str:
+    done = await asyncio.to_thread(subprocess.run, list(args), capture_output=True, text=True, check=False)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} -> exit {done.returncode}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def in_ns(netns: str, *args: str) -> list[str]:
+    return ["ip", "netns", "exec", netns, *args]
+
+
+async def ifindex(netns: str, dev: str) -> int:
+    out = await sh("ip", "-n", netns, "-o", "link", "show", "dev", dev)
+    return int(out.split(":", 1)[0])
+
+
+async def build_topology() -> None:
+    for name in (NODE_A, NODE_B, POD_A, POD_B):
+        await sh("ip", "netns", "add", name)
+        await sh("ip", "-n", name, "link", "set", "lo", "up")
+        # no IPv6 link-local chatter: every frame on the wire is then ours or ARP
+        await sh(
+            *in_ns(name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
+        )
+    await sh("ip", "link", "add", "eth0", "netns", NODE_A, "type", "veth", "peer", "eth0", "netns", NODE_B)
+    await sh("ip", "link", "add", "eth0", "netns", POD_A, "type", "veth", "peer", "vpod", "netns", NODE_A)
+    await sh("ip", "link", "add", "eth0", "netns", POD_B, "type", "veth", "peer", "vpod", "netns", NODE_B)
+    plan = [
+        (NODE_A, "eth0", f"{UNDERLAY_A}/24"),
+        (NODE_B, "eth0", f"{UNDERLAY_B}/24"),
+        (NODE_A, "vpod", "10.1.0.1/24"),
+        (NODE_B, "vpod", "10.2.0.1/24"),
+        (POD_A, "eth0", f"{POD_A_IP}/24"),
+        (POD_B, "eth0", f"{POD_B_IP}/24"),
+    ]
+    for netns, dev, addr in plan:
+        await sh("ip", "-n", netns, "addr", "add", addr, "dev", dev)
+        await sh("ip", "-n", netns, "link", "set", dev, "up")
+    await sh("ip", "-n", POD_A, "route", "add", "default", "via", "10.1.0.1")
+    await sh("ip", "-n", POD_B, "route", "add", "default", "via", "10.2.0.1")
+    await sh("ip", "-n", NODE_A, "route", "add", str(POD_NET_B), "via", str(UNDERLAY_B))
+    await sh("ip", "-n", NODE_B, "route", "add", str(POD_NET_A), "via", str(UNDERLAY_A))
+    for node in (NODE_A, NODE_B):
+        await sh(*in_ns(node, "sysctl", "-qw", "net.ipv4.ip_forward=1"))
+
+
+async def xfrm_stat(netns: str) -> dict[str, int]:
+    text = await sh(*in_ns(netns, "cat", "/proc/net/xfrm_stat"))
+    return {k: int(v) for k, v in (line.split() for line in text.splitlines() if line.strip())}
+
+
+PING_SUMMARY = re.compile(r"(\d+) packets transmitted, (\d+) received")
+
+
+def ping_counts(text: str) -> tuple[int, int]:
+    found = PING_SUMMARY.search(text)
+    if not found:
+        raise RuntimeError(f"no ping summary in: {text[-300:]!r}")
+    return int(found.group(1)), int(found.group(2))
+
+
+# --- packet capture ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Capture:
+    """tcpdump on one interface, egress only (-Q out: tunnel mode re-injects the decrypted packet on ingress)."""
+
+    netns: str
+    dev: str
+    path: Path
+    proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        argv = in_ns(self.netns, "tcpdump", "-i", self.dev, "-Q", "out", "--immediate-mode", "-U", "-n", "-Z", "root")
+        self.proc = await asyncio.create_subprocess_exec(
+            *argv, "-w", str(self.path), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        )
+        assert self.proc.stderr is not None
+        line = await asyncio.wait_for(self.proc.stderr.readline(), 20)
+        if b"listening on" not in line:
+            raise RuntimeError(f"tcpdump on {self.netns}/{self.dev} did not start: {line!r}")
+
+    async def stop(self) -> list[bytes]:
+        assert self.proc is not None
+        await asyncio.sleep(0.2)  # let the last packets reach the file
+        self.proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(self.proc.wait(), 20)
+        return read_pcap(self.path)
+
+
+def read_pcap(path: Path) -> list[bytes]:
+    data = path.read_bytes()
+    magic = struct.unpack_from("<I", data)[0]
+    endian = "<" if magic in (0xA1B2C3D4, 0xA1B23C4D) else ">"
+    frames = []
+    offset = 24
+    while offset + 16 <= len(data):
+        _, _, caplen, _ = struct.unpack_from(f"{endian}IIII", data, offset)
+        frames.append(data[offset + 16 : offset + 16 + caplen])
+        offset += 16 + caplen
+    return frames
+
+
+@dataclass
+class Traffic:
+    esp: int = 0
+    icmp: int = 0
+    other_ip: int = 0
+    non_ip: int = 0
+    pattern_frames: int = 0
+    esp_by_spi: collections.Counter[int] = field(default_factory=collections.Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "esp": self.esp,
+            "icmp": self.icmp,
+            "other_ip": self.other_ip,
+            "non_ip": self.non_ip,
+            "pattern_frames": self.pattern_frames,
+            "esp_by_spi": {f"0x{k:08x}": v for k, v in sorted(self.esp_by_spi.items())},
+        }
+
+
+def classify(frames: list[bytes], pattern: bytes) -> Traffic:
+    t = Traffic()
+    for frame in frames:
+        if pattern in frame:
+            t.pattern_frames += 1
+        ethertype = struct.unpack_from("!H", frame, 12)[0]
+        if ethertype == 0x0800:
+            ihl = (frame[14] & 0x0F) * 4
+            proto = frame[14 + 9]
+            if proto == 50:
+                t.esp += 1
+                t.esp_by_spi[struct.unpack_from("!I", frame, 14 + ihl)[0]] += 1
+            elif proto == 1:
+                t.icmp += 1
+            else:
+                t.other_ip += 1
+        elif ethertype == 0x86DD:
+            t.other_ip += 1
+        else:
+            t.non_ip += 1
+    return t
+
+
+# --- `ip -s xfrm` text --------------------------------------------------------------------------------------------
+
+_LIMIT = r"(\(INF\)|\d+)"
+
+
+def _limit(text: str) -> int:
+    return XFRM_INF if text == "(INF)" else int(text)
+
+
+def _mark(text: str) -> str:
+    value, _, mask = text.partition("/")
+    return f"{int(value, 16):#x}/{int(mask or '0xffffffff', 16):#x}"
+
+
+def _blocks(text: str) -> list[list[str]]:
+    blocks: list[list[str]] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        if not line.startswith((" ", "\t")):
+            blocks.append([])
+        blocks[-1].append(line.strip())
+    return blocks
+
+
+def parse_ip_states(text: str) -> list[dict[str, Any]]:
+    """`ip -s xfrm state` (iproute2 6.1) into the same view as sa_view()."""
+    out = []
+    for block in _blocks(text):
+        head = block[0].split()
+        view: dict[str, Any] = {"src": head[1], "dst": head[3], "mark": None, "output_mark": None, "if_id": 0}
+        view.update({"flags": [], "aead": None, "esn_window": None, "bmp_len": None, "offload": None, "sel": None})
+        lines = iter(block[1:])
+        for line in lines:
+            if match := re.match(r"proto (\S+) spi (0x[0-9a-f]+)\S* reqid (\d+)\S* mode (\S+)", line):
+                view.update(proto=match[1], spi=int(match[2], 16), reqid=int(match[3]), mode=match[4])
+            elif match := re.match(r"replay-window (\d+)(?: seq \S+)?(?: flag (.*?))?(?: \(0x[0-9a-f]+\))?$", line):
+                view["replay_window_field"] = int(match[1])
+                view["flags"] = sorted((match[2] or "").split())
+            elif line.startswith("mark ") or line.startswith("output-mark "):
+                for key, value in re.findall(r"(output-mark|mark) (\S+)", line):
+                    view["output_mark" if key == "output-mark" else "mark"] = _mark(value)
+            elif match := re.match(r"aead (\S+) 0x([0-9a-f]+)(?: \((\d+) bits\))? (\d+)$", line):
+                view["aead"] = {"name": match[1], "key_hex": match[2], "icv": int(match[4])}
+            elif line.startswith("replay_window ") and "bitmap-length" in line:
+                nums = re.findall(r"\d+", line)
+                view["esn_window"], view["bmp_len"] = int(nums[0]), int(nums[1])
+            elif match := re.match(r"if_id (0x[0-9a-f]+)", line):
+                view["if_id"] = int(match[1], 16)
+            elif match := re.match(r"sel src (\S+) dst (\S+)(.*)$", line):
+                view["sel"] = f"{match[1]} -> {match[2]}"
+            elif match := re.match(r"crypto offload parameters: dev (\S+) dir (\S+)", line):
+                view["offload"] = f"{match[1]} {match[2]}"
+            elif match := re.match(rf"limit: soft {_LIMIT}\(bytes\), hard {_LIMIT}\(bytes\)", line):
+                view["bytes"] = (_limit(match[1]), _limit(match[2]))
+            elif match := re.match(rf"limit: soft {_LIMIT}\(packets\), hard {_LIMIT}\(packets\)", line):
+                view["packets"] = (_limit(match[1]), _limit(match[2]))
+            elif match := re.match(r"expire add: soft (\d+)\(sec\), hard (\d+)\(sec\)", line):
+                view["add_seconds"] = (int(match[1]), int(match[2]))
+            elif match := re.match(r"(\d+)\(bytes\), (\d+)\(packets\)", line):
+                view["current"] = (int(match[1]), int(match[2]))
+            elif match := re.match(r"dir (in|out)$", line):
+                view["dir"] = match[1]
+        out.append(view)
+    return out
+
+
+def sa_view(info: m.SaInfo, ifnames: dict[int, str] | None = None) -> dict[str, Any]:
+    sa = info.sa
+    lt = sa.lifetime
+    esn_attr = info.replay is not None and not info.replay.legacy
+    view: dict[str, Any] = {
+        "src": str(sa.src),
+        "dst": str(sa.dst),
+        "proto": {50: "esp", 51: "ah"}.get(sa.proto, str(sa.proto)),
+        "spi": sa.spi,
+        "reqid": sa.reqid,
+        "mode": Mode(sa.mode).name.lower(),
+        "replay_window_field": 0 if esn_attr else sa.replay_window,
+        "flags": sorted(str(f.name).lower() for f in StateFlag if f in (sa.flags | (StateFlag.ESN if sa.esn else 0))),
+        "mark": _mark(f"{sa.mark.value:#x}/{sa.mark.mask:#x}") if sa.mark else None,
+        "output_mark": _mark(f"{sa.output_mark.value:#x}/{sa.output_mark.mask:#x}") if sa.output_mark else None,
+        "if_id": sa.if_id,
+        "aead": None,
+        "esn_window": info.replay.replay_window if info.replay and esn_attr else None,
+        "bmp_len": info.replay.bmp_len if info.replay and esn_attr else None,
+        "offload": None,
+        "sel": f"{sa.selector.src} -> {sa.selector.dst}",
+        "bytes": (lt.soft_bytes, lt.hard_bytes),
+        "packets": (lt.soft_packets, lt.hard_packets),
+        "add_seconds": (lt.soft_add_seconds, lt.hard_add_seconds),
+        "current": (info.current.bytes, info.current.packets),
+    }
+    if sa.aead is not None:
+        view["aead"] = {"name": sa.aead.name, "key_hex": (sa.aead.key + sa.aead.salt).hex(), "icv": sa.aead.icv_bits}
+    if sa.offload is not None:
+        name = (ifnames or {}).get(sa.offload.ifindex, str(sa.offload.ifindex))
+        view["offload"] = f"{name} {'in' if sa.offload.inbound else 'out'}"
+    if sa.direction is not None:
+        view["dir"] = sa.direction.name.lower()
+    return view
+
+
+def parse_ip_policies(text: str) -> list[dict[str, Any]]:
+    """`ip -s xfrm policy` (iproute2 6.1) into the same view as policy_view()."""
+    out = []
+    for block in _blocks(text):
+        head = re.match(r"src (\S+) dst (\S+)", block[0])
+        assert head, block[0]
+        view: dict[str, Any] = {"sel": f"{head[1]} -> {head[2]}", "mark": None, "if_id": 0, "tmpls": []}
+        for line in block[1:]:
+            if match := re.match(r"dir (\S+) action (\S+) index (\d+) priority (\d+) ptype (\S+) share (\S+)", line):
+                view.update(dir=match[1], action=match[2], index=int(match[3]), priority=int(match[4]))
+                view.update(ptype=match[5], share=match[6])
+            elif match := re.match(r"mark (\S+)", line):
+                view["mark"] = _mark(match[1])
+            elif match := re.match(r"if_id (0x[0-9a-f]+)", line):
+                view["if_id"] = int(match[1], 16)
+            elif match := re.match(r"tmpl src (\S+) dst (\S+)", line):
+                view["tmpls"].append({"src": match[1], "dst": match[2]})
+            elif match := re.match(r"proto (\S+) spi (0x[0-9a-f]+)\S* reqid (\d+)\S* mode (\S+)", line):
+                view["tmpls"][-1].update(proto=match[1], spi=int(match[2], 16), reqid=int(match[3]), mode=match[4])
+            elif match := re.match(r"level (\S+) share (\S+)", line):
+                view["tmpls"][-1].update(level=match[1], share=match[2])
+            elif match := re.match(rf"limit: soft {_LIMIT}\(bytes\), hard {_LIMIT}\(bytes\)", line):
+                view["bytes"] = (_limit(match[1]), _limit(match[2]))
+            elif match := re.match(rf"limit: soft {_LIMIT}\(packets\), hard {_LIMIT}\(packets\)", line):
+                view["packets"] = (_limit(match[1]), _limit(match[2]))
+        out.append(view)
+    return out
+
+
+def _endpoint(addr: object, family: int) -> str:
+    if addr is not None:
+        return str(addr)
+    return "::" if family == 10 else "0.0.0.0"  # noqa: S104 (an address to print, nothing binds)
+
+
+def policy_view(info: m.PolicyInfo) -> dict[str, Any]:
+    p = info.policy
+    return {
+        "sel": f"{p.selector.src} -> {p.selector.dst}",
+        "dir": PolicyDir(p.direction).name.lower(),
+        "action": PolicyAction(p.action).name.lower(),
+        "index": p.index,
+        "priority": p.priority,
+        "ptype": p.ptype.name.lower(),
+        "share": p.share.name.lower(),
+        "mark": _mark(f"{p.mark.value:#x}/{p.mark.mask:#x}") if p.mark else None,
+        "if_id": p.if_id,
+        "bytes": (p.lifetime.soft_bytes, p.lifetime.hard_bytes),
+        "packets": (p.lifetime.soft_packets, p.lifetime.hard_packets),
+        "tmpls": [
+            {
+                "src": _endpoint(t.src, t.family),
+                "dst": _endpoint(t.dst, t.family),
+                "proto": {50: "esp", 51: "ah"}.get(t.proto, str(t.proto)),
+                "spi": t.spi,
+                "reqid": t.reqid,
+                "mode": Mode(t.mode).name.lower(),
+                "level": "use" if t.optional else "required",
+                "share": t.share.name.lower(),
+            }
+            for t in p.templates
+        ],
+    }
+
+
+def without_keys(view: dict[str, Any]) -> dict[str, Any]:
+    out = dict(view)
+    if isinstance(out.get("aead"), dict):
+        out["aead"] = {k: v for k, v in out["aead"].items() if k != "key_hex"}
+    return out
+
+
+def compare(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Pair objects by `key` and diff them; key material is compared here and never leaves the guest."""
+    by_key = {str(v[key]): v for v in theirs}
+    result: dict[str, Any] = {"missing_in_ip": [], "extra_in_ip": [], "diffs": {}, "compared": 0, "fields": 0}
+    for view in ours:
+        other = by_key.pop(str(view[key]), None)
+        if other is None:
+            result["missing_in_ip"].append(str(view[key]))
+            continue
+        ours_v, theirs_v = dict(view), dict(other)
+        if isinstance(ours_v.get("aead"), dict) and isinstance(theirs_v.get("aead"), dict):
+            same_key = ours_v["aead"].pop("key_hex") == theirs_v["aead"].pop("key_hex")
+            ours_v["aead_key_equal"], theirs_v["aead_key_equal"] = True, same_key
+        diff = {
+            k: [ours_v.get(k), theirs_v.get(k)]
+            for k in sorted(set(ours_v) | set(theirs_v))
+            if ours_v.get(k) != theirs_v.get(k)
+        }
+        if diff:
+            result["diffs"][str(view[key])] = diff
+        result["compared"] += 1
+        result["fields"] += len(ours_v)
+    result["extra_in_ip"] = sorted(by_key)
+    return result

@@ -1,0 +1,202 @@
+"""The netlink request machinery of ipsec_bridge.xfrm.netlink over a real socket pair.
+
+The peer here plays the kernel with scripted answers, to pin what a real kernel rarely does on demand:
+interrupted dumps, stale replies, silence, failures in the middle of a batch. The same code runs against a real
+6.1 kernel in tests/kernel/test_xfrm_kernel.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from ipaddress import ip_address
+
+import pytest
+
+from ipsec_bridge.xfrm import messages as m
+from ipsec_bridge.xfrm.consts import NlmFlag, NlmsgErrAttr, NlmsgType, PolicyDir, XfrmMsg
+from ipsec_bridge.xfrm.netlink import EventsLost, XfrmBatchError, XfrmError, XfrmEvents, XfrmSocket, open_socket
+from tests.unit.test_xfrm_messages import kernel_sa_v4_payload, policy_v4, sa_v4
+
+Answer = Callable[[m.NetlinkMessage], list[bytes]]
+
+
+def ack(req: m.NetlinkMessage, err: int = 0, text: str | None = None) -> bytes:
+    tlvs = m.encode_attr(NlmsgErrAttr.MSG, text.encode() + b"\0") if text else b""
+    flags = NlmFlag.CAPPED | (NlmFlag.ACK_TLVS if text else 0)
+    echoed = struct.pack("=IHHII", 16 + len(req.payload), req.type, req.flags, req.seq, req.pid)
+    return m.encode_nlmsg(NlmsgType.ERROR, flags, req.seq, struct.pack("=i", -err) + echoed + tlvs)
+
+
+class FakeKernel:
+    """Answers each datagram's messages with `answer`; records datagrams as they arrive."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.answer = answer
+        self.datagrams: list[list[m.NetlinkMessage]] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data = self.theirs.recv(1 << 16)
+            except OSError:
+                return
+            if not data:
+                return
+            msgs = m.decode_nlmsgs(data)
+            self.datagrams.append(msgs)
+            out = b"".join(reply for msg in msgs for reply in self.answer(msg))
+            if out:
+                self.theirs.send(out)
+
+    def close(self) -> None:
+        self.theirs.shutdown(socket.SHUT_RDWR)  # wakes the blocked recv()
+        self.thread.join(2)
+        self.theirs.close()
+
+
+@pytest.fixture
+def fake() -> Iterator[Callable[[Answer], tuple[FakeKernel, XfrmSocket]]]:
+    made: list[tuple[FakeKernel, XfrmSocket]] = []
+
+    def make(answer: Answer, reply_timeout: float = 2.0) -> tuple[FakeKernel, XfrmSocket]:
+        kernel = FakeKernel(answer)
+        made.append((kernel, XfrmSocket(kernel.ours, reply_timeout=reply_timeout)))
+        return made[-1]
+
+    yield make
+    for kernel, sock in made:
+        sock.close()
+        kernel.close()
+
+
+async def test_request_ack_and_stale_replies_ignored(fake: Callable[..., tuple[FakeKernel, XfrmSocket]]) -> None:
+    def answer(req: m.NetlinkMessage) -> list[bytes]:
+        stale = ack(m.NetlinkMessage(req.type, req.flags, req.seq + 1000, 0, b""), errno.EPERM)
+        return [stale, ack(req)]
+
+    kernel, xs = fake(answer)
+    await xs.add_sa(sa_v4())
+    await xs.add_policy(policy_v4())
+    sent = [msg for d in kernel.datagrams for msg in d]
+    assert [msg.type for msg in sent] == [XfrmMsg.NEWSA, XfrmMsg.NEWPOLICY]
+    assert sent[0].seq != sent[1].seq and sent[0].payload == m.encode_sa(sa_v4())
+
+
+async def test_refusal_names_operation_errno_and_kernel_text(
+    fake: Callable[..., tuple[FakeKernel, XfrmSocket]],
+) -> None:
+    _, xs = fake(lambda req: [ack(req, errno.EINVAL, "Unrecognized flags in offload request")])
+    packet = m.SecurityAssociation(
+        sa_v4().src, sa_v4().dst, 0x2002, sa_v4().aead, sa_v4().selector, offload=m.Offload.packet(3)
+    )
+    with pytest.raises(XfrmError) as caught:
+        await xs.add_sa(packet)
+    text = str(caught.value)
+    assert text.startswith("NEWSA esp spi 0x00002002 192.0.2.1 -> 192.0.2.2 reqid 0 failed: Invalid argument (EINVAL)")
+    assert "Unrecognized flags in offload request" in text and "no software fallback" in text
+    assert caught.value.errno == errno.EINVAL
+
+
+async def test_get_sa_decodes_the_reply(fake: Callable[..., tuple[FakeKernel, XfrmSocket]]) -> None:
+    def answer(req: m.NetlinkMessage) -> list[bytes]:
+        return [m.encode_nlmsg(XfrmMsg.NEWSA, 0, req.seq, kernel_sa_v4_payload()), ack(req)]
+
+    _, xs = fake(answer)
+    info = await xs.get_sa(sa_v4().id())
+    assert info.sa == sa_v4() and info.current.packets == 2
+
+
+async def test_batch_is_windowed_and_reports_every_failure(fake: Callable[..., tuple[FakeKernel, XfrmSocket]]) -> None:
+    def answer(req: m.NetlinkMessage) -> list[bytes]:
+        spi = int.from_bytes(req.payload[72:76], "big")
+        return [ack(req, errno.EEXIST if spi in (7, 33) else 0)]
+
+    kernel, xs = fake(answer)
+    sas = [m.SecurityAssociation(sa_v4().src, sa_v4().dst, spi, sa_v4().aead, sa_v4().selector) for spi in range(50)]
+    with pytest.raises(XfrmBatchError) as caught:
+        await xs.add_sas(sas, window=16)
+    assert [index for index, _ in caught.value.failures] == [7, 33]
+    assert "request 8 of 50" in str(caught.value) and "1 more of 50 failed" in str(caught.value)
+    assert [len(d) for d in kernel.datagrams] == [16, 16, 16, 2]  # every request was sent, 16 per datagram
+
+
+async def test_dump_multipart_and_interrupted_restart(fake: Callable[..., tuple[FakeKernel, XfrmSocket]]) -> None:
+    calls = []
+
+    def answer(req: m.NetlinkMessage) -> list[bytes]:
+        calls.append(req)
+        intr = NlmFlag.DUMP_INTR if len(calls) == 1 else 0
+        part = m.encode_nlmsg(XfrmMsg.NEWSA, NlmFlag.MULTI | intr, req.seq, kernel_sa_v4_payload())
+        done = m.encode_nlmsg(NlmsgType.DONE, NlmFlag.MULTI, req.seq, struct.pack("=i", 0))
+        return [part, part, part, done]
+
+    _, xs = fake(answer)
+    sas = await xs.list_sas()
+    assert len(sas) == 3 and len(calls) == 2  # the interrupted first dump was thrown away and restarted
+
+
+async def test_dump_failure_in_done(fake: Callable[..., tuple[FakeKernel, XfrmSocket]]) -> None:
+    _, xs = fake(lambda req: [m.encode_nlmsg(NlmsgType.DONE, NlmFlag.MULTI, req.seq, struct.pack("=i", -errno.EPERM))])
+    with pytest.raises(XfrmError, match=r"GETPOLICY dump failed: Operation not permitted \(EPERM\)"):
+        await xs.list_policies()
+
+
+async def test_silent_kernel_times_out(fake: Callable[..., tuple[FakeKernel, XfrmSocket]]) -> None:
+    _, xs = fake(lambda req: [], reply_timeout=0.2)
+    with pytest.raises(XfrmError, match=r"DELPOLICY policy 10.1.0.0/24 -> 10.2.0.0/24 dir out failed: .*ETIMEDOUT"):
+        await xs.delete_policy(policy_v4().id())
+
+
+async def test_loop_stays_responsive_during_a_request(fake: Callable[..., tuple[FakeKernel, XfrmSocket]]) -> None:
+    gate = threading.Event()
+
+    def answer(req: m.NetlinkMessage) -> list[bytes]:
+        gate.wait(2)
+        return [ack(req)]
+
+    _, xs = fake(answer)
+    request = asyncio.create_task(xs.delete_sa(sa_v4().id()))
+    ticks = 0
+    while ticks < 5:  # the loop runs while the kernel "works"
+        await asyncio.sleep(0.01)
+        ticks += 1
+    assert not request.done()
+    gate.set()
+    await request
+
+
+async def test_events_decoded_in_order() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ours.setblocking(False)
+    events = XfrmEvents(ours)
+    expire = kernel_sa_v4_payload()[:224] + bytes([1]) + bytes(7)
+    theirs.send(
+        m.encode_nlmsg(XfrmMsg.EXPIRE, 0, 0, expire)
+        + m.encode_nlmsg(XfrmMsg.NEWPOLICY, 0, 0, m.encode_policy(policy_v4()))
+    )
+    first = await asyncio.wait_for(events.next(), 2)
+    second = await asyncio.wait_for(events.next(), 2)
+    assert isinstance(first, m.Expire) and first.hard and first.sa.sa.spi == 0x1001
+    assert isinstance(second, m.PolicyEvent) and second.policy.policy.direction == PolicyDir.OUT
+    events.close()
+    theirs.close()
+    assert EventsLost() == EventsLost()
+
+
+def test_unknown_netns_is_a_clear_error() -> None:
+    with pytest.raises(XfrmError, match=r"enter network namespace 'no-such-ns' \(/run/netns/no-such-ns\) failed"):
+        open_socket("no-such-ns")
+
+
+def test_batch_error_text_without_more() -> None:
+    err = XfrmBatchError([(0, XfrmError("DELSA esp spi 0x00000001 dst 10.0.0.1", errno.ESRCH))], 1)
+    assert str(err) == "DELSA esp spi 0x00000001 dst 10.0.0.1 (request 1 of 1) failed: No such process (ESRCH)"
+    assert m.SaId(ip_address("10.0.0.1"), 1).describe() == "esp spi 0x00000001 dst 10.0.0.1"
