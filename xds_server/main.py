@@ -1,4 +1,4 @@
-"""`ztd`: the control plane (CA now; xDS joins on the same ports), like istiod.
+"""`ztd`: the control plane (CA and xDS on the same ports), like istiod.
 
 Composition root: the only module that knows every part. It builds the CA material, the token issuer, the
 registry, the authenticators and the servers, and owns their lifetimes in one TaskGroup.
@@ -10,13 +10,18 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import gc
+import importlib.metadata
 import ipaddress
 import logging
+import os
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -29,12 +34,21 @@ from protos.istio.v1.auth import ca_pb2, ca_pb2_grpc
 from sds.ca import authn, issuer, keyring, signer
 from sds.ca.nodeauthz import NodeAuthorizer, parse_trusted_accounts
 from sds.ca.server import CAMetrics, CertificateService, PeerLookup
+from sds.ca.tokenreview import KubeTokenReviewer
+from xds_server.build import load_generator
+from xds_server.debug import DebugService
+from xds_server.publish import Publisher, PublishMetrics, PushTuning
 from xds_server.registry.files import FileRegistrySource, RegistryLoadError
+from xds_server.registry.kube import KubeRegistrySource, KubeSourceError, RootCertPublisher, load_api_client
 from xds_server.registry.store import Registry
+from xds_server.server import ADS_SERVICE, AdsServicer, AdsSource, add_ads_to_server, control_plane_identifier
+from xds_server.translate import TranslateOptions
 from ztcore import config, tlsfront
 from ztcore.config import Duration, option
 from ztcore.fsutil import ensure_private_dir, write_atomic
 from ztcore.metrics import Registry as MetricsRegistry
+from ztcore.xds.cache import SnapshotCache
+from ztcore.xds.grpc_adapter import XdsMetrics, XdsStreams
 
 log = logging.getLogger("ztd")
 
@@ -52,6 +66,9 @@ class ZtdConfig:
     monitoring_port: int = option(15014, "HTTP port for /metrics, /ready and /debug")
     state_dir: Path = option(Path(".ztd"), "folder for CA material, the token issuer key and the root bundle")
     config_dir: Path | None = option(None, "folder of Kubernetes YAML (Pods, Services, policies) to serve from")
+    kubeconfig: str = option(
+        "", "Kubernetes mode: kubeconfig file, or in-cluster; empty: embedded registry"
+    )
     trust_domain: str = option("cluster.local", "SPIFFE trust domain", env="TRUST_DOMAIN")
     cluster_id: str = option("Kubernetes", "cluster id accepted in the clusterid metadata", env="CLUSTER_ID")
     cacerts_dir: Path | None = option(
@@ -83,13 +100,29 @@ class ZtdConfig:
     root_cert_file: Path | None = option(
         None, "where to publish the root bundle for clients [default: <state-dir>/root-cert.pem]"
     )
+    debounce_after: Duration = option(
+        Duration(0.1), "quiet time after a registry change before it is pushed", env="PILOT_DEBOUNCE_AFTER"
+    )
+    debounce_max: Duration = option(
+        Duration(10), "longest a registry change waits for quiet before it is pushed", env="PILOT_DEBOUNCE_MAX"
+    )
+    push_throttle: int = option(
+        min(15 + 5 * (os.cpu_count() or 1), 100),
+        "heavy xDS pushes (initial syncs, responses of 100+ resources) built or in flight at once",
+        env="PILOT_PUSH_THROTTLE",
+    )
+    xds_auth: bool = option(True, "xDS on the secure port needs a client certificate or token", env="XDS_AUTH")
     log_level: str = option("info", "debug, info, warning or error", choices=("debug", "info", "warning", "error"))
 
     def __post_init__(self) -> None:
+        if self.push_throttle < 1 or self.debounce_after < 0 or self.debounce_max < 0:
+            raise ValueError("--push-throttle must be at least 1 and debounce times cannot be negative")
         for name in ("xds_port", "secure_port", "monitoring_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ValueError(f"--{name.replace('_', '-')} {port} is not a port number")
+        if self.kubeconfig and self.config_dir is not None:
+            raise ValueError("--config-dir and --kubeconfig are two registries; give one")
         if bool(self.oidc_issuer) != bool(self.oidc_jwks_file):
             raise ValueError("--oidc-issuer and --oidc-jwks-file go together")
         if self.max_workload_cert_ttl < self.default_workload_cert_ttl:
@@ -148,7 +181,8 @@ class Ztd:
         self.metrics = MetricsRegistry()
         self.ready = asyncio.Event()
         self.registry: Registry | None = None
-        self._source: FileRegistrySource | None = None
+        self._source: FileRegistrySource | KubeRegistrySource | None = None
+        self.kube_api: Any = None  # kubernetes.client.ApiClient in Kubernetes mode
 
     def _setup(self) -> None:
         cfg = self.cfg
@@ -185,6 +219,16 @@ class Ztd:
                     trust_domain=cfg.trust_domain,
                 )
             )
+        if self.kube_api is not None:
+            authenticators.append(
+                authn.KubeJwtAuthenticator(
+                    KubeTokenReviewer(self.kube_api),
+                    audiences=cfg.token_audiences,
+                    trust_domain=cfg.trust_domain,
+                    cluster_id=cfg.cluster_id,
+                )
+            )
+        self.authenticators = authenticators  # xDS on the secure port authenticates as the CA does
         trusted = parse_trusted_accounts(cfg.ca_trusted_node_accounts)
         directory = self.registry if self.registry is not None else _EmptyDirectory()
         node_authorizer = NodeAuthorizer(trusted, directory) if trusted else None
@@ -213,9 +257,52 @@ class Ztd:
         self.ca_secure = ca_service(self.front.peer)
         self.ca_plain = ca_service(None)
 
-    def _grpc_server(self, ca: CertificateService | None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    def _xds(self) -> None:
+        """The ADS side: registry → publisher → cache → streams, on both gRPC servers, plus debug."""
+        cfg = self.cfg
+        self.xds_cache = SnapshotCache()
+        self.publisher = Publisher(
+            self.registry if self.registry is not None else Registry(),
+            self.xds_cache,
+            options=TranslateOptions(cluster_id=cfg.cluster_id, trust_domain=cfg.trust_domain),
+            tuning=PushTuning(cfg.debounce_after, cfg.debounce_max),
+            metrics=PublishMetrics(self.metrics),
+        )
+        self.ads_source = AdsSource(self.xds_cache, self.publisher, load_generator())
+        self.publisher.add_listener(_freeze_heap)
+        control_plane = control_plane_identifier(
+            os.environ.get("POD_NAME") or socket.gethostname(), importlib.metadata.version("ztdpu")
+        )
+        self.xds_streams = XdsStreams(
+            self.xds_cache,
+            self.ads_source,
+            metrics=XdsMetrics(self.metrics),
+            control_plane=control_plane,
+            encoded_delta=True,  # add_ads_to_server's serializer sends the pre-serialised resources as they are
+        )
+        self.debug = DebugService(
+            self.xds_streams, self.ads_source, self.xds_cache, cluster_id=cfg.cluster_id, control_plane=control_plane
+        )
+        throttle = asyncio.Semaphore(cfg.push_throttle)  # shared by both ports, as istiod's one push queue
+        self.ads_secure, self.ads_plain = (
+            AdsServicer(
+                self.xds_streams,
+                self.ads_source,
+                self.debug,
+                authenticators=self.authenticators,
+                tls_peers=peers,
+                require_auth=cfg.xds_auth,
+                throttle=throttle,
+            )
+            for peers in (self.front.peer, None)
+        )
+
+    def _grpc_server(
+        self, ca: CertificateService | None, ads: AdsServicer
+    ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 * 1024 * 1024)])
         services = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        services.append(add_ads_to_server(ads, server))
         if ca is not None:
             ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(ca, server)
             services.append(CA_SERVICE)
@@ -237,6 +324,7 @@ class Ztd:
 
         app.router.add_get("/metrics", metrics)
         app.router.add_get("/ready", ready)
+        self.debug.add_routes(app)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, self.cfg.listen_address, self.cfg.monitoring_port).start()
@@ -255,12 +343,23 @@ class Ztd:
             self.registry = Registry()
             self._source = FileRegistrySource(self.cfg.config_dir, self.registry)
             await self._source.load_initial()
+        elif self.cfg.kubeconfig:
+            self.registry = Registry()
+            self.kube_api = await asyncio.to_thread(load_api_client, self.cfg.kubeconfig)
+            self._source = KubeRegistrySource(self.kube_api, self.registry)
+            try:
+                await self._source.load_initial()
+            except BaseException:
+                self.kube_api.close()
+                raise
         await asyncio.to_thread(self._setup)
+        self._xds()
+        await self.publisher.publish(self.publisher.registry.current)
         cfg = self.cfg
         # The secure port's gRPC server listens on loopback only; clients reach it through the TLS front.
-        secure, secure_health = self._grpc_server(self.ca_secure)
+        secure, secure_health = self._grpc_server(self.ca_secure, self.ads_secure)
         secure_addr = f"{cfg.listen_address}:{cfg.secure_port}"
-        plain, plain_health = self._grpc_server(self.ca_plain if cfg.ca_plaintext else None)
+        plain, plain_health = self._grpc_server(self.ca_plain if cfg.ca_plaintext else None, self.ads_plain)
         plain_addr = f"{cfg.listen_address}:{cfg.xds_port}"
         try:
             self.front.backend_port = secure.add_insecure_port("127.0.0.1:0")
@@ -277,9 +376,10 @@ class Ztd:
         for h in (secure_health, plain_health):
             await h.set("", health_pb2.HealthCheckResponse.SERVING)
             await h.set(CA_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+            await h.set(ADS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self.ready.set()
         log.info(
-            "ztd ready: secure %s (CA), plaintext %s, monitoring %s:%d, trust domain %s",
+            "ztd ready: secure %s (CA, xDS), plaintext %s (xDS), monitoring %s:%d, trust domain %s",
             secure_addr,
             plain_addr,
             cfg.listen_address,
@@ -289,8 +389,13 @@ class Ztd:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._rotate_serving_cert())
+                tg.create_task(self.publisher.run())
                 if self._source is not None:
                     tg.create_task(self._source.run())
+                if self.kube_api is not None and self.registry is not None:
+                    # istiod's namespace controller: the root in an istio-ca-root-cert ConfigMap everywhere.
+                    publisher = RootCertPublisher(self.kube_api, self.registry, lambda: self.material.root_bundle_pem)
+                    tg.create_task(publisher.run())
                 await stop.wait()
                 raise _Stop
         except* _Stop:
@@ -302,7 +407,16 @@ class Ztd:
             await self.front.close()
             await asyncio.gather(secure.stop(2.0), plain.stop(2.0))
             await runner.cleanup()
+            if self.kube_api is not None:
+                await asyncio.to_thread(self.kube_api.close)
             log.info("ztd stopped")
+
+
+async def _freeze_heap(_: object) -> None:
+    """After a push, what is alive (registry, translation, resources) is long-lived: moving it out of the
+    cyclic collector's sweep keeps full collections of a 10,000-workload heap from stalling every stream.
+    The objects are still freed by reference counting; they are acyclic (frozen dataclasses, protobufs)."""
+    gc.freeze()
 
 
 class _Stop(Exception):
@@ -338,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (keyring.CAError, issuer.IssuerError, StartupError) as err:
         print(f"ztd: {err}", file=sys.stderr)
         return 1
-    except RegistryLoadError as err:
+    except (RegistryLoadError, KubeSourceError) as err:
         print(f"ztd: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

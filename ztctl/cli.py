@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from ztcore import config
-from ztctl.commands import authz, ca, proxy_config, token
+from ztctl.commands import authz, ca, proxy_config, proxy_status, token, ztunnel_config
 from ztctl.errors import CliError
 
 # (words, options dataclass, handler, help)
@@ -35,6 +35,30 @@ COMMANDS: list[Command] = [
         proxy_config.ProxyConfigSecretOptions,
         proxy_config.secret,
         "print the secrets an Envoy holds (from its admin /config_dump), as istioctl does",
+    ),
+    (
+        ("proxy-status",),
+        proxy_status.ProxyStatusOptions,
+        proxy_status.run,
+        "sync state of every proxy connected to a ztd (its istio.io/debug/syncz), as istioctl prints it",
+    ),
+    (
+        ("ztunnel-config", "workloads"),
+        ztunnel_config.ZtunnelConfigOptions,
+        ztunnel_config.workloads,
+        "workloads a ztunnel receives from ztd (or --config-dir), as istioctl ztunnel-config prints them",
+    ),
+    (
+        ("ztunnel-config", "services"),
+        ztunnel_config.ZtunnelConfigOptions,
+        ztunnel_config.services,
+        "services a ztunnel receives from ztd (or --config-dir), as istioctl ztunnel-config prints them",
+    ),
+    (
+        ("ztunnel-config", "policies"),
+        ztunnel_config.ZtunnelConfigOptions,
+        ztunnel_config.policies,
+        "authorization policies a ztunnel receives from ztd (or --config-dir), as istioctl prints them",
     ),
 ]
 

@@ -113,6 +113,20 @@ def parse_sources(sources: Iterable[tuple[str, str]]) -> ParseResult:
     return ParseResult(tuple(kept), tuple(errors), FrozenMap(sorted(skipped.items())))
 
 
+def parse_object(data: object) -> RegistryObject | None:
+    """One object that is already plain data (an API server's JSON) -> the same model and checks as YAML.
+
+    None for kinds the registry does not read; ValueError with the field path when the object is invalid.
+    """
+    try:
+        if not isinstance(data, dict):
+            raise _Invalid((), f"object must be a mapping, got {_type_name(data)}")
+        r = _Reader(data, ())
+        return _parse_object(r, r.required_str("apiVersion"), r.required_str("kind"))
+    except _Invalid as e:
+        raise ValueError(e.message) from None
+
+
 def _drop_conflicts(located: list[Located], errors: list[ConfigError]) -> list[Located]:
     """Report the second of two objects with the same key, or two live pods claiming one IP."""
     kept: list[Located] = []

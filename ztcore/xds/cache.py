@@ -32,6 +32,25 @@ class Change:
 Watcher = Callable[[Change], None]
 
 
+class FullSet:
+    """Every resource of one type in one scope at one revision, in name order, built once and shared by every
+    stream that sends them all (a wildcard subscriber's first response): the name -> version map and the
+    joined Delta wire entries. `versions` is a plain dict that nobody may modify."""
+
+    __slots__ = ("_wire", "resources", "versions")
+
+    def __init__(self, resources: Iterable[Resource]) -> None:
+        self.resources = tuple(sorted(resources, key=lambda r: r.name))
+        self.versions: dict[str, str] = {r.name: r.version for r in self.resources}
+        self._wire: bytes | None = None
+
+    @property
+    def delta_wire(self) -> bytes:
+        if self._wire is None:
+            self._wire = b"".join(r.delta_wire for r in self.resources)
+        return self._wire
+
+
 class SnapshotCache:
     def __init__(self) -> None:
         self._data: dict[tuple[str, str], dict[str, Resource]] = {}
@@ -39,6 +58,7 @@ class SnapshotCache:
         self._versions: dict[tuple[str, str], int] = {}
         self._watchers: dict[int, Watcher] = {}
         self._next_watch = 0
+        self._full: dict[tuple[str, str], tuple[int, FullSet]] = {}
         self.revision = 0
 
     # -- reads ---------------------------------------------------------------------------------------
@@ -59,6 +79,17 @@ class SnapshotCache:
     def version(self, type_url: str, scope: str = GLOBAL_SCOPE) -> int:
         """The revision of the last change to this type in this scope (0: never set)."""
         return self._versions.get((type_url, scope), 0)
+
+    def full_set(self, type_url: str, scope: str = GLOBAL_SCOPE) -> FullSet:
+        """All resources of the type in the scope, as of now; memoised until the type changes there."""
+        key = (type_url, scope)
+        revision = self._versions.get(key, 0)
+        hit = self._full.get(key)
+        if hit is not None and hit[0] == revision:
+            return hit[1]
+        full = FullSet(self._data.get(key, {}).values())
+        self._full[key] = (revision, full)
+        return full
 
     def view(self, scopes: Iterable[str]) -> CacheView:
         return CacheView(self, tuple(scopes))
@@ -148,6 +179,10 @@ class ResourceView(Protocol):
 
     def sees(self, change: Change) -> bool: ...
 
+    def full_set(self, type_url: str) -> FullSet | None:
+        """`all(type_url)` as a shared FullSet when one scope holds it all; None otherwise."""
+        ...
+
 
 class CacheView:
     """What one stream sees: its own scopes first, then the shared scope."""
@@ -174,3 +209,9 @@ class CacheView:
 
     def sees(self, change: Change) -> bool:
         return change.scope in self.scopes
+
+    def full_set(self, type_url: str) -> FullSet | None:
+        holding = [scope for scope in self.scopes if self._cache.resources(type_url, scope)]
+        if len(holding) > 1:
+            return None
+        return self._cache.full_set(type_url, holding[0] if holding else GLOBAL_SCOPE)

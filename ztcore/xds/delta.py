@@ -14,28 +14,83 @@ Rules (xDS protocol doc, "Incremental xDS"; istio pilot/pkg/xds/delta.go):
   (or its removal) is sent again;
 - pushes carry only resources whose version differs from what this stream sent, plus removals of names
   the client holds.
+
+Per-stream bookkeeping (sent, acked, pending) lives in `VersionMap`s, so an event costs what it changes,
+not the size of the mesh. With `encode=True` responses are `EncodedDeltaResponse`s: the cache's
+pre-serialised resource entries joined behind an encoded header, never copied into a message per stream.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from ztcore.xds import status as st
-from ztcore.xds.cache import Change, ResourceView
+from ztcore.xds.cache import Change, FullSet, ResourceView
 from ztcore.xds.resources import Resource
-from ztcore.xds.sotw import NonceFactory, merged, random_nonce
+from ztcore.xds.sotw import NonceFactory, random_nonce
+from ztcore.xds.status import EMPTY_VERSIONS, VersionMap
 from ztcore.xds.typeurls import WILDCARD
 
 
+class EncodedDeltaResponse:
+    """A DeltaDiscoveryResponse kept as bytes: the header fields encoded once, then each resource's
+    pre-serialised entry (`Resource.delta_wire`). Protobuf parsers accept fields in any order, so the
+    concatenation is a valid message. gRPC sends `SerializeToString()`; reading a field decodes a copy."""
+
+    __slots__ = ("_body", "_header", "_message", "_resources")
+
+    def __init__(
+        self, header: discovery_pb2.DeltaDiscoveryResponse, resources: Sequence[Resource], body: bytes | None = None
+    ) -> None:
+        """`body`: the resources' joined wire entries when already at hand (a shared FullSet)."""
+        self._header = header
+        self._resources = resources
+        self._body = body
+        self._message: discovery_pb2.DeltaDiscoveryResponse | None = None
+
+    def SerializeToString(self) -> bytes:  # the protobuf method gRPC serializers call
+        body = self._body if self._body is not None else b"".join(r.delta_wire for r in self._resources)
+        return bytes(self._header.SerializeToString() + body)
+
+    @property
+    def type_url(self) -> str:
+        return str(self._header.type_url)
+
+    @property
+    def nonce(self) -> str:
+        return str(self._header.nonce)
+
+    @property
+    def resource_count(self) -> int:
+        return len(self._resources)
+
+    @property
+    def message(self) -> discovery_pb2.DeltaDiscoveryResponse:
+        if self._message is None:
+            self._message = discovery_pb2.DeltaDiscoveryResponse.FromString(self.SerializeToString())
+        return self._message
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.message, name)
+
+
 class DeltaStream:
-    def __init__(self, view: ResourceView, *, nonces: NonceFactory = random_nonce, control_plane: str = "") -> None:
+    def __init__(
+        self,
+        view: ResourceView,
+        *,
+        nonces: NonceFactory = random_nonce,
+        control_plane: str = "",
+        encode: bool = False,
+    ) -> None:
         self._view = view
         self._nonces = nonces
+        self._encode = encode
         self._control_plane = base_pb2.ControlPlane(identifier=control_plane) if control_plane else None
         self._watches: dict[str, st.WatchState] = {}
         self.node: base_pb2.Node | None = None
@@ -55,8 +110,8 @@ class DeltaStream:
         if req.HasField("error_detail"):
             detail = req.error_detail.message or f"rejected with code {req.error_detail.code}"
             if w is not None:
-                self._watches[type_url] = dataclasses.replace(
-                    w, last_error=detail, last_nacked=now, pending=st.frozen_map({}), pending_removed=frozenset()
+                self._watches[type_url] = st.evolve(
+                    w, last_error=detail, last_nacked=now, pending=EMPTY_VERSIONS, pending_removed=frozenset()
                 )
             return st.Step(st.NACK, type_url, detail=detail)
 
@@ -88,29 +143,36 @@ class DeltaStream:
                 dropped.add(name)
         if first and not subscribe and not unsubscribe:
             wildcard = became_wildcard = True
-        sent = dict(req.initial_resource_versions) if first else dict(w.sent)
+        sent = VersionMap.of(dict(req.initial_resource_versions)) if first else VersionMap.of(w.sent)
 
         is_ack = bool(req.response_nonce) and req.response_nonce == w.nonce_sent and not first
         stale = bool(req.response_nonce) and not is_ack and not first
-        state = dataclasses.replace(
+        state = st.evolve(
             w, names=frozenset(names), wildcard=wildcard, explicit=w.explicit or bool(subscribe or unsubscribe)
         )
         if is_ack:
-            acked = {k: v for k, v in merged(w.acked, w.pending).items() if k not in w.pending_removed}
-            state = dataclasses.replace(
+            shared = self._view.full_set(type_url) if w.wildcard else None
+            acked = VersionMap.of(w.acked).updated(
+                w.pending, w.pending_removed, rebase=shared.versions if shared is not None else None
+            )
+            state = st.evolve(
                 state,
                 nonce_acked=req.response_nonce,
                 last_acked=now,
                 last_error="",
                 version_acked=w.version_sent,
-                acked=st.frozen_map(acked),
-                pending=st.frozen_map({}),
+                acked=acked,
+                pending=EMPTY_VERSIONS,
                 pending_removed=frozenset(),
             )
 
         to_send: dict[str, Resource] = {}
         removed: set[str] = set()
-        if first:
+        everything = first and wildcard and not names and not sent
+        full = self._view.full_set(type_url) if everything else None
+        if full is not None:
+            pass  # a fresh wildcard subscriber gets the type's shared full set, as it is
+        elif first:
             candidates = dict(self._view.all(type_url)) if wildcard else {}
             for name in names:
                 found = self._view.get(type_url, name)
@@ -133,6 +195,7 @@ class DeltaStream:
                 for name, res in self._view.all(type_url).items():
                     if sent.get(name) != res.version:
                         to_send[name] = res
+            unsent: list[str] = []
             for name in dropped:
                 found = self._view.get(type_url, name)
                 canonical = found.name if found is not None else name
@@ -143,8 +206,9 @@ class DeltaStream:
                     else:
                         removed.add(canonical)
                 else:
-                    sent.pop(canonical, None)
-        state = dataclasses.replace(state, sent=st.frozen_map(sent))
+                    unsent.append(canonical)
+            sent = sent.updated(removals=unsent)
+        state = st.evolve(state, sent=sent)
         self._watches[type_url] = state
 
         if first:
@@ -155,7 +219,7 @@ class DeltaStream:
             event = st.SUBSCRIPTION_CHANGE
         else:
             event = st.ACK
-        responses = self._respond(type_url, to_send, removed, now) if (first or to_send or removed) else ()
+        responses = self._respond(type_url, to_send, removed, now, full) if (first or to_send or removed) else ()
         return st.Step(
             event,
             type_url,
@@ -165,7 +229,7 @@ class DeltaStream:
             detail=f"nonce {req.response_nonce}, last sent {w.nonce_sent}" if stale else "",
         )
 
-    def handle_change(self, change: Change, now: dt.datetime) -> tuple[discovery_pb2.DeltaDiscoveryResponse, ...]:
+    def handle_change(self, change: Change, now: dt.datetime) -> tuple[Any, ...]:
         w = self._watches.get(change.type_url)
         if w is None or not self._view.sees(change):
             return ()
@@ -184,25 +248,46 @@ class DeltaStream:
         return self._respond(change.type_url, to_send, removed, now)
 
     def _respond(
-        self, type_url: str, to_send: Mapping[str, Resource], removed: set[str], now: dt.datetime
-    ) -> tuple[discovery_pb2.DeltaDiscoveryResponse, ...]:
+        self,
+        type_url: str,
+        to_send: Mapping[str, Resource],
+        removed: Iterable[str],
+        now: dt.datetime,
+        full: FullSet | None = None,
+    ) -> tuple[Any, ...]:
+        """One response with `to_send` and `removed`, or with every resource of `full` (then to_send is empty)."""
         w = self._watches[type_url]
         nonce = self._nonces()
         version = self._view.version(type_url)
         resp = discovery_pb2.DeltaDiscoveryResponse(system_version_info=version, type_url=type_url, nonce=nonce)
         if self._control_plane is not None:
             resp.control_plane.CopyFrom(self._control_plane)
-        resp.resources.extend(to_send[name].delta for name in sorted(to_send))
-        resp.removed_resources.extend(sorted(removed))
-        versions = {name: res.version for name, res in to_send.items()}
-        sent = {k: v for k, v in merged(w.sent, versions).items() if k not in removed}
-        self._watches[type_url] = dataclasses.replace(
+        removed = sorted(removed)
+        resp.removed_resources.extend(removed)
+        ordered = full.resources if full is not None else [to_send[name] for name in sorted(to_send)]
+        out: Any
+        if self._encode:
+            out = EncodedDeltaResponse(resp, ordered, full.delta_wire if full is not None else None)
+        else:
+            resp.resources.extend(r.delta for r in ordered)
+            out = resp
+        # Never modified once made: the maps below may adopt it as their (possibly shared) base.
+        versions = full.versions if full is not None else {res.name: res.version for res in ordered}
+        # A wildcard stream tracks the cache closely: let its maps fold onto the cache's shared versions.
+        shared = self._view.full_set(type_url) if w.wildcard else None
+        rebase = shared.versions if shared is not None else None
+        pending_removed = w.pending_removed
+        if pending_removed and versions:
+            pending_removed = frozenset(n for n in pending_removed if n not in versions)
+        if removed:
+            pending_removed = pending_removed | set(removed)
+        self._watches[type_url] = st.evolve(
             w,
             nonce_sent=nonce,
             version_sent=version,
             last_sent=now,
-            sent=st.frozen_map(sent),
-            pending=merged({k: v for k, v in w.pending.items() if k not in removed}, versions),
-            pending_removed=(w.pending_removed - set(versions)) | removed,
+            sent=VersionMap.of(w.sent).updated(versions, removed, rebase=rebase),
+            pending=VersionMap.of(w.pending).updated(versions, removed),
+            pending_removed=pending_removed,
         )
-        return (resp,)
+        return (out,)

@@ -128,13 +128,17 @@ class XdsStreams:
         clock: Callable[[], dt.datetime] = _utcnow,
         nonces: NonceFactory = random_nonce,
         control_plane: str = "",
+        encoded_delta: bool = False,
     ) -> None:
+        """`encoded_delta`: Delta responses are `EncodedDeltaResponse`s (pre-serialised resources joined as
+        bytes); the servicer must then be registered with a serializer that calls `SerializeToString()`."""
         self._cache = cache
         self._source = source
         self._metrics = metrics
         self._clock = clock
         self._nonces = nonces
         self._control_plane = control_plane
+        self._encoded_delta = encoded_delta
         self._ids = itertools.count(1)
         self._streams: dict[str, StreamInfo] = {}
 
@@ -164,7 +168,9 @@ class XdsStreams:
         if protocol == "sotw":
             machine = SotwStream(view, nonces=self._nonces, control_plane=self._control_plane)
         else:
-            machine = DeltaStream(view, nonces=self._nonces, control_plane=self._control_plane)
+            machine = DeltaStream(
+                view, nonces=self._nonces, control_plane=self._control_plane, encode=self._encoded_delta
+            )
         queue: asyncio.Queue[object] = asyncio.Queue()
         queue.put_nowait(first)
 

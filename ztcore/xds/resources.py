@@ -10,6 +10,23 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, message
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def length_delimited(field_number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (wire type 2): tag, length, bytes."""
+    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
+
+
 def content_version(type_url: str, payload: bytes) -> str:
     """A version that changes exactly when the serialised content changes."""
     digest = hashlib.sha256(type_url.encode() + b"\0" + payload).hexdigest()
@@ -29,6 +46,9 @@ class Resource:
     aliases: tuple[str, ...] = ()
     # The Delta form (envoy.service.discovery.v3.Resource), built once beside the SotW form.
     delta: discovery_pb2.Resource = field(init=False, repr=False)
+    # …and its wire bytes as one `resources` entry of a DeltaDiscoveryResponse (field 2, length-delimited):
+    # an encoded Delta response is these bytes joined, with no per-stream copy or re-encoding.
+    delta_wire: bytes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -36,6 +56,7 @@ class Resource:
         wrapped = discovery_pb2.Resource(name=self.name, version=self.version, aliases=list(self.aliases))
         wrapped.resource.CopyFrom(self.any)
         object.__setattr__(self, "delta", wrapped)
+        object.__setattr__(self, "delta_wire", length_delimited(2, wrapped.SerializeToString(deterministic=True)))
 
     @property
     def type_url(self) -> str:

@@ -1,8 +1,8 @@
 """`ztctl x authz check`: would ztunnel let this caller connect to this pod and port, and which policy decides?
 
 The decision is ztcore.rbac's, i.e. ztunnel's own evaluation, over the policies and workload a data source
-provides. The offline source translates a folder of YAML the way ztd does; a source that asks a running ztd
-plugs in through `MeshSource`.
+provides (`MeshSource`): a folder of YAML translated the way ztd does (`--config-dir`), or a running ztd asked
+over xDS the way a ztunnel asks (`--xds-address`, with the connection options of `ztctl proxy-status`).
 """
 
 from __future__ import annotations
@@ -25,13 +25,15 @@ from ztcore.identity import Identity, IdentityError
 from ztcore.model.authz import Authorization, IPAddress
 from ztcore.model.workload import TunnelProtocol, Workload
 from ztcore.rbac import Connection, Decision, PolicyIndex, evaluate
+from ztctl.commands.xdsconn import XdsOptions
 from ztctl.errors import CliError
 
 
 @dataclasses.dataclass(frozen=True)
-class AuthzCheckOptions:
+class AuthzCheckOptions(XdsOptions):
     ENV_PREFIX = "ZTCTL"
 
+    xds_address: str = option("", "ask the ztd at this xDS address (e.g. 127.0.0.1:15012)", metavar="HOST:PORT")
     src: str = option("", "caller identity spiffe://<td>/ns/<ns>/sa/<sa>; omit for a plaintext caller")
     dst: str = option("", "destination pod", metavar="NS/POD")
     port: int = option(0, "destination port")
@@ -71,6 +73,10 @@ class ConfigDirSource:
     def describe(self) -> str:
         return str(self._path)
 
+    @property
+    def translation(self) -> Translation:
+        return self._translation
+
     def policies(self) -> tuple[Authorization, ...]:
         return self._translation.authorizations
 
@@ -97,9 +103,35 @@ def _load(path: Path) -> RegistrySnapshot:
     return RegistrySnapshot(result.objects)
 
 
+class XdsSource:
+    """A running ztd: the workloads and policies it serves a ztunnel (Delta WDS, as `ztunnel-config` reads)."""
+
+    def __init__(self, opts: AuthzCheckOptions) -> None:
+        from ztctl.commands import ztunnel_config
+
+        self._address = opts.xds_address
+        self._cluster_id = opts.cluster_id
+        self._view = ztunnel_config.online(opts)
+
+    def describe(self) -> str:
+        return f"ztd at {self._address}"
+
+    def policies(self) -> tuple[Authorization, ...]:
+        return self._view.policies
+
+    def pod_workload(self, namespace: str, name: str) -> Workload:
+        uid = f"{self._cluster_id}//Pod/{namespace}/{name}"
+        for w in self._view.workloads:
+            if w.uid == uid:
+                return w
+        raise CliError(f"ztd at {self._address} serves no workload for pod {namespace}/{name}")
+
+
 def _source(opts: AuthzCheckOptions) -> MeshSource:
+    if opts.config_dir is None and opts.xds_address:
+        return XdsSource(opts)
     if opts.config_dir is None:
-        raise CliError("--config-dir is required (checking against a running ztd is not available yet)")
+        raise CliError("--config-dir is required (or --xds-address HOST:PORT to ask a running ztd)")
     translate_options = TranslateOptions(
         cluster_id=opts.cluster_id,
         trust_domain=opts.trust_domain,
