@@ -15,7 +15,6 @@ import importlib.metadata
 import ipaddress
 import logging
 import os
-import signal
 import socket
 import ssl
 import sys
@@ -45,6 +44,7 @@ from xds_server.server import ADS_SERVICE, AdsServicer, AdsSource, add_ads_to_se
 from xds_server.translate import TranslateOptions
 from ztcore import config, tlsfront
 from ztcore.config import Duration, option
+from ztcore.daemon import run_daemon
 from ztcore.fsutil import ensure_private_dir, write_atomic
 from ztcore.metrics import Registry as MetricsRegistry
 from ztcore.xds.cache import SnapshotCache
@@ -66,9 +66,7 @@ class ZtdConfig:
     monitoring_port: int = option(15014, "HTTP port for /metrics, /ready and /debug")
     state_dir: Path = option(Path(".ztd"), "folder for CA material, the token issuer key and the root bundle")
     config_dir: Path | None = option(None, "folder of Kubernetes YAML (Pods, Services, policies) to serve from")
-    kubeconfig: str = option(
-        "", "Kubernetes mode: kubeconfig file, or in-cluster; empty: embedded registry"
-    )
+    kubeconfig: str = option("", "Kubernetes mode: kubeconfig file, or in-cluster; empty: embedded registry")
     trust_domain: str = option("cluster.local", "SPIFFE trust domain", env="TRUST_DOMAIN")
     cluster_id: str = option("Kubernetes", "cluster id accepted in the clusterid metadata", env="CLUSTER_ID")
     cacerts_dir: Path | None = option(
@@ -427,37 +425,14 @@ class StartupError(Exception):
     pass
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-
-
-async def _amain(cfg: ZtdConfig) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await Ztd(cfg).run(stop)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = config.load(ZtdConfig, argv, prog="ztd", description=__doc__.splitlines()[0])
-    configure_logging(cfg.log_level)
-    try:
-        asyncio.run(_amain(cfg))
-    except (keyring.CAError, issuer.IssuerError, StartupError) as err:
-        print(f"ztd: {err}", file=sys.stderr)
-        return 1
-    except (RegistryLoadError, KubeSourceError) as err:
-        print(f"ztd: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_daemon(
+        "ztd",
+        Ztd(cfg).run,
+        log_level=cfg.log_level,
+        expected=(keyring.CAError, issuer.IssuerError, StartupError, RegistryLoadError, KubeSourceError),
+    )
 
 
 if __name__ == "__main__":

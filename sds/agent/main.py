@@ -12,7 +12,6 @@ import datetime as dt
 import json
 import logging
 import random
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from sds.agent.server import SdsServer, SdsServerError, socket_path
 from sds.client.caclient import KEY_TYPES, CAClient, CAClientOptions, token_identity
 from ztcore import config
 from ztcore.config import Duration, option
+from ztcore.daemon import run_daemon
 from ztcore.identity import Identity, IdentityError
 from ztcore.metrics import Registry
 from ztcore.xds.cache import SnapshotCache
@@ -283,33 +283,9 @@ class _Stop(Exception):
     """Raised inside the TaskGroup to cancel its tasks on a clean stop."""
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-async def _amain(cfg: AgentConfig) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await Agent(cfg).run(stop)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = config.load(AgentConfig, argv, prog="zt-agent", description=__doc__.splitlines()[0])
-    configure_logging(cfg.log_level)
-    try:
-        asyncio.run(_amain(cfg))
-    except (AgentError, SdsServerError) as err:
-        print(f"zt-agent: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_daemon("zt-agent", Agent(cfg).run, log_level=cfg.log_level, expected=(AgentError, SdsServerError))
 
 
 if __name__ == "__main__":
