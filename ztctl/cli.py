@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from ztcore import config
-from ztctl.commands import authz, ca, proxy_config, proxy_status, token, ztunnel_config
+from ztctl.commands import authz, ca, proxy_config, proxy_status, token, tunnels, ztunnel_config
 from ztctl.errors import CliError
 
 # (words, options dataclass, handler, help)
@@ -59,6 +59,12 @@ COMMANDS: list[Command] = [
         ztunnel_config.ZtunnelConfigOptions,
         ztunnel_config.policies,
         "authorization policies a ztunnel receives from ztd (or --config-dir), as istioctl prints them",
+    ),
+    (
+        ("tunnels",),
+        tunnels.TunnelsOptions,
+        tunnels.run,
+        "the IPsec tunnels of zt-bridges (from their admin port), or --rekey them",
     ),
 ]
 

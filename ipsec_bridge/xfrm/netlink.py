@@ -201,6 +201,22 @@ class XfrmSocket:
         if failures:
             raise XfrmBatchError(failures, len(requests))
 
+    async def call_each(
+        self, requests: Sequence[m.Request], *, window: int = 64
+    ) -> list[list[m.NetlinkMessage] | XfrmError]:
+        """Send many requests, `window` per datagram; for each, its replies or its refusal (no raise)."""
+        if not requests:
+            return []
+        outcomes = await asyncio.to_thread(self._exchange, list(requests), max(1, window))
+        results: list[list[m.NetlinkMessage] | XfrmError] = []
+        for request, outcome in zip(requests, outcomes, strict=True):
+            try:
+                _raise_for(request, outcome)
+                results.append(outcome.replies)
+            except XfrmError as exc:
+                results.append(exc)
+        return results
+
     async def dump(self, request: m.Request) -> list[m.NetlinkMessage]:
         """Run a dump to its end; restart it when the kernel flags it as interrupted by a concurrent change."""
         for _ in range(_DUMP_RETRIES):

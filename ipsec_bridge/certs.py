@@ -1,0 +1,99 @@
+"""The bridge's certificates: one SVID per identity of its node's pods (CreateCertificate with
+ImpersonatedIdentity, through sds.agent.secrets.SecretManager: renewed at half life, kept when a renewal
+fails) and, for --tunnel-scope node, its own. TLS contexts are built once per certificate, off the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import logging
+from collections.abc import Callable, Iterable
+
+from OpenSSL import SSL
+
+from ipsec_bridge.handshake import Credential, HandshakeError, tls_context
+from sds.agent.secrets import SecretEvent, SecretManager
+from ztcore.identity import Identity
+
+log = logging.getLogger(__name__)
+
+
+class Certificates:
+    def __init__(
+        self, secrets: SecretManager, clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+    ) -> None:
+        self._secrets = secrets
+        self._clock = clock
+        self._wanted: set[Identity] = set()
+        self._ready: dict[Identity, asyncio.Event] = {}
+        self._contexts: dict[tuple[Identity, int, str], SSL.Context] = {}
+        self._serials: dict[Identity, int] = {}
+        self._renewed: list[Callable[[Identity], None]] = []
+        secrets.add_listener(self._on_event)
+
+    def on_renewed(self, callback: Callable[[Identity], None]) -> None:
+        self._renewed.append(callback)
+
+    def _event(self, identity: Identity) -> asyncio.Event:
+        event = self._ready.get(identity)
+        if event is None:
+            event = self._ready[identity] = asyncio.Event()
+        return event
+
+    def _on_event(self, event: SecretEvent) -> None:
+        if event.kind != "cert" or event.identity is None or event.cert is None:
+            return
+        identity = event.identity
+        previous = self._serials.get(identity)
+        self._serials[identity] = event.cert.serial
+        self._event(identity).set()
+        if previous is not None and previous != event.cert.serial:
+            for callback in self._renewed:
+                callback(identity)
+
+    def want(self, identities: Iterable[Identity]) -> None:
+        """Keep certificates for exactly these identities (pods on this node that have tunnels)."""
+        wanted = set(identities)
+        for identity in wanted - self._wanted:
+            self._secrets.acquire(identity)
+        for identity in self._wanted - wanted:
+            self._secrets.release(identity)
+        self._wanted = wanted
+
+    def current(self, identity: Identity) -> Credential | None:
+        cert = self._secrets.current(identity)
+        if cert is None:
+            return None
+        roots = self._secrets.roots_pem or cert.roots_pem
+        return Credential(identity, cert.chain_pem, cert.key_pem, roots, cert.not_after)
+
+    async def credential(self, identity: Identity, wait_s: float) -> tuple[Credential, SSL.Context]:
+        """The current SVID of `identity` and its TLS context; waits up to `wait_s` for a first issue."""
+        if identity not in self._wanted:
+            self.want(self._wanted | {identity})
+        cred = self.current(identity)
+        if cred is None:
+            try:
+                await asyncio.wait_for(self._event(identity).wait(), wait_s)
+            except TimeoutError:
+                why = f"no certificate for {identity.uri} yet (is the CA reachable?)"
+                raise HandshakeError("no-cert", why) from None
+            cred = self.current(identity)
+            assert cred is not None
+        cert = self._secrets.current(identity)
+        assert cert is not None
+        if cert.not_after <= self._clock():
+            # the CA has been unreachable for a whole lifetime: no handshake with a dead certificate
+            why = f"the certificate of {identity.uri} expired at {cert.not_after.isoformat()} and was not renewed"
+            raise HandshakeError("no-cert", why)
+        key = (identity, cert.serial, hashlib.sha256(cred.roots_pem).hexdigest())
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            ctx = await asyncio.to_thread(tls_context, cred)
+            # one context per identity: drop the ones of replaced certificates
+            for old in [k for k in self._contexts if k[0] == identity]:
+                del self._contexts[old]
+            self._contexts[key] = ctx
+        return cred, ctx

@@ -1,0 +1,578 @@
+"""One TLS 1.3 handshake per tunnel between two bridges, and the SPI exchange that follows inside it.
+
+On the wire (TCP from the initiator's bridge to the responder's, port --port), three round trips:
+
+    I -> R  preamble "ZTB1" kind scope len + JSON {src, dst, key_bytes} (cleartext), then the TLS ClientHello
+    R -> I  TLS 1.3 server flight -- or, instead, a refusal: byte 1 + reason ("10.2.0.9 is not a mesh pod ...")
+    I -> R  TLS client Finished. Both sides presented a certificate (the initiator A's SVID, the responder B's,
+            or in node scope each bridge's own) and verified the peer's chain against the mesh roots; each
+            now checks that the peer's SPIFFE ID is the identity WDS holds for the address it claims and that
+            policy admits the pair. A side that finds otherwise sends reject {reason} and closes.
+    R -> I  accept {spi_r}   R verified I, then reserved its inbound SPI (ALLOCSPI)
+    I -> R  ready {spi_i}    I verified R, reserved spi_i, derived the keys, installed its inbound SA
+    R -> I  done             R derived the keys, installed its inbound and outbound SAs and switched its policies
+    then I installs its outbound SA and switches.
+
+No key exists and nothing is installed before both sides have verified each other. Each side installs its
+outbound SA only after the peer's inbound SA for it exists, so no packet is ever sent under an SPI the
+receiver cannot decrypt. The keys come from the TLS exporter (`ipsec_bridge.keys`), bound to both addresses,
+both SPIs and the key size: a preamble altered on the way yields different keys on the two sides, never a
+weaker tunnel. A second preamble kind (answered by a status byte) asks the pair's initiator to rekey now.
+
+Crypto-heavy steps (do_handshake: signatures, ECDHE) run in a worker thread; IO stays on the event loop
+through memory BIOs. Session tickets are not used: every handshake, rekeys included, is a full one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import enum
+import json
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Any, Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from OpenSSL import SSL, crypto
+
+from ipsec_bridge.keys import (
+    EXPORTER_LABEL,
+    KEY_BYTES,
+    Binding,
+    DirectionalKeys,
+    KeyDerivationError,
+    KeyScope,
+    exporter_context,
+    exporter_length,
+    split_keys,
+)
+from ipsec_bridge.xfrm.messages import Aead
+from ztcore.identity import Identity, IdentityError
+
+IPAddress = IPv4Address | IPv6Address
+
+MAGIC = b"ZTB1"
+_PREAMBLE_HEAD = struct.Struct("!4sBBH")  # magic, kind, scope, JSON length
+_FRAME = struct.Struct("!H")
+MAX_PREAMBLE = 1024
+MAX_FRAME = 4096
+_READ_SIZE = 1 << 16
+
+
+class Kind(enum.IntEnum):
+    HANDSHAKE = 1
+    REKEY_REQUEST = 2
+
+
+class HandshakeError(Exception):
+    """A handshake that produced no tunnel. `code` is a short label for metrics; the message says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --- cleartext preamble -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Preamble:
+    """What the initiator asks for: pod addresses in pod scope, node names in node scope."""
+
+    kind: Kind
+    scope: KeyScope
+    src: str
+    dst: str
+    key_bytes: int = 16
+
+    def encode(self) -> bytes:
+        fields: dict[str, Any] = {"src": self.src, "dst": self.dst, "key_bytes": self.key_bytes}
+        body = json.dumps(fields, separators=(",", ":")).encode()
+        return _PREAMBLE_HEAD.pack(MAGIC, self.kind, self.scope, len(body)) + body
+
+    def addresses(self) -> tuple[IPAddress, IPAddress]:
+        """Pod scope: (src, dst) as addresses; HandshakeError when they are not."""
+        try:
+            return ip_address(self.src), ip_address(self.dst)
+        except ValueError:
+            raise HandshakeError("protocol", f"preamble names {self.src!r} -> {self.dst!r}, not addresses") from None
+
+
+async def read_preamble(reader: asyncio.StreamReader) -> Preamble:
+    try:
+        head = await reader.readexactly(_PREAMBLE_HEAD.size)
+    except asyncio.IncompleteReadError:
+        raise HandshakeError("protocol", "connection closed before a complete preamble") from None
+    magic, kind, scope, length = _PREAMBLE_HEAD.unpack(head)
+    if magic != MAGIC:
+        raise HandshakeError("protocol", "not a zt-bridge handshake (bad magic)")
+    if length > MAX_PREAMBLE:
+        raise HandshakeError("protocol", f"preamble of {length} bytes is too long")
+    try:
+        body = json.loads(await reader.readexactly(length))
+        key_bytes = body.get("key_bytes", 16)
+        if key_bytes not in KEY_BYTES:
+            raise HandshakeError("protocol", f"unsupported key size {key_bytes!r} in the preamble")
+        return Preamble(Kind(kind), KeyScope(scope), str(body["src"]), str(body["dst"]), int(key_bytes))
+    except asyncio.IncompleteReadError:
+        raise HandshakeError("protocol", "connection closed inside the preamble") from None
+    except (ValueError, KeyError, TypeError):
+        raise HandshakeError("protocol", "malformed preamble") from None
+
+
+def status_ok() -> bytes:
+    return b"\x00"
+
+
+def status_refused(reason: str) -> bytes:
+    raw = reason.encode()[:MAX_FRAME]
+    return b"\x01" + _FRAME.pack(len(raw)) + raw
+
+
+def parse_refusal(data: bytes) -> str | None:
+    """The reason of a complete refusal at the start of `data`, or None while more bytes are needed."""
+    if len(data) < 3:
+        return None
+    (length,) = _FRAME.unpack_from(data, 1)
+    if len(data) < 3 + length:
+        return None
+    return data[3 : 3 + length].decode(errors="replace")
+
+
+async def read_status(reader: asyncio.StreamReader) -> str | None:
+    """None when the responder goes on, else its reason."""
+    try:
+        first = await reader.readexactly(1)
+        if first == b"\x00":
+            return None
+        (length,) = _FRAME.unpack(await reader.readexactly(2))
+        return (await reader.readexactly(length)).decode(errors="replace")
+    except asyncio.IncompleteReadError:
+        raise HandshakeError("refused", "the responder closed the connection without an answer") from None
+
+
+# --- messages inside TLS ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    spi: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    spi: int
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    reason: str
+
+
+Message = Accept | Ready | Done | Reject
+
+
+def encode_message(msg: Message) -> bytes:
+    body: dict[str, Any]
+    match msg:
+        case Accept():
+            body = {"t": "accept", "spi": msg.spi}
+        case Ready():
+            body = {"t": "ready", "spi": msg.spi}
+        case Done():
+            body = {"t": "done"}
+        case Reject():
+            body = {"t": "reject", "reason": msg.reason[:1000]}
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    return _FRAME.pack(len(raw)) + raw
+
+
+def _spi(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 0xFFFF_FFFF:
+        raise ValueError(f"bad SPI {value!r}")
+    return value
+
+
+def decode_message(raw: bytes) -> Message:
+    """HandshakeError('protocol') for anything that is not one of our messages."""
+    try:
+        body = json.loads(raw)
+        kind = body["t"]
+        if kind == "accept":
+            return Accept(_spi(body["spi"]))
+        if kind == "ready":
+            return Ready(_spi(body["spi"]))
+        if kind == "done":
+            return Done()
+        if kind == "reject":
+            return Reject(str(body["reason"]))
+        raise ValueError(f"unknown message {kind!r}")
+    except (ValueError, KeyError, TypeError) as err:
+        raise HandshakeError("protocol", f"malformed message from the peer: {err}") from None
+
+
+# --- TLS -----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """One SVID with its key and the trust bundle it is verified against."""
+
+    identity: Identity
+    chain_pem: bytes
+    key_pem: bytes = field(repr=False)
+    roots_pem: bytes
+    not_after: dt.datetime
+
+
+def tls_context(cred: Credential) -> SSL.Context:
+    """TLS 1.3 only, mutual: present `cred`, require and verify the peer's chain against `cred`'s roots.
+
+    CPU work (key parsing): build contexts off the event loop and reuse them.
+    """
+    certs = x509.load_pem_x509_certificates(cred.chain_pem)
+    roots = x509.load_pem_x509_certificates(cred.roots_pem)
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
+    ctx.use_certificate(certs[0])
+    for extra in certs[1:]:
+        ctx.add_extra_chain_cert(extra)
+    key = load_pem_private_key(cred.key_pem, password=None)
+    ctx.use_privatekey(key)  # type: ignore[arg-type]
+    ctx.check_privatekey()
+    store = ctx.get_cert_store()
+    assert store is not None
+    for root in roots:
+        store.add_cert(crypto.X509.from_cryptography(root))
+    # OpenSSL's own chain verification decides; the SPIFFE ID is checked after the handshake
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda _c, _x, _e, _d, ok: bool(ok))
+    ctx.set_options(SSL.OP_NO_TICKET)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    return ctx
+
+
+def _ssl_reason(err: SSL.Error) -> str:
+    parts = []
+    for item in err.args[0] if err.args and isinstance(err.args[0], list) else []:
+        if isinstance(item, tuple) and len(item) >= 3:
+            parts.append(str(item[2]))
+    return ", ".join(parts) or str(err) or type(err).__name__
+
+
+class TlsChannel:
+    """pyOpenSSL over asyncio streams through memory BIOs."""
+
+    def __init__(
+        self, ctx: SSL.Context, *, server: bool, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self._conn = SSL.Connection(ctx, None)
+        if server:
+            self._conn.set_accept_state()
+        else:
+            self._conn.set_connect_state()
+        self._reader = reader
+        self._writer = writer
+        self._plain = bytearray()
+        # the client's first bytes may be the responder's refusal instead of TLS (which starts 0x15/0x16)
+        self._may_be_refused = not server
+
+    @property
+    def connection(self) -> SSL.Connection:
+        return self._conn
+
+    async def _flush(self) -> None:
+        out = bytearray()
+        while True:
+            try:
+                chunk = self._conn.bio_read(_READ_SIZE)
+            except SSL.WantReadError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        if out:
+            self._writer.write(bytes(out))
+            await self._writer.drain()
+
+    async def _fill(self) -> None:
+        data = await self._reader.read(_READ_SIZE)
+        if not data:
+            raise HandshakeError("tls", "the peer closed the connection")
+        if self._may_be_refused:
+            self._may_be_refused = False
+            if data[0] == 1:
+                reason = parse_refusal(data)
+                while reason is None:
+                    more = await self._reader.read(_READ_SIZE)
+                    if not more:
+                        raise HandshakeError("refused", "the responder closed the connection without a reason")
+                    data += more
+                    reason = parse_refusal(data)
+                raise HandshakeError("refused", f"the responder refused: {reason}")
+        self._conn.bio_write(data)
+
+    async def handshake(self, *, flush: bool = True) -> None:
+        """`flush=False` keeps the last flight (the client's Finished) for the next send to carry."""
+        while True:
+            try:
+                await asyncio.to_thread(self._conn.do_handshake)
+                break
+            except SSL.WantReadError:
+                await self._flush()
+                await self._fill()
+            except SSL.Error as err:
+                with contextlib.suppress(Exception):
+                    await self._flush()  # the alert tells the peer why
+                raise HandshakeError("tls", f"TLS handshake failed: {_ssl_reason(err)}") from None
+        if flush:
+            await self._flush()
+
+    async def flush(self) -> None:
+        await self._flush()
+
+    async def send(self, msg: Message) -> None:
+        data = encode_message(msg)
+        while data:
+            sent = self._conn.send(data)
+            data = data[sent:]
+        await self._flush()
+
+    async def recv(self) -> Message:
+        while True:
+            if len(self._plain) >= _FRAME.size:
+                (length,) = _FRAME.unpack_from(self._plain)
+                if length > MAX_FRAME:
+                    raise HandshakeError("protocol", f"message of {length} bytes is too long")
+                if len(self._plain) >= _FRAME.size + length:
+                    raw = bytes(self._plain[_FRAME.size : _FRAME.size + length])
+                    del self._plain[: _FRAME.size + length]
+                    return decode_message(raw)
+            try:
+                self._plain += self._conn.recv(_READ_SIZE)
+            except SSL.WantReadError:
+                await self._flush()  # TLS 1.3 may have post-handshake records to send
+                await self._fill()
+            except SSL.ZeroReturnError:
+                raise HandshakeError("protocol", "the peer closed the channel mid-exchange") from None
+            except SSL.Error as err:
+                raise HandshakeError("tls", f"TLS error: {_ssl_reason(err)}") from None
+
+    def poll(self) -> Message | None:
+        """A message the peer already sent (decrypting what is buffered), without waiting for more."""
+        with contextlib.suppress(SSL.WantReadError, SSL.ZeroReturnError):
+            self._plain += self._conn.recv(_READ_SIZE)
+        if len(self._plain) < _FRAME.size:
+            return None
+        (length,) = _FRAME.unpack_from(self._plain)
+        if length > MAX_FRAME or len(self._plain) < _FRAME.size + length:
+            return None
+        raw = bytes(self._plain[_FRAME.size : _FRAME.size + length])
+        del self._plain[: _FRAME.size + length]
+        return decode_message(raw)
+
+    def peer(self) -> tuple[Identity, dt.datetime]:
+        """The peer's SPIFFE identity (exactly one URI SAN) and the leaf's expiry."""
+        cert = self._conn.get_peer_certificate(as_cryptography=True)
+        if cert is None:
+            raise HandshakeError("identity", "the peer presented no certificate")
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        except x509.ExtensionNotFound:
+            uris = []
+        if len(uris) != 1:
+            raise HandshakeError("identity", f"the peer certificate has {len(uris)} URI SANs; an SVID has exactly one")
+        try:
+            return Identity.parse(uris[0]), cert.not_valid_after_utc
+        except IdentityError as err:
+            raise HandshakeError("identity", f"the peer certificate names no mesh identity: {err}") from None
+
+    def export(self, binding: Binding) -> bytes:
+        return self._conn.export_keying_material(
+            EXPORTER_LABEL, exporter_length(binding.key_bytes), exporter_context(binding)
+        )
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._conn.shutdown()
+            await self._flush()
+
+
+# --- the exchange --------------------------------------------------------------------------------------------------
+
+
+class Installer(Protocol):
+    """What one side programs while the exchange runs (ipsec_bridge.sa_manager provides the real one)."""
+
+    async def allocate_spi(self) -> int: ...
+
+    async def install(self, inbound: tuple[int, Aead] | None, outbound: tuple[int, Aead] | None) -> None:
+        """Inbound SA first, then outbound SA and the switch of the pair's policies to it."""
+
+    async def rollback(self) -> None: ...
+
+
+AdmissionCheck = Callable[[], str | None]  # None: still admitted; else why not (state can change mid-handshake)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything one side needs for one handshake."""
+
+    credential: Credential
+    context: SSL.Context
+    expected_peer: Identity
+    initiator_address: IPAddress  # what the keys are bound to: pod addresses (pod scope) or node addresses
+    responder_address: IPAddress
+    installer: Installer
+    recheck: AdmissionCheck
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    initiator: bool
+    peer_identity: Identity
+    peer_not_after: dt.datetime
+    local_not_after: dt.datetime
+    spi_in: int
+    spi_out: int
+    key_bytes: int
+    seconds: float
+
+
+def _check_peer(channel: TlsChannel, plan: Plan, role: str) -> tuple[Identity, dt.datetime]:
+    identity, not_after = channel.peer()
+    if identity != plan.expected_peer:
+        raise HandshakeError(
+            "identity", f"the {role} presented {identity.uri}, but WDS says that address is {plan.expected_peer.uri}"
+        )
+    return identity, not_after
+
+
+async def _reject(channel: TlsChannel, err: HandshakeError) -> None:
+    with contextlib.suppress(Exception):
+        await channel.send(Reject(f"{err.code}: {err}"))
+
+
+def _keys(channel: TlsChannel, plan: Plan, spi_i: int, spi_r: int, key_bytes: int, scope: KeyScope) -> DirectionalKeys:
+    try:
+        binding = Binding(scope, plan.initiator_address, plan.responder_address, spi_i, spi_r, key_bytes)
+        return split_keys(channel.export(binding), key_bytes)
+    except KeyDerivationError as err:
+        raise HandshakeError("keys", str(err)) from None
+
+
+async def initiate(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, preamble: Preamble, plan: Plan
+) -> Result:
+    """The initiator's side, on a connected stream. Raises HandshakeError; leaves nothing half-installed."""
+    started = time.monotonic()
+    writer.write(preamble.encode())  # the ClientHello follows in the same segment
+    channel = TlsChannel(plan.context, server=False, reader=reader, writer=writer)
+    await channel.handshake(flush=False)
+    allocated = False
+    try:
+        try:
+            peer, peer_not_after = _check_peer(channel, plan, "responder")
+            why_not = plan.recheck()
+            if why_not is not None:
+                raise HandshakeError("denied", why_not)
+        except HandshakeError as err:
+            await _reject(channel, err)
+            raise
+        await channel.flush()  # our Finished: the responder verifies us now
+        answer = await channel.recv()
+        if isinstance(answer, Reject):
+            raise HandshakeError("refused", f"the responder refused: {answer.reason}")
+        if not isinstance(answer, Accept):
+            raise HandshakeError("protocol", f"expected accept, got {type(answer).__name__.lower()}")
+        allocated = True
+        spi_i = await plan.installer.allocate_spi()
+        keys = _keys(channel, plan, spi_i, answer.spi, preamble.key_bytes, preamble.scope)
+        await plan.installer.install((spi_i, keys.responder_to_initiator), None)
+        await channel.send(Ready(spi_i))
+        final = await channel.recv()
+        if not isinstance(final, Done):
+            reason = final.reason if isinstance(final, Reject) else type(final).__name__.lower()
+            raise HandshakeError("refused", f"the responder did not finish: {reason}")
+        await plan.installer.install(None, (answer.spi, keys.initiator_to_responder))
+    except BaseException:
+        if allocated:
+            await plan.installer.rollback()
+        raise
+    finally:
+        await channel.close()
+    return Result(
+        True, peer, peer_not_after, plan.credential.not_after, spi_i, answer.spi, preamble.key_bytes,
+        time.monotonic() - started,
+    )  # fmt: skip
+
+
+async def refuse(writer: asyncio.StreamWriter, reason: str) -> None:
+    """Answer a preamble with a refusal (before any TLS)."""
+    with contextlib.suppress(OSError):
+        writer.write(status_refused(reason))
+        await writer.drain()
+
+
+async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, preamble: Preamble, plan: Plan) -> Result:
+    """The responder's side, once the preamble is read and accepted. Raises HandshakeError."""
+    started = time.monotonic()
+    channel = TlsChannel(plan.context, server=True, reader=reader, writer=writer)
+    await channel.handshake()
+    allocated = False
+    try:
+        try:
+            peer, peer_not_after = _check_peer(channel, plan, "initiator")
+            why_not = plan.recheck()
+            if why_not is not None:
+                raise HandshakeError("denied", why_not)
+        except HandshakeError as err:
+            await _reject(channel, err)
+            raise
+        early = channel.poll()  # the initiator may have refused us along with its Finished
+        if isinstance(early, Reject):
+            raise HandshakeError("refused", f"the initiator refused: {early.reason}")
+        if early is not None:
+            raise HandshakeError("protocol", f"unexpected {type(early).__name__.lower()} before accept")
+        allocated = True
+        spi_r = await plan.installer.allocate_spi()
+        await channel.send(Accept(spi_r))
+        ready = await channel.recv()
+        if not isinstance(ready, Ready):
+            reason = ready.reason if isinstance(ready, Reject) else type(ready).__name__.lower()
+            raise HandshakeError("refused", f"the initiator refused: {reason}")
+        keys = _keys(channel, plan, ready.spi, spi_r, preamble.key_bytes, preamble.scope)
+        await plan.installer.install((spi_r, keys.initiator_to_responder), (ready.spi, keys.responder_to_initiator))
+        await channel.send(Done())
+    except BaseException:
+        if allocated:
+            await plan.installer.rollback()
+        raise
+    finally:
+        await channel.close()
+    return Result(
+        False, peer, peer_not_after, plan.credential.not_after, spi_r, ready.spi, preamble.key_bytes,
+        time.monotonic() - started,
+    )  # fmt: skip
+
+
+async def request_rekey(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, preamble: Preamble) -> None:
+    """Ask the pair's initiator to rekey now (this side is the responder)."""
+    writer.write(preamble.encode())
+    await writer.drain()
+    refusal = await read_status(reader)
+    if refusal is not None:
+        raise HandshakeError("refused", f"rekey request refused: {refusal}")

@@ -1,0 +1,331 @@
+"""`zt-bridge`: identity-bound IPsec tunnels between pods, keyed by mTLS, programmed into XFRM.
+
+Composition root: builds the XFRM socket (blocking mesh traffic first), the workload state and its source
+(a YAML folder, or ztd's Delta ADS), the certificates (CreateCertificate with impersonation), the tunnel
+manager, the handshake listener and the admin port, and owns their lifetimes in one TaskGroup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import ipaddress
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from ipsec_bridge.admin import Admin
+from ipsec_bridge.certs import Certificates
+from ipsec_bridge.netns import Netns, NetnsError
+from ipsec_bridge.pairs import TunnelScope
+from ipsec_bridge.reconcile import BridgeMetrics, BridgeSettings, TunnelManager
+from ipsec_bridge.sa_manager import SaManager, SaSettings
+from ipsec_bridge.state import LocalConfigSource, RegistryLoadError, StateStore, ViewSettings
+from ipsec_bridge.xds_client import DeltaXdsClient, XdsClientOptions
+from ipsec_bridge.xfrm.consts import XfrmGroup
+from ipsec_bridge.xfrm.netlink import XfrmError, XfrmEvents, XfrmSocket
+from sds.agent.secrets import AgentMetrics, RotationPolicy, SecretManager
+from sds.client.caclient import CAClient, CAClientOptions, token_identity
+from xds_server.translate import TranslateOptions
+from ztcore import config
+from ztcore.config import Duration, option
+from ztcore.identity import Identity
+from ztcore.metrics import Registry
+
+log = logging.getLogger("zt-bridge")
+
+
+@dataclasses.dataclass(frozen=True)
+class BridgeConfig:
+    ENV_PREFIX = "ZT_BRIDGE"
+
+    node: str = option("", "this node's name (pods with spec.nodeName == it are local)", env="NODE_NAME")
+    config_dir: Path | None = option(None, "workloads and policies from this folder of Kubernetes YAML (no xDS)")
+    xds_address: str = option("", "workloads and policies from ztd's Delta ADS at this address")
+    xds_plaintext: bool = option(False, "xDS without TLS (ztd's plaintext port 15010)")
+    ca_address: str = option("127.0.0.1:15012", "CreateCertificate endpoint", env="CA_ADDR")
+    ca_plaintext: bool = option(False, "talk to the CA without TLS (ztd --ca-plaintext; development only)")
+    ca_server_name: str = option("istiod.istio-system.svc", "name the CA's (and xDS's) certificate is checked against")
+    token_file: Path | None = option(None, "the bridge's token for the CA and xDS (a trusted node account)")
+    root_cert: Path = option(Path(".ztd/root-cert.pem"), "mesh root bundle: trust for the CA, xDS and peers")
+    trust_domain: str = option("cluster.local", "SPIFFE trust domain", env="TRUST_DOMAIN")
+    cluster_id: str = option("Kubernetes", "cluster id sent to the CA and xDS", env="CLUSTER_ID")
+    bridge_account: str = option(
+        "istio-system/ztunnel", "NS/SA the bridges run as (their host-network pods give node addresses)"
+    )
+    node_address: str = option("", "this node's underlay address [default: its bridge pod's address in WDS]")
+    tunnel_scope: str = option("pod", "one handshake per pod pair, or per node pair", choices=("pod", "node"))
+    listen_address: str = option("0.0.0.0", "address the handshake listener binds (in --netns)")  # noqa: S104
+    port: int = option(15009, "handshake port of every bridge")
+    netns: str = option("", "network namespace of the XFRM state, pods' routes and the handshake sockets")
+    mesh_cidr: tuple[str, ...] = option([], "pod CIDR(s) whose cross-node traffic must be encrypted (required)")
+    offload_dev: str = option("", "device for XFRM offload (with --offload crypto|packet)")
+    offload: str = option("none", "XFRM offload of SAs", choices=("none", "crypto", "packet"))
+    key_bits: int = option(128, "AES-GCM key size in bits: 128 or 256")
+    rekey_interval: Duration = option(Duration(3600), "rekey every tunnel this often (with 10% jitter)")
+    grace: Duration = option(Duration(2), "keep the previous generation's SAs this long after a rekey")
+    handshake_timeout: Duration = option(Duration(10), "deadline of one handshake")
+    sa_soft_bytes: int = option(1 << 40, "rekey when an SA has carried this many bytes (kernel soft limit)")
+    sa_soft_packets: int = option(1 << 31, "rekey when an SA has carried this many packets (kernel soft limit)")
+    cert_ttl: Duration = option(Duration(24 * 3600), "requested lifetime of the pods' certificates")
+    admin_address: str = option("127.0.0.1", "address of the admin port")
+    admin_port: int = option(15030, "HTTP port for /config_dump, /metrics, /ready, POST /rekey (0 = off)")
+    config_poll: Duration = option(Duration(0.5), "how often --config-dir is checked for changes")
+    log_level: str = option("info", "debug, info, warning or error", choices=("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        if not self.node:
+            raise ValueError("--node is required (or NODE_NAME)")
+        if (self.config_dir is None) == (not self.xds_address):
+            raise ValueError("give exactly one source: --config-dir or --xds-address")
+        if self.token_file is None:
+            raise ValueError("--token-file is required: the bridge's credential for the CA")
+        for name in ("port", "admin_port"):
+            value = getattr(self, name)
+            if not 0 <= value <= 65535:
+                raise ValueError(f"--{name.replace('_', '-')} {value} is not a port number")
+        if self.key_bits not in (128, 256):
+            raise ValueError(f"--key-bits {self.key_bits}: AES-GCM keys are 128 or 256 bits")
+        if self.offload != "none" and not self.offload_dev:
+            raise ValueError("--offload crypto|packet needs --offload-dev")
+        if self.node_address:
+            ipaddress.ip_address(self.node_address)
+        if self.rekey_interval < 1 or self.grace < 0 or self.handshake_timeout <= 0:
+            raise ValueError("--rekey-interval must be at least 1s, --grace and --handshake-timeout positive")
+        if not 0 < self.sa_soft_packets < (1 << 62) or not 0 < self.sa_soft_bytes < (1 << 62):
+            raise ValueError("--sa-soft-bytes and --sa-soft-packets must be positive")
+        self.view_settings()
+
+    def view_settings(self) -> ViewSettings:
+        return ViewSettings.parse(self.mesh_cidr, self.trust_domain, self.bridge_account)
+
+    def settings(self) -> BridgeSettings:
+        return BridgeSettings(
+            node=self.node,
+            scope=TunnelScope(self.tunnel_scope),
+            port=self.port,
+            node_address=ipaddress.ip_address(self.node_address) if self.node_address else None,
+            rekey_interval=float(self.rekey_interval),
+            grace=float(self.grace),
+            handshake_timeout=float(self.handshake_timeout),
+            key_bytes=self.key_bits // 8,
+        )
+
+
+class BridgeError(Exception):
+    pass
+
+
+class _Stop(Exception):
+    """Raised inside the TaskGroup to cancel its tasks on a clean stop."""
+
+
+class Bridge:
+    def __init__(self, cfg: BridgeConfig) -> None:
+        self.cfg = cfg
+        self.metrics = Registry()
+        self.ready = asyncio.Event()
+        self.manager: TunnelManager | None = None
+
+    def _credential(self) -> Identity:
+        assert self.cfg.token_file is not None
+        try:
+            token = self.cfg.token_file.read_text().strip()
+        except OSError as err:
+            raise BridgeError(f"cannot read token file {self.cfg.token_file}: {err.strerror}") from None
+        identity = token_identity(token, self.cfg.trust_domain)
+        if identity is None:
+            raise BridgeError(f"token file {self.cfg.token_file} names no service account")
+        return identity
+
+    async def run(self, stop: asyncio.Event) -> None:
+        cfg = self.cfg
+        view_settings = cfg.view_settings()
+        # what can be checked without touching the kernel is checked first
+        if cfg.config_dir is not None and not await asyncio.to_thread(cfg.config_dir.is_dir):
+            raise BridgeError(f"--config-dir {cfg.config_dir} is not a folder")
+        await asyncio.to_thread(self._credential)
+        netns = Netns(cfg.netns or None)
+        try:
+            await netns.check()
+            xfrm = await XfrmSocket.open(cfg.netns or None)
+        except (NetnsError, XfrmError) as err:
+            netns.close()
+            raise BridgeError(str(err)) from None
+        closers: list[Any] = [xfrm.close, netns.close]
+        try:
+            await self._run(stop, netns, xfrm, view_settings, closers)
+        finally:
+            self.ready.clear()
+            for close in reversed(closers):
+                result = close()
+                if asyncio.iscoroutine(result):
+                    await result
+            log.info("zt-bridge stopped")
+
+    async def _run(
+        self, stop: asyncio.Event, netns: Netns, xfrm: XfrmSocket, view_settings: ViewSettings, closers: list[Any]
+    ) -> None:
+        cfg = self.cfg
+        ifindex = 0
+        if cfg.offload != "none":
+            try:
+                ifindex = await netns.ifindex(cfg.offload_dev)
+            except OSError:
+                raise BridgeError(f"--offload-dev {cfg.offload_dev}: no such device in the node's netns") from None
+        sa = SaManager(
+            xfrm,
+            SaSettings(
+                mesh_cidrs=view_settings.mesh_cidrs,
+                soft_bytes=cfg.sa_soft_bytes,
+                # the hard limit leaves room for the rekey the soft one starts (then the kernel deletes the SA)
+                hard_bytes=cfg.sa_soft_bytes + cfg.sa_soft_bytes // 2,
+                soft_packets=cfg.sa_soft_packets,
+                hard_packets=cfg.sa_soft_packets + cfg.sa_soft_packets // 2,
+                offload_mode=cfg.offload,
+                offload_ifindex=ifindex,
+            ),
+        )
+        closers.append(sa.close)
+        try:
+            stale = await sa.start()  # the block goes in before anything else can happen
+        except XfrmError as err:
+            raise BridgeError(f"installing the default block: {err}") from None
+        log.info("mesh %s blocked between nodes until tunnels exist (%d stale objects removed)",
+                 ", ".join(map(str, view_settings.mesh_cidrs)), stale)  # fmt: skip
+
+        store = StateStore(view_settings)
+        credential = await asyncio.to_thread(self._credential)
+        if credential != view_settings.bridge_identity:
+            log.warning("the token names %s, but --bridge-account says bridges run as %s", credential,
+                        view_settings.bridge_identity)  # fmt: skip
+        source: LocalConfigSource | DeltaXdsClient
+        if cfg.config_dir is not None:
+            source = LocalConfigSource(
+                cfg.config_dir,
+                store,
+                TranslateOptions(cluster_id=cfg.cluster_id, trust_domain=cfg.trust_domain),
+                poll_interval=float(cfg.config_poll),
+            )
+            try:
+                await source.load_initial()
+            except RegistryLoadError as err:
+                raise BridgeError(str(err)) from None
+        else:
+            store.expect_types(store.handlers())
+            source = DeltaXdsClient(
+                XdsClientOptions(
+                    address=cfg.xds_address,
+                    node_name=cfg.node,
+                    node_ip=cfg.node_address or "0.0.0.0",  # noqa: S104 - reported, never bound
+                    namespace=view_settings.bridge_namespace,
+                    cluster_id=cfg.cluster_id,
+                    plaintext=cfg.xds_plaintext,
+                    root_cert=None if cfg.xds_plaintext else cfg.root_cert,
+                    server_name=cfg.ca_server_name,
+                    token_file=None if cfg.xds_plaintext else cfg.token_file,
+                ),
+                store.handlers(),
+            )
+
+        ca = CAClient(
+            CAClientOptions(
+                address=cfg.ca_address,
+                root_cert=None if cfg.ca_plaintext else cfg.root_cert,
+                server_name=cfg.ca_server_name,
+                token_file=cfg.token_file,
+                cluster_id=cfg.cluster_id,
+                plaintext=cfg.ca_plaintext,
+            )
+        )
+        closers.append(ca.close)
+        scope = TunnelScope(cfg.tunnel_scope)
+        secrets = SecretManager(
+            ca,
+            RotationPolicy(ttl=dt.timedelta(seconds=float(cfg.cert_ttl))),
+            credential_identity=credential,
+            keep=credential if scope is TunnelScope.NODE else None,
+            metrics=AgentMetrics(self.metrics),
+        )
+        certs = Certificates(secrets)
+        manager = self.manager = TunnelManager(cfg.settings(), store, sa, certs, netns, BridgeMetrics(self.metrics))
+        try:
+            sock = await netns.listen(cfg.listen_address, cfg.port)
+        except OSError as err:
+            raise BridgeError(f"cannot listen on {cfg.listen_address}:{cfg.port}: {err.strerror}") from None
+        server = await asyncio.start_server(manager.serve_connection, sock=sock)
+
+        async def close_server() -> None:
+            server.close()
+            await server.wait_closed()
+
+        closers.append(close_server)
+        events = await XfrmEvents.open((XfrmGroup.EXPIRE,), netns=cfg.netns or None)
+        closers.append(events.close)
+        if cfg.admin_port:
+            admin = Admin(
+                manager,
+                store,
+                netns,
+                self.metrics,
+                extra=lambda: {"xds": dataclasses.asdict(source.status)} if isinstance(source, DeltaXdsClient) else {},
+            )
+            runner = web.AppRunner(admin.app(), access_log=None)
+            await runner.setup()
+            closers.append(runner.cleanup)
+            try:
+                await web.TCPSite(runner, cfg.admin_address, cfg.admin_port).start()
+            except OSError as err:
+                raise BridgeError(f"cannot listen on {cfg.admin_address}:{cfg.admin_port}: {err.strerror}") from None
+        self.ready.set()
+        log.info("zt-bridge for node %s: %s scope, handshakes on %s:%d%s", cfg.node, scope.value,
+                 cfg.listen_address, cfg.port, f" in netns {cfg.netns}" if cfg.netns else "")  # fmt: skip
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(secrets.run(), name="certificates")
+                tg.create_task(source.run(), name="state-source")
+                tg.create_task(manager.run(), name="tunnels")
+                tg.create_task(manager.watch_expire(events), name="expire-events")
+                await stop.wait()
+                raise _Stop
+        except* _Stop:
+            pass
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def _amain(cfg: BridgeConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await Bridge(cfg).run(stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = config.load(BridgeConfig, argv, prog="zt-bridge", description=__doc__.splitlines()[0])
+    configure_logging(cfg.log_level)
+    try:
+        asyncio.run(_amain(cfg))
+    except BridgeError as err:
+        print(f"zt-bridge: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

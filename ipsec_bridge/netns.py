@@ -1,0 +1,123 @@
+"""Sockets in the node's network namespace (--netns) while the process itself stays where it is.
+
+A socket belongs to the namespace it was created in, whatever thread uses it later. One worker thread
+enters the namespace once and creates every socket the bridge needs there (the handshake listener, the
+connections to peer bridges) and reads per-namespace /proc files; the event loop then uses those sockets
+as any other. The CA, xDS and admin connections stay in the process's own namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ctypes
+import os
+import socket
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+_CLONE_NEWNET = 0x40000000
+
+
+class NetnsError(Exception):
+    pass
+
+
+def netns_path(netns: str) -> str:
+    return netns if "/" in netns else os.path.join("/run/netns", netns)
+
+
+def _enter(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        setns = getattr(os, "setns", None)  # Python >= 3.12
+        if setns is not None:
+            setns(fd, _CLONE_NEWNET)
+            return
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+
+
+class Netns:
+    """`run(fn)` executes fn inside the namespace (or right here when netns is None)."""
+
+    def __init__(self, netns: str | None) -> None:
+        self.name = netns
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        if netns is not None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"netns-{netns}", initializer=_enter, initargs=(netns_path(netns),)
+            )
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        if self._pool is None:
+            return await asyncio.to_thread(fn)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        except concurrent.futures.BrokenExecutor:
+            raise NetnsError(f"cannot enter network namespace {self.name!r} ({netns_path(self.name or '')})") from None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def check(self) -> None:
+        """Fail early, with the reason, when the namespace cannot be entered."""
+        if self.name is None:
+            return
+        path = netns_path(self.name)
+        if not await asyncio.to_thread(os.path.exists, path):
+            raise NetnsError(f"network namespace {self.name!r} does not exist ({path})")
+        await self.run(lambda: None)
+
+    async def listen(self, host: str, port: int, backlog: int = 512) -> socket.socket:
+        def make() -> socket.socket:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, port))
+                sock.listen(backlog)
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                raise
+            return sock
+
+        return await self.run(make)
+
+    async def connect(
+        self, host: str, port: int, connect_s: float
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        def make() -> socket.socket:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+
+        sock = await self.run(make)
+        try:
+            async with asyncio.timeout(connect_s):
+                await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock)
+
+    async def read_proc_net(self, name: str) -> str:
+        """/proc/net/<name> of the namespace (thread-self: the calling thread's namespace, not the process's)."""
+
+        def read() -> str:
+            with open(f"/proc/thread-self/net/{name}", encoding="ascii") as f:
+                return f.read()
+
+        return await self.run(read)
+
+    async def ifindex(self, dev: str) -> int:
+        return await self.run(lambda: socket.if_nametoindex(dev))

@@ -1,0 +1,466 @@
+"""XFRM programming for the bridge: the default block, per-tunnel SAs and policies, make-before-break.
+
+Layout in the node's netns (lower priority value wins):
+
+    prio 100   per tunnel, per pod pair:  out  local -> peer   tmpl tunnel(local node -> peer node, reqid R)
+                                          in   peer -> local   tmpl tunnel(peer node -> local node, reqid 0)
+                                          fwd  peer -> local   (same)
+    prio 200   per local pod:             out  mesh -> pod     allow (delivery to our own pods, also decrypted)
+                                          fwd  pod -> mesh     allow (our pods' packets on their way out)
+    prio 1000  installed at start:        out  mesh -> mesh    BLOCK   fwd mesh -> mesh   BLOCK
+
+So before any SA exists, and after a tunnel is removed, traffic between pods of different nodes is dropped,
+never sent in clear: out BLOCK stops it leaving, fwd BLOCK stops plaintext arriving from other nodes (only
+packets decrypted by an SA of the tunnel satisfy the pair's fwd template). In/fwd templates use reqid 0 so
+they accept the old and the new SA during a rekey; each generation's outbound SA has a fresh reqid and the
+out policy is switched to it with UPDPOLICY (make-before-break, see `GenerationInstaller`).
+
+Ownership: every object carries `BRIDGE_MARK`; SA reqids come from `REQID_BASE`. At start, objects with our
+mark are removed (tunnels are re-established; adopting them is not done yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
+
+from ipsec_bridge.handshake import HandshakeError
+from ipsec_bridge.xfrm import messages as m
+from ipsec_bridge.xfrm.consts import Mode, PolicyAction, PolicyDir
+from ipsec_bridge.xfrm.netlink import XfrmError, XfrmSocket
+from ipsec_bridge.xfrm.offload import OffloadStatus, offload_status
+
+log = logging.getLogger(__name__)
+
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
+
+BRIDGE_MARK = m.Mark(0, 0x0F00)  # matches unmarked traffic; tells our objects apart in a dump
+REQID_BASE = 0x5A00_0000
+REQID_MASK = 0xFF00_0000
+PAIR_PRIORITY = 100
+BYPASS_PRIORITY = 200
+BLOCK_PRIORITY = 1000
+SPI_MIN = 0x1000
+SPI_MAX = 0xFFFF_FFFF
+
+
+@dataclass(frozen=True, slots=True)
+class SaSettings:
+    mesh_cidrs: tuple[IPNetwork, ...]
+    replay_window: int = 128
+    soft_bytes: int = 1 << 40
+    hard_bytes: int = (1 << 40) + (1 << 38)
+    soft_packets: int = 1 << 31
+    hard_packets: int = (1 << 31) + (1 << 29)
+    soft_seconds: int = 0  # 0: no kernel time limit (the bridge's own timer rekeys)
+    hard_seconds: int = 0
+    offload_mode: str = "none"  # none | crypto | packet
+    offload_ifindex: int = 0
+
+    def __post_init__(self) -> None:
+        if self.offload_mode not in ("none", "crypto", "packet"):
+            raise ValueError(f"offload mode {self.offload_mode!r} is not none, crypto or packet")
+        if self.offload_mode != "none" and self.offload_ifindex <= 0:
+            raise ValueError("offload needs a device (--offload-dev)")
+
+    def lifetime(self) -> m.Lifetime:
+        return m.Lifetime(
+            soft_bytes=self.soft_bytes,
+            hard_bytes=self.hard_bytes,
+            soft_packets=self.soft_packets,
+            hard_packets=self.hard_packets,
+            soft_add_seconds=self.soft_seconds,
+            hard_add_seconds=self.hard_seconds,
+        )
+
+    def sa_offload(self, inbound: bool) -> m.Offload | None:
+        if self.offload_mode == "crypto":
+            return m.Offload.crypto(self.offload_ifindex, inbound)
+        if self.offload_mode == "packet":
+            return m.Offload.packet(self.offload_ifindex, inbound)
+        return None
+
+    def policy_offload(self) -> m.Offload | None:
+        return m.Offload.packet(self.offload_ifindex) if self.offload_mode == "packet" else None
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    """One tunnel from this node: outer addresses and the inner range its SAs cover."""
+
+    local_node: IPAddress
+    peer_node: IPAddress
+    local_net: IPNetwork
+    peer_net: IPNetwork
+
+    def inbound_selector(self) -> m.Selector:
+        return m.Selector(self.peer_net, self.local_net)
+
+    def outbound_selector(self) -> m.Selector:
+        return m.Selector(self.local_net, self.peer_net)
+
+
+def host_net(ip: IPAddress) -> IPNetwork:
+    return ip_network(f"{ip}/{ip.max_prefixlen}")
+
+
+PairSelector = tuple[IPNetwork, IPNetwork]  # (local pod net, peer pod net)
+SaKey = tuple[int, m.Aead]  # (SPI, its key)
+
+
+def _ignore_missing(err: XfrmError) -> bool:
+    return err.errno in (errno.ENOENT, errno.ESRCH)
+
+
+Outcome = list[m.NetlinkMessage] | XfrmError
+
+
+class Coalescer:
+    """Requests of many handshakes that arrive while a batch is in flight go out together in the next one: one
+    datagram and one worker-thread hop for all of them, each request still succeeding or failing on its own.
+    Under load (a node bringing up many tunnels at once) this turns ~5 netlink round trips per tunnel into a
+    fraction of one."""
+
+    def __init__(self, xfrm: XfrmSocket) -> None:
+        self._xfrm = xfrm
+        self._queue: list[tuple[list[m.Request], asyncio.Future[list[Outcome]]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, requests: Sequence[m.Request]) -> list[Outcome]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Outcome]] = loop.create_future()
+        self._queue.append((list(requests), future))
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._drain(), name="xfrm-coalescer")
+        return await future
+
+    async def _drain(self) -> None:
+        batch: list[tuple[list[m.Request], asyncio.Future[list[Outcome]]]] = []
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                flat = [r for reqs, _ in batch for r in reqs]
+                try:
+                    results = await self._xfrm.call_each(flat)
+                except XfrmError as err:  # the socket itself failed: every request of the batch did
+                    results = [err] * len(flat)
+                pos = 0
+                for reqs, future in batch:
+                    if not future.done():
+                        future.set_result(results[pos : pos + len(reqs)])
+                    pos += len(reqs)
+                batch = []
+        finally:
+            for _, future in [*batch, *self._queue]:  # cancelled mid-batch (shutdown): nobody waits forever
+                if not future.done():
+                    future.cancel()
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+def _first_error(results: Sequence[Outcome], ignore_missing: bool = False) -> None:
+    for result in results:
+        if isinstance(result, XfrmError) and not (ignore_missing and _ignore_missing(result)):
+            raise result
+
+
+class SaManager:
+    """All XFRM writes of one bridge. Safe to call from many tasks (requests are coalesced and serialized)."""
+
+    def __init__(self, xfrm: XfrmSocket, settings: SaSettings) -> None:
+        self.xfrm = xfrm
+        self.settings = settings
+        self._reqids = itertools.count(1)
+        self._bypass: set[IPAddress] = set()
+        self._batches = Coalescer(xfrm)
+
+    def close(self) -> None:
+        self._batches.close()
+
+    # --- base policies -----------------------------------------------------------------------------------
+
+    def block_policies(self) -> list[m.Policy]:
+        out = []
+        for src in self.settings.mesh_cidrs:
+            for dst in self.settings.mesh_cidrs:
+                if src.version != dst.version:
+                    continue
+                sel = m.Selector(src, dst)
+                for direction in (PolicyDir.OUT, PolicyDir.FWD):
+                    out.append(m.Policy(sel, direction, PolicyAction.BLOCK, BLOCK_PRIORITY, mark=BRIDGE_MARK))
+        return out
+
+    async def start(self) -> int:
+        """Block first, then clear what a previous run left behind. Returns how many stale objects went."""
+        await self.xfrm.add_policies(self.block_policies(), update=True)
+        block_ids = {p.id() for p in self.block_policies()}
+        stale_policies = [
+            info.policy.id()
+            for info in await self.xfrm.list_policies()
+            if info.policy.mark == BRIDGE_MARK and info.policy.id() not in block_ids
+        ]
+        stale_sas = [
+            info.sa.id()
+            for info in await self.xfrm.list_sas()
+            if info.sa.mark == BRIDGE_MARK or (info.sa.reqid & REQID_MASK) == REQID_BASE
+        ]
+        await self._delete_policies(stale_policies)
+        await self.delete_sas(stale_sas)
+        if stale_policies or stale_sas:
+            log.info("removed %d policies and %d SAs left by a previous run", len(stale_policies), len(stale_sas))
+        return len(stale_policies) + len(stale_sas)
+
+    async def set_local_pods(self, ips: Iterable[IPAddress]) -> None:
+        """Bypass policies for delivery to, and forwarding from, this node's own pods."""
+        wanted = set(ips)
+        add = wanted - self._bypass
+        gone = self._bypass - wanted
+        if add:
+            policies = [p for ip in sorted(add, key=str) for p in self._bypass_policies(ip)]
+            await self.xfrm.add_policies(policies, update=True)
+        if gone:
+            await self._delete_policies([p.id() for ip in gone for p in self._bypass_policies(ip)])
+        self._bypass = wanted
+
+    def _bypass_policies(self, ip: IPAddress) -> list[m.Policy]:
+        pod = host_net(ip)
+        out = []
+        for mesh in self.settings.mesh_cidrs:
+            if mesh.version != pod.version:
+                continue
+            out.append(m.Policy(m.Selector(mesh, pod), PolicyDir.OUT, priority=BYPASS_PRIORITY, mark=BRIDGE_MARK))
+            out.append(m.Policy(m.Selector(pod, mesh), PolicyDir.FWD, priority=BYPASS_PRIORITY, mark=BRIDGE_MARK))
+        return out
+
+    # --- SAs ---------------------------------------------------------------------------------------------
+
+    def next_reqid(self) -> int:
+        return REQID_BASE | (next(self._reqids) & ~REQID_MASK)
+
+    async def alloc_spi(self, ep: Endpoints, reqid: int) -> int:
+        """A fresh SPI for an inbound SA (peer node -> this node), reserved by the kernel, never reused."""
+        request = m.alloc_spi(
+            m.SpiRequest(ep.peer_node, ep.local_node, SPI_MIN, SPI_MAX, reqid=reqid, mark=BRIDGE_MARK)
+        )
+        (result,) = await self._batches.submit([request])
+        if isinstance(result, XfrmError):
+            raise result
+        found = m.decode_sas(result)
+        if len(found) != 1:
+            raise XfrmError("ALLOCSPI", errno.EPROTO, f"expected one SA in the reply, got {len(found)}")
+        return found[0].sa.spi
+
+    def inbound_sa(self, ep: Endpoints, spi: int, aead: m.Aead, reqid: int) -> m.SecurityAssociation:
+        return m.SecurityAssociation(
+            src=ep.peer_node,
+            dst=ep.local_node,
+            spi=spi,
+            aead=aead,
+            selector=ep.inbound_selector(),
+            reqid=reqid,
+            mode=Mode.TUNNEL,
+            replay_window=self.settings.replay_window,
+            esn=True,
+            lifetime=self.settings.lifetime(),
+            mark=BRIDGE_MARK,
+            offload=self.settings.sa_offload(inbound=True),
+        )
+
+    def outbound_sa(self, ep: Endpoints, spi: int, aead: m.Aead, reqid: int) -> m.SecurityAssociation:
+        return m.SecurityAssociation(
+            src=ep.local_node,
+            dst=ep.peer_node,
+            spi=spi,
+            aead=aead,
+            selector=ep.outbound_selector(),
+            reqid=reqid,
+            mode=Mode.TUNNEL,
+            replay_window=self.settings.replay_window,
+            esn=True,
+            lifetime=self.settings.lifetime(),
+            mark=BRIDGE_MARK,
+            offload=self.settings.sa_offload(inbound=False),
+        )
+
+    async def install(
+        self,
+        ep: Endpoints,
+        reqid: int,
+        selectors: Sequence[PairSelector],
+        inbound: SaKey | None,
+        outbound: SaKey | None,
+    ) -> tuple[OffloadStatus, OffloadStatus]:
+        """One netlink batch, applied in order: the inbound SA (UPDSA over ALLOCSPI's larval state), then the
+        outbound SA, then the pairs' in/fwd policies and the out policies switched to `reqid`.
+
+        Returns the offload each SA really got (read back only when offload was asked for)."""
+        requests: list[m.Request] = []
+        sa_in = sa_out = None
+        if inbound is not None:
+            sa_in = self.inbound_sa(ep, inbound[0], inbound[1], reqid)
+            requests.append(m.new_sa(sa_in, update=True))
+        if outbound is not None:
+            sa_out = self.outbound_sa(ep, outbound[0], outbound[1], reqid)
+            requests.append(m.new_sa(sa_out))
+            requests.extend(m.new_policy(p, update=True) for p in self._pair_policies(ep, selectors, reqid))
+        _first_error(await self._batches.submit(requests))
+        status_in = await self._offload_of(sa_in)
+        status_out = await self._offload_of(sa_out)
+        if outbound is not None:
+            await self._check_policy_offload(ep, selectors, reqid)
+        return status_in, status_out
+
+    async def _offload_of(self, sa: m.SecurityAssociation | None) -> OffloadStatus:
+        if sa is None or sa.offload is None:
+            return OffloadStatus.NONE
+        status = offload_status(sa.offload, (await self.xfrm.get_sa(sa.id())).sa.offload)
+        if sa.offload.is_packet and status is OffloadStatus.FALLBACK:
+            raise XfrmError(
+                f"NEWSA {sa.describe()}", errno.EOPNOTSUPP, "the kernel accepted packet offload but did not offload"
+            )
+        return status
+
+    async def _check_policy_offload(self, ep: Endpoints, selectors: Sequence[PairSelector], reqid: int) -> None:
+        if self.settings.policy_offload() is None:
+            return
+        for sel in selectors:
+            wanted = self.out_policy(ep, sel, reqid)
+            installed = (await self.xfrm.get_policy(wanted.id())).policy.offload
+            if offload_status(wanted.offload, installed) is OffloadStatus.FALLBACK:
+                raise XfrmError(
+                    f"NEWPOLICY {wanted.describe()}", errno.EOPNOTSUPP,
+                    "the kernel ignored the packet offload request (policy offload needs Linux >= 6.2)",
+                )  # fmt: skip
+
+    async def delete_sas(self, ids: Sequence[m.SaId]) -> None:
+        """One batch; SAs already gone (expired, deleted by a peer's rollback) are not an error."""
+        if ids:
+            _first_error(await self._batches.submit([m.delete_sa(i) for i in ids]), ignore_missing=True)
+
+    def inbound_id(self, ep: Endpoints, spi: int) -> m.SaId:
+        return m.SaId(ep.local_node, spi, mark=BRIDGE_MARK, src=ep.peer_node)
+
+    def outbound_id(self, ep: Endpoints, spi: int) -> m.SaId:
+        return m.SaId(ep.peer_node, spi, mark=BRIDGE_MARK, src=ep.local_node)
+
+    # --- per-pair policies -------------------------------------------------------------------------------
+
+    def out_policy(self, ep: Endpoints, sel: PairSelector, reqid: int) -> m.Policy:
+        return m.Policy(
+            m.Selector(sel[0], sel[1]),
+            PolicyDir.OUT,
+            priority=PAIR_PRIORITY,
+            templates=(m.Template(ep.local_node, ep.peer_node, reqid=reqid),),
+            mark=BRIDGE_MARK,
+            offload=self.settings.policy_offload(),
+        )
+
+    def in_policies(self, ep: Endpoints, sel: PairSelector) -> list[m.Policy]:
+        tmpl = (m.Template(ep.peer_node, ep.local_node, reqid=0),)
+        selector = m.Selector(sel[1], sel[0])
+        return [
+            m.Policy(selector, d, priority=PAIR_PRIORITY, templates=tmpl, mark=BRIDGE_MARK)
+            for d in (PolicyDir.IN, PolicyDir.FWD)
+        ]
+
+    def _pair_policies(self, ep: Endpoints, selectors: Sequence[PairSelector], reqid: int) -> list[m.Policy]:
+        out = []
+        for sel in selectors:
+            out.extend(self.in_policies(ep, sel))
+            out.append(self.out_policy(ep, sel, reqid))
+        return out
+
+    async def switch_policies(self, ep: Endpoints, selectors: Sequence[PairSelector], reqid: int) -> None:
+        """Point the out policies of these pairs at generation `reqid` (UPDPOLICY: insert or replace)."""
+        requests = [m.new_policy(p, update=True) for p in self._pair_policies(ep, selectors, reqid)]
+        _first_error(await self._batches.submit(requests))
+        await self._check_policy_offload(ep, selectors, reqid)
+
+    async def remove_policies(self, ep: Endpoints, selectors: Sequence[PairSelector]) -> None:
+        ids = []
+        for sel in selectors:
+            ids.append(self.out_policy(ep, sel, 0).id())  # out first: its traffic falls to the block at once
+            ids.extend(p.id() for p in self.in_policies(ep, sel))
+        await self._delete_policies(ids)
+
+    async def _delete_policies(self, ids: Sequence[m.PolicyId]) -> None:
+        if ids:
+            _first_error(await self._batches.submit([m.delete_policy(i) for i in ids]), ignore_missing=True)
+
+
+@dataclass(slots=True)
+class GenerationInstaller:
+    """One handshake's writes (ipsec_bridge.handshake.Installer), undone by `rollback` on failure.
+
+    Order: ALLOCSPI -> inbound SA (UPDSA over the larval state) -> outbound SA -> switch the out policies;
+    the responder installs both SAs and the policies in one netlink batch, the initiator in two.
+    """
+
+    manager: SaManager
+    endpoints: Endpoints
+    selectors: tuple[PairSelector, ...]
+    reqid: int
+    previous_reqid: int | None
+    spi_in: int = 0
+    spi_out: int = 0
+    offload_in: OffloadStatus = OffloadStatus.NONE
+    offload_out: OffloadStatus = OffloadStatus.NONE
+    switched: bool = False
+    guard: list[str] = field(default_factory=list)  # non-empty: the tunnel went away, stop installing
+
+    def _check(self) -> None:
+        if self.guard:
+            raise HandshakeError("denied", self.guard[0])
+
+    async def allocate_spi(self) -> int:
+        self._check()
+        self.spi_in = await self.manager.alloc_spi(self.endpoints, self.reqid)
+        return self.spi_in
+
+    async def install(self, inbound: SaKey | None, outbound: SaKey | None) -> None:
+        self._check()
+        if outbound is not None:
+            self.spi_out = outbound[0]  # known before the batch: a failed batch is rolled back whole
+            self.switched = True
+        status_in, status_out = await self.manager.install(
+            self.endpoints, self.reqid, self.selectors, inbound, outbound
+        )
+        if inbound is not None:
+            self.offload_in = status_in
+        if outbound is not None:
+            self.offload_out = status_out
+        self._check()
+
+    def sa_ids(self) -> list[m.SaId]:
+        ids = []
+        if self.spi_out:
+            ids.append(self.manager.outbound_id(self.endpoints, self.spi_out))
+        if self.spi_in:
+            ids.append(self.manager.inbound_id(self.endpoints, self.spi_in))
+        return ids
+
+    async def rollback(self) -> None:
+        """Undo this generation: out policies back to the previous one (or gone), then its SAs."""
+        try:
+            if self.switched:
+                if self.previous_reqid is not None and not self.guard:
+                    await self.manager.switch_policies(self.endpoints, self.selectors, self.previous_reqid)
+                else:
+                    await self.manager.remove_policies(self.endpoints, self.selectors)
+            await self.manager.delete_sas(self.sa_ids())
+        except XfrmError as err:
+            log.warning("rolling back generation reqid 0x%x: %s", self.reqid, err)
+
+    @property
+    def offload(self) -> OffloadStatus:
+        """The weaker of the two directions: a fallback on either side is a fallback."""
+        order = [OffloadStatus.FALLBACK, OffloadStatus.NONE, OffloadStatus.CRYPTO, OffloadStatus.PACKET]
+        return min((self.offload_in, self.offload_out), key=order.index)

@@ -1,0 +1,158 @@
+"""zt-bridge's command line refuses bad input with one readable line (exit 2 for usage, 1 for the rest), before
+touching the kernel; ztctl tunnels renders a bridge's /config_dump; the key derivation is pinned."""
+
+from __future__ import annotations
+
+import dataclasses
+from ipaddress import ip_address
+from pathlib import Path
+
+import pytest
+
+from ipsec_bridge import keys
+from ipsec_bridge.admin import parse_xfrm_stat
+from ipsec_bridge.main import main
+from ztctl.commands.proxy_config import tabulate
+from ztctl.commands.tunnels import COLUMNS, rows
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> list[str]:
+    (tmp_path / "mesh").mkdir()
+    token = tmp_path / "token"
+    token.write_text("x.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6aXN0aW8tc3lzdGVtOnp0dW5uZWwifQ.y")
+    return ["--node", "node-a", "--config-dir", str(tmp_path / "mesh"), "--token-file", str(token),
+            "--mesh-cidr", "10.0.0.0/8", "--admin-port", "0"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--node", ""], "--node is required (or NODE_NAME)"),
+        (["--xds-address", "127.0.0.1:15012"], "give exactly one source: --config-dir or --xds-address"),
+        (["--mesh-cidr", "10.0.0.1/8"], "--mesh-cidr '10.0.0.1/8': 10.0.0.1/8 has host bits set"),
+        (["--key-bits", "192"], "--key-bits 192: AES-GCM keys are 128 or 256 bits"),
+        (["--offload", "packet"], "--offload crypto|packet needs --offload-dev"),
+        (
+            ["--tunnel-scope", "cluster"],
+            "argument --tunnel-scope: invalid choice: 'cluster' (choose from 'pod', 'node')",
+        ),
+        (["--bridge-account", "ztunnel"], "--bridge-account 'ztunnel' is not NAMESPACE/SERVICEACCOUNT"),
+        (["--port", "70000"], "--port 70000 is not a port number"),
+    ],
+)
+def test_bad_options_are_one_line_usage_errors(
+    base: list[str], change: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([*base, *change])
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [f"zt-bridge: error: {message} (see zt-bridge --help)"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--netns", "nope"], "zt-bridge: network namespace 'nope' does not exist (/run/netns/nope)"),
+        (["--config-dir", "/nonexistent/mesh"], "zt-bridge: --config-dir /nonexistent/mesh is not a folder"),
+        (["--token-file", "/no/token"], "zt-bridge: cannot read token file /no/token: No such file or directory"),
+    ],
+)  # fmt: skip
+def test_runtime_refusals_are_one_line_and_exit_1(
+    base: list[str], change: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*base, *change]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == message
+
+
+def test_xfrm_stat_parsing() -> None:
+    text = "XfrmInError                     \t0\nXfrmInNoStates                  \t7\nbogus line here\n"
+    assert parse_xfrm_stat(text) == {"XfrmInError": 0, "XfrmInNoStates": 7}
+
+
+DUMP = {
+    "node": "node-a",
+    "tunnels": [
+        {
+            "local": "shop/a1", "local_address": "10.1.0.10", "peer": "payments/b1", "peer_address": "10.2.0.10",
+            "local_identity": "spiffe://cluster.local/ns/shop/sa/frontend",
+            "peer_identity": "spiffe://cluster.local/ns/payments/sa/ledger",
+            "state": "up", "role": "initiator", "spi_in": "0x0000a001", "spi_out": "0x0000b001", "age_seconds": 75.2,
+            "bytes_in": 2048, "bytes_out": 3 << 20, "packets_in": 20, "packets_out": 2200, "offload": "fallback",
+            "next_rekey_seconds": 3500.0,
+        },
+        {
+            "local": "shop/a2", "local_address": "10.1.0.11", "peer": "shop/b2", "peer_address": "10.2.0.11",
+            "local_identity": "spiffe://cluster.local/ns/shop/sa/debug",
+            "peer_identity": "spiffe://cluster.local/ns/shop/sa/cart",
+            "state": "failing", "role": "responder", "last_error": "connect: [Errno 111] Connection refused",
+        },
+    ],
+}  # fmt: skip
+
+
+def test_ztctl_tunnels_table() -> None:
+    table = tabulate(COLUMNS, rows([DUMP]), padding=2).splitlines()
+    assert table[0].split()[:3] == ["NODE", "LOCAL", "PEER"]
+    up = table[1]
+    for cell in ("shop/a1 (10.1.0.10)", "0x0000a001", "0x0000b001", "1m15s", "2.0KiB/3.0MiB", "20/2200", "fallback",
+                 "58m20s"):  # fmt: skip
+        assert cell in up, cell
+    assert "failing" in table[2] and "Connection refused" in table[2]
+
+
+def test_exporter_context_is_canonical_and_binds_every_input() -> None:
+    b = keys.Binding(keys.KeyScope.POD, ip_address("10.1.0.10"), ip_address("10.2.0.10"), 0x1000, 0x2000, 16)
+    ctx = keys.exporter_context(b)
+    assert ctx == (
+        b"ztdpu-esp" + bytes([1, 1]) + bytes([4, 10, 1, 0, 10]) + bytes([4, 10, 2, 0, 10])
+        + bytes.fromhex("00001000" "00002000" "0080")
+    )  # fmt: skip
+    variants = [
+        dataclasses.replace(b, initiator_spi=0x2000, responder_spi=0x1000),
+        dataclasses.replace(b, initiator_address=b.responder_address, responder_address=b.initiator_address),
+        dataclasses.replace(b, scope=keys.KeyScope.NODE),
+        dataclasses.replace(b, key_bytes=32),
+        dataclasses.replace(b, responder_spi=0x2001),
+    ]
+    assert len({ctx, *(keys.exporter_context(v) for v in variants)}) == 1 + len(variants)
+
+
+def test_split_keys_directions_and_refusals() -> None:
+    material = bytes(range(1, 41))
+    k = keys.split_keys(material, 16)
+    assert (k.initiator_to_responder.key, k.initiator_to_responder.salt) == (material[:16], material[16:20])
+    assert (k.responder_to_initiator.key, k.responder_to_initiator.salt) == (material[20:36], material[36:40])
+    assert k.for_role(True) == (k.responder_to_initiator, k.initiator_to_responder)
+    assert k.for_role(False) == (k.initiator_to_responder, k.responder_to_initiator)
+    assert "key=" not in repr(k) and material[:16].hex() not in repr(k)
+    assert keys.exporter_length(32) == 72
+    for bad, why in [
+        (material[:39], "exporter output is 39 bytes, expected 40"),
+        (bytes(40), "degenerate"),
+        (material[:20] * 2, "degenerate"),
+    ]:
+        with pytest.raises(keys.KeyDerivationError, match=why):
+            keys.split_keys(bad, 16)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [
+        ({"initiator_spi": 0xFF}, "initiator spi 0xff is reserved"),
+        ({"responder_spi": 1 << 32}, "responder spi 0x100000000 is reserved or not 32-bit"),
+        ({"responder_address": ip_address("fd00::1")}, "tunnel addresses mix families"),
+        ({"responder_address": ip_address("10.1.0.10")}, "both ends of a tunnel have the address 10.1.0.10"),
+        ({"key_bytes": 24}, "AES-GCM key size must be 16 or 32 bytes, got 24"),
+    ],
+)
+def test_bindings_that_must_never_produce_keys(kwargs: dict[str, object], why: str) -> None:
+    args: dict[str, object] = {
+        "scope": keys.KeyScope.POD, "initiator_address": ip_address("10.1.0.10"),
+        "responder_address": ip_address("10.2.0.10"), "initiator_spi": 0x1000, "responder_spi": 0x2000,
+        "key_bytes": 16,
+    }  # fmt: skip
+    args.update(kwargs)
+    with pytest.raises(keys.KeyDerivationError, match=why):
+        keys.Binding(**args)  # type: ignore[arg-type]

@@ -1,0 +1,155 @@
+"""`ztctl tunnels [--node N] [--rekey]`: a zt-bridge's tunnels, from its admin port; or rekey them.
+
+`--bridge ADDR` (repeatable) names the bridges' admin addresses; `--node N` keeps the bridges of node N.
+Columns: NODE LOCAL PEER LOCAL IDENTITY PEER IDENTITY SPI IN SPI OUT AGE BYTES PACKETS OFFLOAD NEXT REKEY
+(bytes and packets as in/out; offload none, crypto, packet, or fallback when the kernel ignored the request).
+Tunnels that are not up show their state and last error instead of SPIs. `-o json` prints the bridges'
+/config_dump documents. `--rekey` asks each bridge to rekey its tunnels now (all, or the --peer/--local
+ones): the initiator of each tunnel runs a new handshake, a responder asks its initiator to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import aiohttp
+
+from ztcore.config import Duration, option
+from ztctl.commands.proxy_config import tabulate
+from ztctl.errors import CliError
+
+COLUMNS = (
+    "NODE", "LOCAL", "PEER", "LOCAL IDENTITY", "PEER IDENTITY", "SPI IN", "SPI OUT", "AGE", "BYTES IN/OUT",
+    "PACKETS IN/OUT", "OFFLOAD", "NEXT REKEY",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class TunnelsOptions:
+    ENV_PREFIX = "ZTCTL"
+
+    bridge: tuple[str, ...] = option(["127.0.0.1:15030"], "admin address of a zt-bridge (repeat for several)")
+    node: str = option("", "only the bridge(s) of this node")
+    output: str = option("short", "output format", choices=("short", "json"), short="-o")
+    rekey: bool = option(False, "rekey the tunnels now instead of listing them")
+    peer: str = option("", "with --rekey: only tunnels to this peer (pod address or name, or node)")
+    local: str = option("", "with --rekey: only tunnels of this local pod (address or name)")
+    timeout: Duration = option(Duration(10), "how long to wait for each bridge")
+
+
+def _url(address: str, path: str) -> str:
+    base = address if "://" in address else f"http://{address}"
+    return base.rstrip("/") + path
+
+
+async def _request(method: str, url: str, deadline: float, params: Mapping[str, str] | None = None) -> Any:
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=deadline)) as http,
+            http.request(method, url, params=params) as resp,
+        ):
+            if resp.status != 200:
+                raise CliError(f"{url}: HTTP {resp.status}")
+            return await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as err:
+        raise CliError(f"cannot read {url}: {err or type(err).__name__}") from None
+
+
+async def fetch_dumps(bridges: Sequence[str], deadline: float) -> list[dict[str, Any]]:
+    return list(await asyncio.gather(*(_request("GET", _url(b, "/config_dump"), deadline) for b in bridges)))
+
+
+def _bytes(n: Any) -> str:
+    if not isinstance(n, int):
+        return "-"
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n}B"
+
+
+def _age(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60}s"
+    return f"{s // 3600}h{(s % 3600) // 60}m"
+
+
+def rows(dumps: Sequence[Mapping[str, Any]]) -> list[tuple[str, ...]]:
+    out: list[tuple[str, ...]] = []
+    for dump in dumps:
+        node = str(dump.get("node", "?"))
+        for t in dump.get("tunnels", []):
+            local = f"{t.get('local')} ({t.get('local_address')})"
+            peer = f"{t.get('peer')} ({t.get('peer_address')})"
+            if t.get("state") != "up":
+                error = t.get("last_error") or ""
+                out.append((node, local, peer, t.get("local_identity", ""), t.get("peer_identity", ""),
+                            t.get("state", "?"), error[:60], "-", "-", "-", "-", "-"))  # fmt: skip
+                continue
+            out.append(
+                (
+                    node, local, peer, t["local_identity"], t["peer_identity"], t["spi_in"], t["spi_out"],
+                    _age(t.get("age_seconds")),
+                    f"{_bytes(t.get('bytes_in'))}/{_bytes(t.get('bytes_out'))}",
+                    f"{t.get('packets_in', '-')}/{t.get('packets_out', '-')}",
+                    str(t.get("offload", "-")),
+                    _age(t.get("next_rekey_seconds")) if t.get("role") == "initiator" else "(peer)",
+                )
+            )  # fmt: skip
+    return out
+
+
+def _select(dumps: list[dict[str, Any]], node: str) -> list[dict[str, Any]]:
+    if not node:
+        return dumps
+    chosen = [d for d in dumps if d.get("node") == node]
+    if not chosen:
+        known = ", ".join(sorted(str(d.get("node")) for d in dumps)) or "none"
+        raise CliError(f"no bridge of node {node!r} among the given ones (they are: {known})")
+    return chosen
+
+
+def run(opts: TunnelsOptions) -> int:
+    if not opts.bridge:
+        raise CliError("give at least one --bridge address")
+    if (opts.peer or opts.local) and not opts.rekey:
+        raise CliError("--peer and --local select tunnels to rekey; add --rekey")
+    if opts.rekey:
+        return _rekey(opts)
+    dumps = _select(asyncio.run(fetch_dumps(opts.bridge, float(opts.timeout))), opts.node)
+    if opts.output == "json":
+        print(json.dumps(dumps if len(dumps) > 1 else dumps[0], indent=2))
+        return 0
+    table = rows(dumps)
+    if not table:
+        print("No tunnels.")
+        return 0
+    print(tabulate(COLUMNS, table, padding=2), end="")
+    return 0
+
+
+def _rekey(opts: TunnelsOptions) -> int:
+    deadline = float(opts.timeout)
+
+    async def go() -> list[tuple[str, int]]:
+        dumps = await fetch_dumps(opts.bridge, deadline)
+        _select(dumps, opts.node)  # the same error as the listing when no bridge is of that node
+        chosen = [
+            (b, d) for b, d in zip(opts.bridge, dumps, strict=True) if not opts.node or d.get("node") == opts.node
+        ]
+        params = {k: v for k, v in (("peer", opts.peer), ("local", opts.local)) if v}
+        answers = await asyncio.gather(*(_request("POST", _url(b, "/rekey"), deadline, params) for b, _ in chosen))
+        return [(str(d.get("node")), int(a.get("rekeyed", 0))) for (_, d), a in zip(chosen, answers, strict=True)]
+
+    for node, count in asyncio.run(go()):
+        print(f"{node}: {count} tunnel(s) rekeying")
+    return 0
