@@ -32,7 +32,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from ztcore.xds import status as st
 from ztcore.xds.cache import Change, FullSet, ResourceView
 from ztcore.xds.resources import Resource
-from ztcore.xds.sotw import NonceFactory, random_nonce
+from ztcore.xds.sotw import NonceFactory, StreamBase, random_nonce
 from ztcore.xds.status import EMPTY_VERSIONS, VersionMap
 from ztcore.xds.typeurls import WILDCARD
 
@@ -79,7 +79,7 @@ class EncodedDeltaResponse:
         return getattr(self.message, name)
 
 
-class DeltaStream:
+class DeltaStream(StreamBase):
     def __init__(
         self,
         view: ResourceView,
@@ -88,18 +88,8 @@ class DeltaStream:
         control_plane: str = "",
         encode: bool = False,
     ) -> None:
-        self._view = view
-        self._nonces = nonces
+        super().__init__(view, nonces=nonces, control_plane=control_plane)
         self._encode = encode
-        self._control_plane = base_pb2.ControlPlane(identifier=control_plane) if control_plane else None
-        self._watches: dict[str, st.WatchState] = {}
-        self.node: base_pb2.Node | None = None
-
-    def watch_state(self, type_url: str) -> st.WatchState | None:
-        return self._watches.get(type_url)
-
-    def statuses(self) -> dict[str, st.WatchState]:
-        return dict(self._watches)
 
     def handle_request(self, req: discovery_pb2.DeltaDiscoveryRequest, now: dt.datetime) -> st.Step:
         type_url = req.type_url

@@ -39,14 +39,10 @@ def merged(base: Mapping[str, str], extra: Mapping[str, str]) -> Mapping[str, st
     return st.frozen_map(out)
 
 
-class SotwStream:
-    def __init__(
-        self,
-        view: ResourceView,
-        *,
-        nonces: NonceFactory = random_nonce,
-        control_plane: str = "",
-    ) -> None:
+class StreamBase:
+    """What both protocol variants keep per stream: the cache view, nonces, and one WatchState per type."""
+
+    def __init__(self, view: ResourceView, *, nonces: NonceFactory = random_nonce, control_plane: str = "") -> None:
         self._view = view
         self._nonces = nonces
         self._control_plane = base_pb2.ControlPlane(identifier=control_plane) if control_plane else None
@@ -59,6 +55,8 @@ class SotwStream:
     def statuses(self) -> dict[str, st.WatchState]:
         return dict(self._watches)
 
+
+class SotwStream(StreamBase):
     def force_next_response(self, type_url: str) -> None:
         """Answer the next ACK of this type even if nothing changed (Envoy waits for it while warming)."""
         w = self._watches.get(type_url)
