@@ -484,14 +484,7 @@ async def initiate(
     await channel.handshake(flush=False)
     allocated = False
     try:
-        try:
-            peer, peer_not_after = _check_peer(channel, plan, "responder")
-            why_not = plan.recheck()
-            if why_not is not None:
-                raise HandshakeError("denied", why_not)
-        except HandshakeError as err:
-            await _reject(channel, err)
-            raise
+        peer, peer_not_after = await _verify_peer(channel, plan, "responder")
         await channel.flush()  # our Finished: the responder verifies us now
         answer = await channel.recv()
         if isinstance(answer, Reject):
@@ -520,6 +513,20 @@ async def initiate(
     )  # fmt: skip
 
 
+async def _verify_peer(channel: TlsChannel, plan: Plan, role: str) -> tuple[Identity, dt.datetime]:
+    """The peer's SVID must be the identity WDS holds for its pod IP, and policy must still admit the pair;
+    otherwise tell the peer (in-channel) and raise. No key exists yet at this point."""
+    try:
+        checked = _check_peer(channel, plan, role)
+        why_not = plan.recheck()
+        if why_not is not None:
+            raise HandshakeError("denied", why_not)
+    except HandshakeError as err:
+        await _reject(channel, err)
+        raise
+    return checked
+
+
 async def refuse(writer: asyncio.StreamWriter, reason: str) -> None:
     """Answer a preamble with a refusal (before any TLS)."""
     with contextlib.suppress(OSError):
@@ -534,14 +541,7 @@ async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pr
     await channel.handshake()
     allocated = False
     try:
-        try:
-            peer, peer_not_after = _check_peer(channel, plan, "initiator")
-            why_not = plan.recheck()
-            if why_not is not None:
-                raise HandshakeError("denied", why_not)
-        except HandshakeError as err:
-            await _reject(channel, err)
-            raise
+        peer, peer_not_after = await _verify_peer(channel, plan, "initiator")
         early = channel.poll()  # the initiator may have refused us along with its Finished
         if isinstance(early, Reject):
             raise HandshakeError("refused", f"the initiator refused: {early.reason}")

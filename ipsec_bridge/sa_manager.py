@@ -259,35 +259,26 @@ class SaManager:
         return found[0].sa.spi
 
     def inbound_sa(self, ep: Endpoints, spi: int, aead: m.Aead, reqid: int) -> m.SecurityAssociation:
-        return m.SecurityAssociation(
-            src=ep.peer_node,
-            dst=ep.local_node,
-            spi=spi,
-            aead=aead,
-            selector=ep.inbound_selector(),
-            reqid=reqid,
-            mode=Mode.TUNNEL,
-            replay_window=self.settings.replay_window,
-            esn=True,
-            lifetime=self.settings.lifetime(),
-            mark=BRIDGE_MARK,
-            offload=self.settings.sa_offload(inbound=True),
-        )
+        return self._sa(ep, spi, aead, reqid, inbound=True)
 
     def outbound_sa(self, ep: Endpoints, spi: int, aead: m.Aead, reqid: int) -> m.SecurityAssociation:
+        return self._sa(ep, spi, aead, reqid, inbound=False)
+
+    def _sa(self, ep: Endpoints, spi: int, aead: m.Aead, reqid: int, *, inbound: bool) -> m.SecurityAssociation:
+        # The two directions differ only in which node is the source and which selector applies.
         return m.SecurityAssociation(
-            src=ep.local_node,
-            dst=ep.peer_node,
+            src=ep.peer_node if inbound else ep.local_node,
+            dst=ep.local_node if inbound else ep.peer_node,
             spi=spi,
             aead=aead,
-            selector=ep.outbound_selector(),
+            selector=ep.inbound_selector() if inbound else ep.outbound_selector(),
             reqid=reqid,
             mode=Mode.TUNNEL,
             replay_window=self.settings.replay_window,
             esn=True,
             lifetime=self.settings.lifetime(),
             mark=BRIDGE_MARK,
-            offload=self.settings.sa_offload(inbound=False),
+            offload=self.settings.sa_offload(inbound=inbound),
         )
 
     async def install(
