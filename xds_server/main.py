@@ -224,6 +224,7 @@ class Ztd:
                     audiences=cfg.token_audiences,
                     trust_domain=cfg.trust_domain,
                     cluster_id=cfg.cluster_id,
+                    pods=self.registry,
                 )
             )
         self.authenticators = authenticators  # xDS on the secure port authenticates as the CA does

@@ -22,6 +22,7 @@ import jwt
 from cryptography import x509
 
 from ztcore.identity import Identity, IdentityError
+from ztcore.registry import PodDirectory
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,9 @@ class TokenCache:
         self._entries.move_to_end(key)
         while len(self._entries) > self._max_entries:
             self._entries.popitem(last=False)
+
+    def drop(self, token: str, context: str = "") -> None:
+        self._entries.pop(self._key(token, context), None)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -354,6 +358,9 @@ class KubeJwtAuthenticator:
 
     The `clusterid` metadata picks the cluster; this control plane knows only its own, so an empty value
     or our own cluster id is accepted and anything else is refused.
+
+    A cached review of a pod-bound token is only reused while `pods` still holds that pod with the same uid:
+    the API server refuses a deleted pod's token at once, and the cache must not outlive that answer.
     """
 
     name = "KubeJWTAuthenticator"
@@ -367,6 +374,7 @@ class KubeJwtAuthenticator:
         cluster_id: str,
         cache: TokenCache | None = None,
         clock: Callable[[], float] = time.time,
+        pods: PodDirectory | None = None,
     ) -> None:
         self.reviewer = reviewer
         self.audiences = list(audiences)
@@ -374,6 +382,7 @@ class KubeJwtAuthenticator:
         self.cluster_id = cluster_id
         self.cache = cache if cache is not None else TokenCache(clock=clock)
         self._clock = clock
+        self._pods = pods
 
     async def authenticate(self, creds: Credentials) -> Caller | None:
         token = bearer_token(creds.metadata)
@@ -384,6 +393,11 @@ class KubeJwtAuthenticator:
             raise AuthenticationError(f"client claims to be in cluster {cluster!r}, we only serve {self.cluster_id!r}")
         cached = self.cache.get(token, cluster)
         if cached is not None:
+            if self._pod_is_gone(cached):
+                self.cache.drop(token, cluster)
+                raise AuthenticationError(
+                    f"the token is bound to pod {cached.namespace}/{cached.pod_name} (uid {cached.pod_uid}), now gone"
+                )
             return cached
         expires_at = unverified_expiry(token)
         if expires_at is not None and expires_at <= self._clock():
@@ -395,6 +409,12 @@ class KubeJwtAuthenticator:
         caller = caller_from_review(status, self.trust_domain, expires_at)
         self.cache.put(token, caller, cluster)
         return caller
+
+    def _pod_is_gone(self, caller: Caller) -> bool:
+        if self._pods is None or not caller.pod_name or not caller.pod_uid:
+            return False
+        pod = self._pods.get_pod(caller.namespace, caller.pod_name)
+        return pod is None or pod.uid != caller.pod_uid
 
 
 async def authenticate(authenticators: Sequence[Authenticator], creds: Credentials) -> Caller:

@@ -100,6 +100,20 @@ async def test_deleted_pods_token_is_refused(ztd: RunningZtd, kube: KubeApi, ns:
     assert await refused(ztd, token) == AUTHN_FAILURE
 
 
+async def test_a_token_used_before_its_pod_was_deleted_is_refused_once_the_pod_is_gone(
+    ztd: RunningZtd, kube: KubeApi, ns: str
+) -> None:
+    uid = await workload(kube, ns, "frontend", "used-1")
+    token = await kube.token(ns, "frontend", audience="istio-ca", pod="used-1", uid=uid)
+    assert ztd.ztd.registry is not None
+    await wait_registry(ztd.ztd.registry, lambda s: s.pod(ns, "used-1") is not None)
+    assert uri_sans((await create_certificate(ztd, token))[0]) == [identity(ns, "frontend")]  # review now cached
+    await kube.delete_pod(ns, "used-1")
+    await wait_registry(ztd.ztd.registry, lambda s: s.pod(ns, "used-1") is None, within=1.0)
+    # The cached review does not outlive the pod: no 5-minute window for a stolen token of a deleted pod.
+    assert await refused(ztd, token) == AUTHN_FAILURE
+
+
 async def test_garbage_and_expired_tokens_are_refused(ztd: RunningZtd) -> None:
     assert await refused(ztd, "not-a-jwt") == AUTHN_FAILURE
     # A token for a cluster we do not serve is refused before any TokenReview.

@@ -13,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from sds.ca import authn, issuer
+from ztcore.registry import PodRef
 
 TD = "cluster.local"
 
@@ -80,6 +81,43 @@ async def test_token_review_success_and_cache_bounded_by_expiry() -> None:
     with pytest.raises(authn.AuthenticationError, match="expired"):
         await kube.authenticate(creds(token))
     assert reviewer.calls == 1
+
+
+class Pods:
+    """The registry's view of pods, as the CA reads it (ztcore.registry.PodDirectory)."""
+
+    def __init__(self, *pods: PodRef) -> None:
+        self.pods = {(p.namespace, p.name): p for p in pods}
+
+    def get_pod(self, namespace: str, name: str) -> PodRef | None:
+        return self.pods.get((namespace, name))
+
+    def count_pods_on_node(self, namespace: str, service_account: str, node_name: str) -> int:
+        return 0
+
+    def has_node(self, name: str) -> bool:
+        return False
+
+
+async def test_a_cached_review_dies_with_its_pod() -> None:
+    reviewer = FakeReviewer(GOOD)
+    pods = Pods(PodRef("shop", "frontend-1", "uid-1", "frontend", "node-a"))
+    kube = authn.KubeJwtAuthenticator(
+        reviewer, audiences=["istio-ca"], trust_domain=TD, cluster_id="Kubernetes", pods=pods
+    )
+    token = unsigned(time.time() + 600)
+    assert await kube.authenticate(creds(token)) is not None
+    assert await kube.authenticate(creds(token)) is not None
+    assert reviewer.calls == 1
+    # Recreated under the same name: a new uid is another pod, and the cached review is dropped.
+    pods.pods[("shop", "frontend-1")] = PodRef("shop", "frontend-1", "uid-2", "frontend", "node-a")
+    with pytest.raises(authn.AuthenticationError, match="gone"):
+        await kube.authenticate(creds(token))
+    del pods.pods[("shop", "frontend-1")]
+    reviewer.status = authn.TokenReviewStatus(authenticated=False, error="pod not found")
+    with pytest.raises(authn.AuthenticationError, match="pod not found"):
+        await kube.authenticate(creds(token))  # not cached any more: the API server is asked again
+    assert reviewer.calls == 2
 
 
 @pytest.mark.parametrize(
