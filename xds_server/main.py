@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.istio.v1.auth import ca_pb2, ca_pb2_grpc
 from sds.ca import authn, issuer, keyring, signer
+from sds.ca.kubesecret import KubeCASource
 from sds.ca.nodeauthz import NodeAuthorizer, parse_trusted_accounts
 from sds.ca.server import CAMetrics, CertificateService, PeerLookup
 from sds.ca.tokenreview import KubeTokenReviewer
@@ -38,7 +39,13 @@ from xds_server.build import load_generator
 from xds_server.debug import DebugService
 from xds_server.publish import Publisher, PublishMetrics, PushTuning
 from xds_server.registry.files import FileRegistrySource, RegistryLoadError
-from xds_server.registry.kube import KubeRegistrySource, KubeSourceError, RootCertPublisher, load_api_client
+from xds_server.registry.kube import (
+    KubeRegistrySource,
+    KubeSourceError,
+    RootCertPublisher,
+    describe_error,
+    load_api_client,
+)
 from xds_server.registry.store import Registry
 from xds_server.server import ADS_SERVICE, AdsServicer, AdsSource, add_ads_to_server, control_plane_identifier
 from xds_server.translate import TranslateOptions
@@ -46,6 +53,7 @@ from ztcore import config, tlsfront
 from ztcore.config import Duration, option
 from ztcore.daemon import run_daemon
 from ztcore.fsutil import ensure_private_dir, write_atomic
+from ztcore.lease import LEASE_NAME, KubeLeaseStore, LeaseElector, LeaseTiming
 from ztcore.metrics import Registry as MetricsRegistry
 from ztcore.xds.cache import SnapshotCache
 from ztcore.xds.grpc_adapter import XdsMetrics, XdsStreams
@@ -67,6 +75,32 @@ class ZtdConfig:
     state_dir: Path = option(Path(".ztd"), "folder for CA material, the token issuer key and the root bundle")
     config_dir: Path | None = option(None, "folder of Kubernetes YAML (Pods, Services, policies) to serve from")
     kubeconfig: str = option("", "Kubernetes mode: kubeconfig file, or in-cluster; empty: embedded registry")
+    namespace: str = option(
+        "istio-system",
+        "Kubernetes mode: ztd's namespace (CA Secrets cacerts / istio-ca-secret, Lease ztd-leader)",
+        env_aliases=("POD_NAMESPACE",),
+    )
+    pod_name: str = option(
+        "", "Kubernetes mode: this replica's Lease holder identity [empty: host name]", env_aliases=("POD_NAME",)
+    )
+    lease_duration: Duration = option(Duration(15), "Kubernetes mode: a standby takes a Lease unrenewed this long")
+    lease_renew_deadline: Duration = option(
+        Duration(10), "Kubernetes mode: a leader that cannot renew for this long stops its leader duties"
+    )
+    lease_retry_period: Duration = option(Duration(2), "Kubernetes mode: how often the Lease is renewed or retried")
+    self_signed_root_check_interval: Duration = option(
+        Duration(3600),
+        "Kubernetes mode: how often the leader checks the self-signed root for rotation; negative: never",
+        env="CITADEL_SELF_SIGNED_ROOT_CERT_CHECK_INTERVAL",
+    )
+    self_signed_root_grace_percentile: int = option(
+        20,
+        "Kubernetes mode: re-issue the self-signed root when less than this percentage of its lifetime is left",
+        env="CITADEL_SELF_SIGNED_ROOT_CERT_GRACE_PERIOD_PERCENTILE",
+    )
+    ca_secret_wait: Duration = option(
+        Duration(60), "Kubernetes mode: how long a standby waits at startup for the leader to create istio-ca-secret"
+    )
     trust_domain: str = option("cluster.local", "SPIFFE trust domain", env="TRUST_DOMAIN")
     cluster_id: str = option("Kubernetes", "cluster id accepted in the clusterid metadata", env="CLUSTER_ID")
     cacerts_dir: Path | None = option(
@@ -126,6 +160,19 @@ class ZtdConfig:
         if self.max_workload_cert_ttl < self.default_workload_cert_ttl:
             raise ValueError("--max-workload-cert-ttl is smaller than --default-workload-cert-ttl")
         parse_trusted_accounts(self.ca_trusted_node_accounts)
+        if not 0 < self.self_signed_root_grace_percentile < 100:
+            raise ValueError("--self-signed-root-grace-percentile must be between 1 and 99")
+        try:
+            self.lease_timing()
+        except ValueError as err:
+            raise ValueError(f"--lease-retry-period/--lease-renew-deadline/--lease-duration: {err}") from None
+
+    def lease_timing(self) -> LeaseTiming:
+        return LeaseTiming(self.lease_duration, self.lease_renew_deadline, self.lease_retry_period)
+
+    @property
+    def identity(self) -> str:
+        return self.pod_name or socket.gethostname()
 
     @property
     def published_root(self) -> Path:
@@ -181,19 +228,26 @@ class Ztd:
         self.registry: Registry | None = None
         self._source: FileRegistrySource | KubeRegistrySource | None = None
         self.kube_api: Any = None  # kubernetes.client.ApiClient in Kubernetes mode
+        # Kubernetes mode: the ztd-leader Lease, and the CA from Secrets (unless --cacerts-dir is given).
+        self.elector: LeaseElector | None = None
+        self.kube_ca: KubeCASource | None = None
+        self.root_publisher: RootCertPublisher | None = None
 
     def _setup(self) -> None:
         cfg = self.cfg
         now = _utcnow()
         ensure_private_dir(cfg.state_dir)
-        self.material = keyring.load_or_create(
-            cfg.cacerts_dir,
-            cfg.state_dir / "ca",
-            algorithm=cfg.ca_key_algorithm,
-            trust_domain=cfg.trust_domain,
-            self_signed_ttl=dt.timedelta(seconds=cfg.self_signed_ca_cert_ttl),
-            now=now,
-        )
+        if self.kube_ca is not None:
+            self.material = self.kube_ca.material
+        else:
+            self.material = keyring.load_or_create(
+                cfg.cacerts_dir,
+                cfg.state_dir / "ca",
+                algorithm=cfg.ca_key_algorithm,
+                trust_domain=cfg.trust_domain,
+                self_signed_ttl=dt.timedelta(seconds=cfg.self_signed_ca_cert_ttl),
+                now=now,
+            )
         write_atomic(cfg.published_root, self.material.root_bundle_pem.encode())
         log.info("root bundle published at %s", cfg.published_root)
         authenticators: list[authn.Authenticator] = [authn.ClientCertAuthenticator()]
@@ -269,9 +323,7 @@ class Ztd:
         )
         self.ads_source = AdsSource(self.xds_cache, self.publisher, load_generator())
         self.publisher.add_listener(_freeze_heap)
-        control_plane = control_plane_identifier(
-            os.environ.get("POD_NAME") or socket.gethostname(), importlib.metadata.version("ztdpu")
-        )
+        control_plane = control_plane_identifier(cfg.identity, importlib.metadata.version("ztdpu"))
         self.xds_streams = XdsStreams(
             self.xds_cache,
             self.ads_source,
@@ -323,6 +375,15 @@ class Ztd:
 
         app.router.add_get("/metrics", metrics)
         app.router.add_get("/ready", ready)
+        if self.elector is not None:
+            elector = self.elector
+
+            async def leader(_: web.Request) -> web.Response:
+                return web.json_response(
+                    {**elector.status(), "lease": f"{self.cfg.namespace}/{LEASE_NAME}", "ca": self._ca_status()}
+                )
+
+            app.router.add_get("/debug/leader", leader)
         self.debug.add_routes(app)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
@@ -348,6 +409,7 @@ class Ztd:
             self._source = KubeRegistrySource(self.kube_api, self.registry)
             try:
                 await self._source.load_initial()
+                await self._start_kube_ca()
             except BaseException:
                 self.kube_api.close()
                 raise
@@ -391,10 +453,11 @@ class Ztd:
                 tg.create_task(self.publisher.run())
                 if self._source is not None:
                     tg.create_task(self._source.run())
-                if self.kube_api is not None and self.registry is not None:
-                    # istiod's namespace controller: the root in an istio-ca-root-cert ConfigMap everywhere.
-                    publisher = RootCertPublisher(self.kube_api, self.registry, lambda: self.material.root_bundle_pem)
-                    tg.create_task(publisher.run())
+                if self.elector is not None:
+                    tg.create_task(self.elector.run())
+                    tg.create_task(self.elector.while_leading(self._leader_duties))
+                if self.kube_ca is not None:
+                    tg.create_task(self.kube_ca.run())
                 await stop.wait()
                 raise _Stop
         except* _Stop:
@@ -406,9 +469,87 @@ class Ztd:
             await self.front.close()
             await asyncio.gather(secure.stop(2.0), plain.stop(2.0))
             await runner.cleanup()
+            if self.kube_ca is not None:
+                self.kube_ca.close()
+            if self.elector is not None:
+                await self.elector.release()
             if self.kube_api is not None:
                 await asyncio.to_thread(self.kube_api.close)
             log.info("ztd stopped")
+
+    # --- Kubernetes mode: leadership and the CA from Secrets ------------------------------------------------------
+
+    async def _start_kube_ca(self) -> None:
+        """Campaign for the ztd-leader Lease and load the CA from Secrets (the Lease holder creates the
+        self-signed root when there is none). The campaign runs here until the CA is loaded, then resumes in
+        run()'s TaskGroup."""
+        cfg = self.cfg
+        timing = cfg.lease_timing()
+        store = KubeLeaseStore(self.kube_api, cfg.namespace, request_timeout=max(1.0, timing.renew_deadline / 2))
+        self.elector = elector = LeaseElector(store, cfg.identity, timing, describe_error=describe_error)
+        self.metrics.function_gauge(
+            "ztd_leader", "1 while this replica holds the ztd-leader Lease", lambda: 1.0 if elector.is_leader else 0.0
+        )
+        self.metrics.function_gauge(
+            "ztd_leader_terms", "How often this replica became the leader", lambda: elector.terms
+        )
+        if cfg.cacerts_dir is not None:
+            return  # an explicit plug-in folder wins over the Secrets
+        self.kube_ca = kube_ca = KubeCASource(
+            self.kube_api,
+            cfg.namespace,
+            elector,
+            algorithm=cfg.ca_key_algorithm,
+            trust_domain=cfg.trust_domain,
+            self_signed_ttl=dt.timedelta(seconds=cfg.self_signed_ca_cert_ttl),
+            wait_timeout=cfg.ca_secret_wait,
+            poll=min(1.0, timing.retry),
+            on_change=self._ca_changed,
+        )
+        self.metrics.function_gauge(
+            "ztd_ca_material_swaps", "CA material swaps after a Secret change", lambda: kube_ca.swaps
+        )
+        async with asyncio.TaskGroup() as tg:
+            campaign = tg.create_task(elector.run())
+            try:
+                await kube_ca.load_initial()
+            finally:
+                campaign.cancel()
+
+    def _leader_duties(self, tg: asyncio.TaskGroup) -> None:
+        """Singleton work, run only by the Lease holder and stopped when it steps down."""
+        assert self.kube_api is not None and self.registry is not None
+        # istiod's namespace controller: the root in an istio-ca-root-cert ConfigMap everywhere.
+        self.root_publisher = RootCertPublisher(self.kube_api, self.registry, lambda: self.material.root_bundle_pem)
+        tg.create_task(self.root_publisher.run())
+        if self.kube_ca is not None:
+            tg.create_task(self.kube_ca.keep_ca_secret())
+            if self.cfg.self_signed_root_check_interval >= 0:
+                tg.create_task(
+                    self.kube_ca.rotate_root(
+                        check_interval=max(self.cfg.self_signed_root_check_interval, 0.1),
+                        grace_percentile=self.cfg.self_signed_root_grace_percentile,
+                    )
+                )
+
+    async def _ca_changed(self, material: keyring.CAMaterial) -> None:
+        """A Secret change: sign with the new material, re-issue the serving cert, publish the new root."""
+        self.material = material
+        self.serving.renew(_utcnow())
+        self.front.reload()
+        await asyncio.to_thread(write_atomic, self.cfg.published_root, material.root_bundle_pem.encode())
+        if self.root_publisher is not None and self.elector is not None and self.elector.is_leader:
+            self.root_publisher.root_changed()
+        log.info("CA material swapped (%s); root bundle republished", material.source)
+
+    def _ca_status(self) -> dict[str, Any]:
+        material = self.material
+        return {
+            "source": material.source,
+            "signing_cert": material.signing_cert.subject.rfc4514_string(),
+            "root_not_after": material.root_not_after.isoformat(),
+            "swaps": self.kube_ca.swaps if self.kube_ca is not None else 0,
+        }
 
 
 async def _freeze_heap(_: object) -> None:

@@ -80,10 +80,20 @@ def option(
     choices: Sequence[str] | None = None,
     short: str | None = None,
     positional: bool = False,
+    env_aliases: Sequence[str] = (),
 ) -> Any:
-    """Declare a configuration field. `env` overrides the derived variable name; a positional field
-    is a command-line argument only (e.g. `ztctl token create NS/SA`)."""
-    meta = {"help": help, "env": env, "metavar": metavar, "choices": choices, "short": short, "positional": positional}
+    """Declare a configuration field. `env` overrides the derived variable name; `env_aliases` are read when
+    that one is unset (e.g. Kubernetes' POD_NAMESPACE); a positional field is a command-line argument only
+    (e.g. `ztctl token create NS/SA`)."""
+    meta = {
+        "help": help,
+        "env": env,
+        "metavar": metavar,
+        "choices": choices,
+        "short": short,
+        "positional": positional,
+        "env_aliases": tuple(env_aliases),
+    }
     if isinstance(default, list | dict):
         frozen = tuple(default) if isinstance(default, list) else default
         return dataclasses.field(default_factory=lambda: frozen, metadata=meta)
@@ -154,7 +164,8 @@ def add_arguments(cls: type[Any], parser: argparse.ArgumentParser) -> None:
         else:
             default = None
         shown = ",".join(default) if isinstance(default, tuple) else default
-        help_text = f"{field.metadata.get('help', '')} [env {env_name(cls, field)}; default {shown!s}]"
+        envs = " or ".join((env_name(cls, field), *field.metadata.get("env_aliases", ())))
+        help_text = f"{field.metadata.get('help', '')} [env {envs}; default {shown!s}]"
         common: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS, "help": help_text}
         if kind == "bool":
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, **common)
@@ -203,7 +214,10 @@ def resolve(
         if not field.init or field.name.startswith("_"):
             continue
         conv, kind = _converter(hints[field.name])
-        var = env_name(cls, field)
+        var = next(
+            (v for v in (env_name(cls, field), *field.metadata.get("env_aliases", ())) if v in environ),
+            env_name(cls, field),
+        )
         if hasattr(parsed, field.name):
             raw = getattr(parsed, field.name)
             if kind == "list":

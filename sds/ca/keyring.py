@@ -1,5 +1,8 @@
 """CA key material: a plugged-in `cacerts` folder (Istio's layout) or a self-signed root we create once.
 
+`load_material` is the one loader, from name -> bytes, shared by folders (`load_cacerts`) and Kubernetes
+Secrets (sds/ca/kubesecret.py), so both follow the same validation rules.
+
 Istio's plug-in layout: ca-cert.pem (signing cert), ca-key.pem, root-cert.pem (trust bundle, may hold
 several roots during a root rotation), cert-chain.pem (signing cert up to the root). The Kubernetes
 `tls.crt`/`tls.key`/`ca.crt` naming is accepted too, as istiod does.
@@ -10,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,31 +105,23 @@ class CAMaterial:
         return min(r.not_valid_after_utc for r in self.roots)
 
 
-def _load_certs(path: Path, what: str) -> list[x509.Certificate]:
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise CAError(f"cannot read {what} {path}: {err.strerror}") from None
+def _parse_certs(data: bytes, label: str, what: str) -> list[x509.Certificate]:
     if not data.strip():
         return []
     try:
         return x509.load_pem_x509_certificates(data)
     except ValueError:
-        raise CAError(f"{what} {path} is not a PEM certificate bundle") from None
+        raise CAError(f"{what} {label} is not a PEM certificate bundle") from None
 
 
-def _load_key(path: Path) -> SigningKey:
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise CAError(f"cannot read CA key {path}: {err.strerror}") from None
+def _parse_key(data: bytes, label: str) -> SigningKey:
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
-        # Never echo the file content: it is a private key.
-        raise CAError(f"CA key {path} is not an unencrypted PEM private key") from None
+        # Never echo the content: it is a private key.
+        raise CAError(f"CA key {label} is not an unencrypted PEM private key") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-        raise CAError(f"CA key {path} must be ECDSA or RSA")
+        raise CAError(f"CA key {label} must be ECDSA or RSA")
     return key
 
 
@@ -173,39 +169,78 @@ def validate(material: CAMaterial, now: dt.datetime) -> None:
         raise CAError(f"{material.source}: the CA certificate does not chain to any certificate in root-cert.pem")
 
 
-def load_cacerts(folder: Path, now: dt.datetime) -> CAMaterial:
-    """Load a plugged-in CA from Istio's `cacerts` layout."""
-    if (folder / "ca-cert.pem").exists():
-        cert_file, key_file, root_file = folder / "ca-cert.pem", folder / "ca-key.pem", folder / "root-cert.pem"
-        chain_file = folder / "cert-chain.pem"
-    elif (folder / "tls.crt").exists():
-        cert_file, key_file, root_file = folder / "tls.crt", folder / "tls.key", folder / "ca.crt"
-        chain_file = folder / "tls.crt"
+# Istio's plug-in names, then the Kubernetes TLS Secret names istiod also accepts.
+CA_CERT, CA_KEY, ROOT_CERT, CERT_CHAIN = "ca-cert.pem", "ca-key.pem", "root-cert.pem", "cert-chain.pem"
+TLS_CERT, TLS_KEY, TLS_CA = "tls.crt", "tls.key", "ca.crt"
+MATERIAL_NAMES = (CA_CERT, CA_KEY, ROOT_CERT, CERT_CHAIN, TLS_CERT, TLS_KEY, TLS_CA)
+
+
+def load_material(
+    items: Mapping[str, bytes], source: str, now: dt.datetime, *, label: Callable[[str], str] | None = None
+) -> CAMaterial:
+    """CA material from Istio's `cacerts` layout given as name -> bytes (a folder's files or a Secret's keys).
+
+    `label(name)` names an item in error messages (a path, or the Secret key); messages never hold key bytes.
+    """
+    where = label or (lambda name: f"{source}/{name}")
+    if CA_CERT in items:
+        cert_name, key_name, root_name, chain_name = CA_CERT, CA_KEY, ROOT_CERT, CERT_CHAIN
+    elif TLS_CERT in items:
+        cert_name, key_name, root_name, chain_name = TLS_CERT, TLS_KEY, TLS_CA, TLS_CERT
     else:
-        raise CAError(f"{folder} has neither ca-cert.pem nor tls.crt")
-    certs = _load_certs(cert_file, "CA certificate")
+        raise CAError(f"{source} has neither {CA_CERT} nor {TLS_CERT}")
+    certs = _parse_certs(items[cert_name], where(cert_name), "CA certificate")
     if not certs:
-        raise CAError(f"{cert_file} is empty")
+        raise CAError(f"{where(cert_name)} is empty")
     signing = certs[0]
-    key = _load_key(key_file)
-    roots = tuple(_load_certs(root_file, "root bundle")) if root_file.exists() else ()
+    if key_name not in items:
+        raise CAError(f"cannot read CA key {where(key_name)}: it is missing")
+    key = _parse_key(items[key_name], where(key_name))
+    roots = tuple(_parse_certs(items[root_name], where(root_name), "root bundle")) if root_name in items else ()
     if not roots and signing.issuer == signing.subject:
         roots = (signing,)
-    chain_certs = _load_certs(chain_file, "cert chain") if chain_file.exists() else certs
+    chain_certs = _parse_certs(items[chain_name], where(chain_name), "cert chain") if chain_name in items else certs
     # Keep the signing cert first and drop roots: the response carries the root bundle separately.
     chain: list[x509.Certificate] = []
     if signing not in roots:
         chain.append(signing)
         chain.extend(c for c in chain_certs if c != signing and c not in roots and c not in chain)
-    material = CAMaterial(signing, key, tuple(chain), roots, source=str(folder))
+    material = CAMaterial(signing, key, tuple(chain), roots, source=source)
     validate(material, now)
     return material
 
 
-def create_self_signed(algorithm: str, trust_domain: str, ttl: dt.timedelta, now: dt.datetime) -> CAMaterial:
-    key = generate_key(algorithm)
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain)])
-    cert = (
+def _read_folder(folder: Path) -> dict[str, bytes]:
+    items: dict[str, bytes] = {}
+    for name in MATERIAL_NAMES:
+        path = folder / name
+        try:
+            items[name] = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            what = "CA key" if name in (CA_KEY, TLS_KEY) else "CA file"
+            raise CAError(f"cannot read {what} {path}: {err.strerror}") from None
+    return items
+
+
+def load_cacerts(folder: Path, now: dt.datetime) -> CAMaterial:
+    """Load a plugged-in CA from Istio's `cacerts` layout in a folder."""
+    return load_material(_read_folder(folder), str(folder), now, label=lambda name: str(folder / name))
+
+
+def material_items(material: CAMaterial) -> dict[str, bytes]:
+    """The material in Istio's layout (what `save` writes and istio-ca-secret holds). Contains the key."""
+    return {
+        CA_CERT: pem(material.signing_cert).encode(),
+        CA_KEY: key_pem(material.signing_key),
+        CERT_CHAIN: "".join(material.chain_pems).encode(),
+        ROOT_CERT: material.root_bundle_pem.encode(),
+    }
+
+
+def _self_signed_cert(key: SigningKey, name: x509.Name, ttl: dt.timedelta, now: dt.datetime) -> x509.Certificate:
+    return (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -231,7 +266,32 @@ def create_self_signed(algorithm: str, trust_domain: str, ttl: dt.timedelta, now
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hash_for(key))
     )
+
+
+def create_self_signed(algorithm: str, trust_domain: str, ttl: dt.timedelta, now: dt.datetime) -> CAMaterial:
+    key = generate_key(algorithm)
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain)])
+    cert = _self_signed_cert(key, name, ttl, now)
     return CAMaterial(cert, key, (), (cert,), source="self-signed")
+
+
+def is_self_signed_root(material: CAMaterial) -> bool:
+    return not material.chain and material.roots == (material.signing_cert,)
+
+
+def root_rotation_due(cert: x509.Certificate, now: dt.datetime, grace_percentile: int) -> bool:
+    """True once less than `grace_percentile` % of the certificate's lifetime is left (Istio's rule)."""
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    return cert.not_valid_after_utc - now < lifetime * grace_percentile / 100
+
+
+def reissue_root(material: CAMaterial, ttl: dt.timedelta, now: dt.datetime) -> CAMaterial:
+    """A new self-signed root with the same key and subject, as istiod's root rotator makes: certificates
+    issued under the old root verify under the new one, so nothing needs re-issuing at the switch."""
+    if not is_self_signed_root(material):
+        raise CAError(f"{material.source}: only a self-signed root can be re-issued")
+    cert = _self_signed_cert(material.signing_key, material.signing_cert.subject, ttl, now)
+    return CAMaterial(cert, material.signing_key, (), (cert,), source=material.source)
 
 
 def key_pem(key: SigningKey) -> bytes:
@@ -244,10 +304,11 @@ def save(material: CAMaterial, folder: Path) -> None:
     """Write in Istio's layout. The key goes first (0600) and ca-cert.pem last, so a crash in between
     leaves a folder that `load_or_create` recognises as incomplete and regenerates."""
     ensure_private_dir(folder)
-    write_atomic(folder / "ca-key.pem", key_pem(material.signing_key), mode=0o600)
-    write_atomic(folder / "root-cert.pem", material.root_bundle_pem.encode())
-    write_atomic(folder / "cert-chain.pem", "".join(material.chain_pems).encode())
-    write_atomic(folder / "ca-cert.pem", pem(material.signing_cert).encode())
+    items = material_items(material)
+    write_atomic(folder / CA_KEY, items[CA_KEY], mode=0o600)
+    write_atomic(folder / ROOT_CERT, items[ROOT_CERT])
+    write_atomic(folder / CERT_CHAIN, items[CERT_CHAIN])
+    write_atomic(folder / CA_CERT, items[CA_CERT])
 
 
 def load_or_create(

@@ -6,10 +6,12 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sds.ca import keyring
+from sds.ca import keyring, signer
 from tests.cacerts import make_cacerts
+from tests.helpers import new_key
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -90,3 +92,55 @@ def test_half_written_folder_is_regenerated(tmp_path: Path) -> None:
         None, folder, algorithm="rsa-2048", trust_domain="td", self_signed_ttl=dt.timedelta(days=1), now=NOW
     )
     assert keyring.load_cacerts(folder, NOW).signing_cert == material.signing_cert
+
+
+def test_folder_and_bytes_share_one_loader(tmp_path: Path) -> None:
+    root, inter = make_cacerts(tmp_path)
+    items = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    material = keyring.load_material(items, "Secret ns/cacerts", NOW, label=lambda k: f"Secret ns/cacerts key {k}")
+    assert (material.signing_cert, material.chain, material.roots) == (inter, (inter,), (root,))
+    with pytest.raises(keyring.CAError, match=r"^cannot read CA key Secret ns/cacerts key ca-key\.pem: it is missing$"):
+        keyring.load_material({k: v for k, v in items.items() if k != "ca-key.pem"}, "Secret ns/cacerts", NOW,
+                              label=lambda k: f"Secret ns/cacerts key {k}")  # fmt: skip
+    # What save() writes (and istio-ca-secret holds) loads back to the same material.
+    created = keyring.create_self_signed("ecdsa-p256", "cluster.local", dt.timedelta(days=1), NOW)
+    again = keyring.load_material(keyring.material_items(created), "x", NOW)
+    assert again.signing_cert == created.signing_cert and again.roots == created.roots and again.chain == ()
+
+
+@pytest.mark.parametrize(
+    ("left", "lifetime", "percentile", "due"),
+    [
+        (dt.timedelta(days=3000), dt.timedelta(days=3650), 20, False),
+        (dt.timedelta(days=700), dt.timedelta(days=3650), 20, True),
+        (dt.timedelta(minutes=30), dt.timedelta(hours=1), 20, False),
+        (dt.timedelta(minutes=30), dt.timedelta(hours=1), 60, True),
+        (-dt.timedelta(minutes=1), dt.timedelta(hours=1), 1, True),
+    ],
+)
+def test_root_rotation_due(left: dt.timedelta, lifetime: dt.timedelta, percentile: int, due: bool) -> None:
+    # create_self_signed backdates notBefore by 2 minutes; place notAfter `left` from NOW.
+    now = NOW.replace(microsecond=0)  # certificates hold whole seconds
+    start = now + left - lifetime
+    root = keyring.create_self_signed(
+        "ecdsa-p256", "td", lifetime - dt.timedelta(minutes=2), start + dt.timedelta(minutes=2)
+    )
+    assert root.signing_cert.not_valid_after_utc - now == left
+    assert keyring.root_rotation_due(root.signing_cert, now, percentile) is due
+
+
+def test_reissued_root_keeps_key_and_subject_so_old_leaves_still_verify(tmp_path: Path) -> None:
+    old = keyring.create_self_signed("ecdsa-p256", "cluster.local", dt.timedelta(hours=1), NOW)
+    leaf_pem = signer.sign(
+        new_key().public_key(), ["spiffe://cluster.local/ns/a/sa/b"], dt.timedelta(minutes=5), old, NOW
+    )
+    new = keyring.reissue_root(old, dt.timedelta(days=3650), NOW)
+    assert new.signing_cert.subject == old.signing_cert.subject and new.signing_key is old.signing_key
+    assert new.signing_cert.serial_number != old.signing_cert.serial_number and new.roots == (new.signing_cert,)
+    keyring.validate(new, NOW)
+    x509.load_pem_x509_certificate(leaf_pem[0].encode()).verify_directly_issued_by(new.signing_cert)
+    root, inter = make_cacerts(tmp_path)
+    with pytest.raises(keyring.CAError, match="only a self-signed root"):
+        keyring.reissue_root(
+            keyring.CAMaterial(inter, old.signing_key, (inter,), (root,), "plug"), dt.timedelta(1), NOW
+        )
