@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -648,3 +649,63 @@ class KubeApi:
     async def delete_policy(self, namespace: str, kind: str, name: str) -> None:
         plural = {"AuthorizationPolicy": "authorizationpolicies", "PeerAuthentication": "peerauthentications"}[kind]
         await self.call(self.custom.delete_namespaced_custom_object, "security.istio.io", "v1", namespace, plural, name)
+
+
+# --- raw REST as admin, and kubeconfigs for other identities -----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RestResponse:
+    status: int
+    body: dict[str, Any]
+    warnings: tuple[str, ...]  # the API server's Warning headers (deprecations, Pod Security "would violate")
+
+
+def rest(
+    cluster: KubeCluster,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    content_type: str = "application/json",
+    query: dict[str, str] | None = None,
+    token: str = "",
+) -> RestResponse:
+    """One API call as the cluster admin (or as `token`'s identity); blocking. Errors come back as responses."""
+    url = f"{cluster.url}{path}"
+    if query:
+        url += "?" + urllib.parse.urlencode(query)
+    headers = {"Accept": "application/json"}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()  # JSON is YAML too: apply-patch+yaml bodies go as JSON
+        headers["Content-Type"] = content_type
+    ctx = ssl.create_default_context(cafile=str(cluster.pki.ca_cert))
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    else:
+        ctx.load_cert_chain(str(cluster.pki.admin_cert), str(cluster.pki.admin_key))
+    req = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310 - loopback
+    try:
+        with urllib.request.urlopen(req, timeout=30, context=ctx) as resp:  # noqa: S310
+            status, raw, hdrs = resp.status, resp.read(), resp.headers
+    except urllib.error.HTTPError as err:
+        status, raw, hdrs = err.code, err.read(), err.headers
+    parsed = json.loads(raw) if raw else {}
+    return RestResponse(status, parsed, tuple(hdrs.get_all("Warning") or ()))
+
+
+def token_kubeconfig(cluster: KubeCluster, path: Path, token: str) -> Path:
+    """A kubeconfig that authenticates with a bearer token (e.g. a ServiceAccount's, from TokenRequest)."""
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {"name": "test", "cluster": {"server": cluster.url, "certificate-authority": str(cluster.pki.ca_cert)}}
+        ],
+        "users": [{"name": "token", "user": {"token": token}}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "token"}}],
+        "current-context": "test",
+    }
+    _write_private(path, yaml.safe_dump(doc).encode())
+    return path
