@@ -12,6 +12,7 @@ import dataclasses
 import datetime as dt
 import ipaddress
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -21,15 +22,19 @@ from typing import Any
 from aiohttp import web
 
 from ipsec_bridge.admin import Admin
+from ipsec_bridge.adopt import summary as adopt_summary
 from ipsec_bridge.certs import Certificates
 from ipsec_bridge.netns import Netns, NetnsError
 from ipsec_bridge.pairs import TunnelScope
 from ipsec_bridge.reconcile import BridgeMetrics, BridgeSettings, TunnelManager
-from ipsec_bridge.sa_manager import SaManager, SaSettings
+from ipsec_bridge.sa_manager import Endpoints, SaManager, SaSettings, host_net
 from ipsec_bridge.state import LocalConfigSource, RegistryLoadError, StateStore, ViewSettings
+from ipsec_bridge.vfmap import VfMapError, VfMapFile
 from ipsec_bridge.xds_client import DeltaXdsClient, XdsClientOptions
+from ipsec_bridge.xfrm import messages as xm
 from ipsec_bridge.xfrm.consts import XfrmGroup
 from ipsec_bridge.xfrm.netlink import XfrmError, XfrmEvents, XfrmSocket
+from ipsec_bridge.xfrm.offload import OffloadProbe, OffloadStatus, probe
 from sds.agent.secrets import AgentMetrics, RotationPolicy, SecretManager
 from sds.client.caclient import CAClient, CAClientOptions, token_identity
 from xds_server.translate import TranslateOptions
@@ -67,6 +72,9 @@ class BridgeConfig:
     mesh_cidr: tuple[str, ...] = option([], "pod CIDR(s) whose cross-node traffic must be encrypted (required)")
     offload_dev: str = option("", "device for XFRM offload (with --offload crypto|packet)")
     offload: str = option("none", "XFRM offload of SAs", choices=("none", "crypto", "packet"))
+    vf_map: Path | None = option(
+        None, "YAML list of this node's VFs (vf, pod and/or ip, netdev): only pods with exactly one get tunnels"
+    )
     key_bits: int = option(128, "AES-GCM key size in bits: 128 or 256")
     rekey_interval: Duration = option(Duration(3600), "rekey every tunnel this often (with 10% jitter)")
     grace: Duration = option(Duration(2), "keep the previous generation's SAs this long after a rekey")
@@ -132,6 +140,8 @@ class Bridge:
         self.metrics = Registry()
         self.ready = asyncio.Event()
         self.manager: TunnelManager | None = None
+        self.vf_map: VfMapFile | None = None
+        self.offload: OffloadProbe | None = None
 
     def _credential(self) -> Identity:
         assert self.cfg.token_file is not None
@@ -151,6 +161,12 @@ class Bridge:
         if cfg.config_dir is not None and not await asyncio.to_thread(cfg.config_dir.is_dir):
             raise BridgeError(f"--config-dir {cfg.config_dir} is not a folder")
         await asyncio.to_thread(self._credential)
+        if cfg.vf_map is not None:
+            self.vf_map = VfMapFile(cfg.vf_map, poll_interval=float(cfg.config_poll))
+            try:
+                await self.vf_map.load_initial()
+            except VfMapError as err:
+                raise BridgeError(str(err)) from None
         netns = Netns(cfg.netns or None)
         try:
             await netns.check()
@@ -194,13 +210,18 @@ class Bridge:
         )
         closers.append(sa.close)
         try:
-            stale = await sa.start()  # the block goes in before anything else can happen
+            # the block goes in before anything else can happen; a previous run's tunnels are adopted or removed
+            adoption = await sa.start(TunnelScope(cfg.tunnel_scope), cfg.settings().node_address)
         except XfrmError as err:
             raise BridgeError(f"installing the default block: {err}") from None
-        log.info("mesh %s blocked between nodes until tunnels exist (%d stale objects removed)",
-                 ", ".join(map(str, view_settings.mesh_cidrs)), stale)  # fmt: skip
+        log.info("mesh %s blocked between nodes until tunnels exist (%s)",
+                 ", ".join(map(str, view_settings.mesh_cidrs)), adopt_summary(adoption))  # fmt: skip
+        if cfg.offload != "none":
+            await self._probe_offload(xfrm, sa)
 
         store = StateStore(view_settings)
+        if self.vf_map is not None:
+            self.vf_map.subscribe(lambda vf_map: store.set_vf_map(cfg.node, vf_map))
         credential = await asyncio.to_thread(self._credential)
         if credential != view_settings.bridge_identity:
             log.warning("the token names %s, but --bridge-account says bridges run as %s", credential,
@@ -255,6 +276,7 @@ class Bridge:
         )
         certs = Certificates(secrets)
         manager = self.manager = TunnelManager(cfg.settings(), store, sa, certs, netns, BridgeMetrics(self.metrics))
+        manager.adopt(adoption)  # before the listener: handshakes wait until adoption is decided
         try:
             sock = await netns.listen(cfg.listen_address, cfg.port)
         except OSError as err:
@@ -275,6 +297,8 @@ class Bridge:
                 netns,
                 self.metrics,
                 extra=lambda: {"xds": dataclasses.asdict(source.status)} if isinstance(source, DeltaXdsClient) else {},
+                vf_map=self.vf_map,
+                offload=self.offload,
             )
             runner = web.AppRunner(admin.app(), access_log=None)
             await runner.setup()
@@ -292,10 +316,25 @@ class Bridge:
                 tg.create_task(source.run(), name="state-source")
                 tg.create_task(manager.run(), name="tunnels")
                 tg.create_task(manager.watch_expire(events), name="expire-events")
+                if self.vf_map is not None:
+                    tg.create_task(self.vf_map.run(), name="vf-map")
                 await stop.wait()
                 raise _Stop
         except* _Stop:
             pass
+
+    async def _probe_offload(self, xfrm: XfrmSocket, sa: SaManager) -> None:
+        """One throwaway SA built like a tunnel's (on documentation addresses): says at start, in one line,
+        whether the device takes the offload; the tunnels' own installs stay the authority."""
+        ip = ipaddress.ip_address
+        ends = Endpoints(ip("192.0.2.1"), ip("192.0.2.2"), host_net(ip("198.51.100.1")), host_net(ip("203.0.113.1")))
+        aead = xm.Aead(os.urandom(self.cfg.key_bits // 8), os.urandom(4))
+        throwaway = sa.outbound_sa(ends, 0xFFFFFF01, aead, sa.next_reqid())
+        self.offload = await probe(xfrm, throwaway, self.cfg.offload_dev, self.cfg.offload)
+        level = logging.ERROR if not self.offload.usable else logging.INFO
+        if self.offload.status is OffloadStatus.FALLBACK:
+            level = logging.WARNING
+        log.log(level, "%s", self.offload.describe())
 
 
 def configure_logging(level: str) -> None:

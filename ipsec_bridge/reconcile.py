@@ -9,6 +9,10 @@
 - The server answers the peers' handshakes for the tunnels this node responds to, and their rekey requests.
 A responder never starts a handshake: when it wants a rekey (its own soft EXPIRE, renewal, restart, an
 operator) it asks the initiator, so the two sides never race to replace a generation.
+- Restart (`adopt`, see ipsec_bridge.adopt): tunnels a previous run left in the kernel stay untouched until the
+  workload state is synced; then each one the policies still admit becomes a record whose current generation
+  is the adopted one, rekeyed at once (make-before-break, the adopted SAs retire after the grace period), and
+  the others are removed. Until that decision, handshakes are answered with not-ready.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import random
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from typing import Any
 
+from ipsec_bridge.adopt import AdoptedGeneration, AdoptedTunnel, AdoptionPlan, removal_reasons
 from ipsec_bridge.certs import Certificates
 from ipsec_bridge.handshake import (
     HandshakeError,
@@ -73,6 +79,8 @@ class BridgeSettings:
     retry_max: float = 30.0
     responder_nudge_after: float = 3.0  # a responder without a tunnel asks the initiator after this long
     min_rekey_gap: float = 2.0  # rekey requests right after a handshake are answered by that handshake
+    # An adopted generation's certificates are unknown: one no handshake replaced within this long is removed.
+    adopt_max_age: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,8 +178,9 @@ class Generation:
     offload: OffloadStatus
     established: dt.datetime
     established_mono: float
-    not_after: dt.datetime  # the earlier of the two certificates' expiry
+    not_after: dt.datetime  # the earlier of the two certificates' expiry (adopted: the adoption deadline)
     handshake_seconds: float
+    origin: str = "handshake"  # or "adopted": found in the kernel at start, keyed by a previous run
 
     def sa_ids(self, sa: SaManager, ep: Endpoints) -> list[m.SaId]:
         return [sa.outbound_id(ep, self.spi_out), sa.inbound_id(ep, self.spi_in)]
@@ -196,6 +205,7 @@ class Tunnel:
     last_request: float = 0.0
     guard: list[str] = field(default_factory=list)  # set on removal; in-flight installers stop
     rekey_reason: str = ""
+    limit_kind: str = ""  # "bytes" or "packets": which kernel limit the last EXPIRE was about (metrics)
     history: collections.deque[tuple[int, str, str]] = field(default_factory=lambda: collections.deque(maxlen=8))
 
     def want_rekey(self, reason: str) -> None:
@@ -213,7 +223,11 @@ class BridgeMetrics:
         self.handshakes = registry.counter(
             "zt_bridge_handshakes_total", "Tunnel handshakes by role and result (ok, or the failure code)"
         )
-        self.rekeys = registry.counter("zt_bridge_rekeys_total", "Completed rekeys (a new generation replaced one)")
+        self.rekeys = registry.counter(
+            "zt_bridge_rekeys_total",
+            "Completed rekeys (a new generation replaced one), by role and trigger (time, bytes, packets, renewal, "
+            "demand, peer)",
+        )
         self.removals = registry.counter("zt_bridge_tunnel_removals_total", "Tunnels whose SAs were removed, by reason")
         self.rekey_requests = registry.counter(
             "zt_bridge_rekey_requests_total", "Rekey requests sent to or received from peers, by direction"
@@ -225,6 +239,10 @@ class BridgeMetrics:
             "zt_bridge_handshake_duration_seconds",
             "Handshake + key export + SA/SP install, per successful handshake",
             (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.adoption = registry.counter(
+            "zt_bridge_adoption_total",
+            "Restart decisions: tunnels adopted at start, then kept (rekeyed) or removed; unprovable objects removed",
         )
         self.removal_seconds = registry.histogram(
             "zt_bridge_removal_duration_seconds",
@@ -266,7 +284,100 @@ class TunnelManager:
         self._tg: asyncio.TaskGroup | None = None
         self.errors: dict[str, str] = {}
         self.removals: collections.deque[dict[str, Any]] = collections.deque(maxlen=32)
+        self._adopted: list[AdoptedTunnel] = []
+        self._adoption_settled = True
+        self._adopt_deadline = self._clock()
+        self.adoption: dict[str, Any] = {"adopted": 0, "removed_at_start": {"sas": 0, "policies": 0}}
         certs.on_renewed(self._on_renewed)
+
+    # --- restart -----------------------------------------------------------------------------------------
+
+    def adopt(self, plan: AdoptionPlan) -> None:
+        """Take over the tunnels `SaManager.start` found provable; they wait for the first synced state."""
+        self._adopted = list(plan.tunnels)
+        self._adoption_settled = False
+        self._adopt_deadline = self._clock() + dt.timedelta(seconds=self.settings.adopt_max_age)
+        self.adoption = {
+            "adopted": len(plan.tunnels),
+            "removed_at_start": {"sas": len(plan.remove_sas), "policies": len(plan.remove_policies)},
+            "removal_reasons": removal_reasons((*plan.remove_policies, *plan.remove_sas)),
+            "kept": 0,
+            "removed_after_sync": 0,
+        }
+        if plan.tunnels:
+            self.metrics.adoption.inc(len(plan.tunnels), decision="adopted")
+        if plan.remove_sas:
+            self.metrics.adoption.inc(len(plan.remove_sas), decision="unprovable sa")
+        if plan.remove_policies:
+            self.metrics.adoption.inc(len(plan.remove_policies), decision="unprovable policy")
+
+    def _adopted_generation(self, g: AdoptedGeneration, now: float, wall: dt.datetime) -> Generation:
+        age = max(0.0, wall.timestamp() - g.added) if g.added else 0.0
+        return Generation(
+            number=0,
+            reqid=g.reqid,
+            spi_in=g.spi_in,
+            spi_out=g.spi_out,
+            key_bytes=g.key_bytes,
+            offload=OffloadStatus.NONE,
+            established=wall - dt.timedelta(seconds=age),
+            established_mono=now - age,
+            not_after=self._adopt_deadline,
+            handshake_seconds=0.0,
+            origin="adopted",
+        )
+
+    async def _settle_adoption(self, specs: dict[TunnelKey, TunnelSpec]) -> None:
+        """First synced state: adopted tunnels it admits (same endpoints) are kept and rekeyed, the rest go."""
+        by_endpoints = {spec.endpoints: spec for spec in specs.values()}
+        adopted, self._adopted = self._adopted, []
+        now, wall = time.monotonic(), self._clock()
+        for a in adopted:
+            spec = by_endpoints.get(_adopted_endpoints(a))
+            if spec is None:
+                await self._drop_adopted(a, "not admitted after restart")
+                continue
+            gens = [self._adopted_generation(g, now, wall) for g in a.generations()]
+            t = self.tunnels.get(spec.key)
+            if t is not None and t.current is not None:  # cannot happen (handshakes wait), but never lose a gen
+                t.retiring.extend((g, now + self.settings.grace) for g in gens)
+                continue
+            t = self.tunnels[spec.key] = Tunnel(dataclasses.replace(spec, selectors=a.selectors), now)
+            t.current = gens[0]
+            t.retiring = [(g, now + self.settings.grace) for g in gens[1:]]
+            t.history.append((0, "adopted at restart", gens[0].established.isoformat()))
+            t.want_rekey("replacing adopted keys")
+            self.metrics.adoption.inc(decision="kept")
+            self.adoption["kept"] = self.adoption.get("kept", 0) + 1
+            log.info("adopted tunnel %s is admitted: %s", _describe(spec),
+                     "rekeying it" if spec.initiator else "asking its initiator for a rekey")  # fmt: skip
+        self._adoption_settled = True
+
+    async def _drop_adopted(self, a: AdoptedTunnel, reason: str) -> None:
+        ep = _adopted_endpoints(a)
+        started = time.monotonic()
+        try:
+            await self.sa.remove_policies(ep, a.selectors)  # out first: the block takes the pair's traffic
+            await self.sa.delete_sas([i for g in a.generations() for i in _gen_ids(self.sa, ep, g)])
+        except XfrmError as err:
+            log.error("removing adopted tunnel %s: %s", a.describe(), err)
+        self.sa.release({(ep.local_node, g.spi_in) for g in a.generations()}
+                        | {(ep.peer_node, g.spi_out) for g in a.generations()})  # fmt: skip
+        self.metrics.adoption.inc(decision="removed")
+        self.adoption["removed_after_sync"] = self.adoption.get("removed_after_sync", 0) + 1
+        if a.scope is TunnelScope.POD:
+            key = f"adopted/{ep.local_net.network_address}/{ep.peer_net.network_address}"
+        else:
+            key = f"adopted/{ep.local_node}/{ep.peer_node}"
+        self.removals.append({"tunnel": key, "reason": reason, "seconds": round(time.monotonic() - started, 4)})
+        log.info("adopted tunnel %s removed: %s", a.describe(), reason)
+
+    def _forget(self, t: Tunnel, gens: Iterable[Generation]) -> None:
+        """Adopted generations deleted from the kernel: their SPIs need no guarding any more."""
+        ep = t.spec.endpoints
+        held = [((ep.local_node, g.spi_in), (ep.peer_node, g.spi_out)) for g in gens if g.origin == "adopted"]
+        if held:
+            self.sa.release([x for pair in held for x in pair])
 
     # --- reconcile ---------------------------------------------------------------------------------------
 
@@ -287,6 +398,8 @@ class TunnelManager:
             )
         else:
             self.errors.pop("node-address", None)
+        if not self._adoption_settled:
+            await self._settle_adoption(specs)
         gone = [t for key, t in self.tunnels.items() if key not in specs or not specs[key].same_tunnel(t.spec)]
         if gone:
             since = view.received_at or None
@@ -329,6 +442,7 @@ class TunnelManager:
             gens = [g for g in [t.current, *(g for g, _ in t.retiring)] if g is not None]
             ids = [i for g in gens for i in g.sa_ids(self.sa, t.spec.endpoints)]
             await self.sa.delete_sas(ids)
+            self._forget(t, gens)
         except XfrmError as err:
             log.error("removing tunnel %s: %s", _describe(t.spec), err)
         t.current = None
@@ -450,7 +564,9 @@ class TunnelManager:
         )
         if t.current is not None:
             t.retiring.append((t.current, now + self.settings.grace))
-            self.metrics.rekeys.inc(role=role)
+            if t.current.origin == "adopted":
+                self.metrics.adoption.inc(decision="rekeyed")
+            self.metrics.rekeys.inc(role=role, trigger=rekey_trigger(t.rekey_reason, t.limit_kind, result.initiator))
         t.current = gen
         reason = t.rekey_reason or ("new" if gen.number == 1 else "peer")
         if not result.initiator and gen.number > 1:
@@ -525,7 +641,7 @@ class TunnelManager:
         wanted = KeyScope.POD if s.scope is TunnelScope.POD else KeyScope.NODE
         if preamble.scope is not wanted:
             raise HandshakeError("protocol", f"this bridge runs in {s.scope.value} scope")
-        if not view.synced:
+        if not view.synced or not self._adoption_settled:
             raise HandshakeError("not-ready", "this bridge has no workload state yet")
         if preamble.scope is KeyScope.POD:
             src, dst = preamble.addresses()
@@ -620,6 +736,7 @@ class TunnelManager:
                              "hard" if event.hard else "soft", spi)  # fmt: skip
                     if event.hard:
                         t.current = None
+                    t.limit_kind = _limit_kind(event)
                     t.want_rekey(f"{'hard' if event.hard else 'soft'} limit")
                     t.next_attempt = 0.0
                     self._wake.set()
@@ -650,6 +767,10 @@ class TunnelManager:
             now = time.monotonic()
             wall = self._clock()
             wait = 1.0
+            if self._adopted and wall >= self._adopt_deadline:  # never synced: the adopted keys cannot stay
+                adopted, self._adopted = self._adopted, []
+                for a in adopted:
+                    await self._drop_adopted(a, "no workload state within the adoption deadline")
             for t in list(self.tunnels.values()):
                 wait = min(wait, await self._tick(t, tg, now, wall))
             with contextlib.suppress(TimeoutError):
@@ -663,6 +784,7 @@ class TunnelManager:
             t.retiring = [(g, at) for g, at in t.retiring if at > now]
             try:
                 await self.sa.delete_sas([i for g in due for i in g.sa_ids(self.sa, t.spec.endpoints)])
+                self._forget(t, due)
             except XfrmError as err:
                 log.warning("deleting retired SAs of %s: %s", _describe(t.spec), err)
         if t.retiring:
@@ -670,14 +792,21 @@ class TunnelManager:
         g = t.current
         if g is not None and g.not_after <= wall:
             # a certificate behind the keys expired: the SAs go, the block stays, a new handshake may follow
-            log.warning("tunnel %s: a certificate expired at %s", _describe(t.spec), g.not_after.isoformat())
+            if g.origin == "adopted":
+                log.warning("tunnel %s: no handshake replaced its adopted keys within %.0fs", _describe(t.spec),
+                            self.settings.adopt_max_age)  # fmt: skip
+                t.last_error = "adopted keys were not replaced in time"
+            else:
+                log.warning("tunnel %s: a certificate expired at %s", _describe(t.spec), g.not_after.isoformat())
             t.current = None
             try:
                 await self.sa.remove_policies(t.spec.endpoints, t.spec.selectors)
                 await self.sa.delete_sas(g.sa_ids(self.sa, t.spec.endpoints))
+                self._forget(t, [g])
             except XfrmError as err:
                 log.error("removing expired tunnel %s: %s", _describe(t.spec), err)
-            self.metrics.removals.inc(reason="certificate expired")
+            expired = "adopted keys not replaced" if g.origin == "adopted" else "certificate expired"
+            self.metrics.removals.inc(reason=expired)
         busy = t.task is not None and not t.task.done()
         if t.spec.initiator:
             if busy:
@@ -693,6 +822,8 @@ class TunnelManager:
                 wait = min(wait, t.next_rekey - now)
             return wait
         stale = t.current is None and now - t.created >= self.settings.responder_nudge_after
+        # adopted keys are replaced as soon as the initiator agrees: keep asking (with backoff) until it does
+        stale = stale or (t.current is not None and t.current.origin == "adopted")
         # t.lock is held while we answer a handshake for this tunnel: that one is the fresh generation
         if (
             (t.rekey_wanted or stale)
@@ -720,6 +851,7 @@ class TunnelManager:
         now = time.monotonic()
         wall = self._clock()
         rows = [self._row(t, counters, now, wall) for t in sorted(self.tunnels.values(), key=lambda t: t.spec.key)]
+        rows.extend(self._adopted_row(a, counters, wall) for a in self._adopted)
         refused = [
             {
                 "local_pod": p.local.name,
@@ -739,6 +871,50 @@ class TunnelManager:
             "refused_pairs": refused,
             "recent_removals": list(self.removals),
             "errors": dict(self.errors),
+            "adoption": {**self.adoption, "pending": len(self._adopted), "settled": self._adoption_settled},
+        }
+
+    def _adopted_row(
+        self, a: AdoptedTunnel, counters: dict[tuple[str, int], m.SaInfo], wall: dt.datetime
+    ) -> dict[str, Any]:
+        """A tunnel adopted at start, before the workload state says whose it is."""
+        ep, g = _adopted_endpoints(a), a.current
+        pod = a.scope is TunnelScope.POD
+        local = ep.local_net.network_address if pod else ep.local_node
+        peer = ep.peer_net.network_address if pod else ep.peer_node
+        inbound = counters.get((str(ep.local_node), g.spi_in))
+        outbound = counters.get((str(ep.peer_node), g.spi_out))
+        return {
+            "key": f"adopted/{local}/{peer}",
+            "scope": a.scope.value,
+            "role": "unknown",
+            "local": str(local),
+            "local_address": str(local),
+            "local_identity": "",
+            "peer": str(peer),
+            "peer_address": str(peer),
+            "peer_identity": "",
+            "peer_node": "",
+            "local_node_address": str(ep.local_node),
+            "peer_node_address": str(ep.peer_node),
+            "pairs": len(a.selectors),
+            "state": "adopted",
+            "origin": "adopted",
+            "last_error": "",
+            "retiring_spis": [f"0x{r.spi_in:08x}/0x{r.spi_out:08x}" for r in a.older],
+            "history": [],
+            "generation": 0,
+            "reqid": f"0x{g.reqid:08x}",
+            "spi_in": f"0x{g.spi_in:08x}",
+            "spi_out": f"0x{g.spi_out:08x}",
+            "key_bits": g.key_bytes * 8,
+            "age_seconds": round(max(0.0, wall.timestamp() - g.added), 3) if g.added else None,
+            "bytes_in": inbound.current.bytes if inbound else None,
+            "packets_in": inbound.current.packets if inbound else None,
+            "bytes_out": outbound.current.bytes if outbound else None,
+            "packets_out": outbound.current.packets if outbound else None,
+            "offload": "none",
+            "next_rekey_seconds": None,
         }
 
     def _row(
@@ -759,7 +935,8 @@ class TunnelManager:
             "local_node_address": str(spec.endpoints.local_node),
             "peer_node_address": str(spec.endpoints.peer_node),
             "pairs": len(spec.selectors),
-            "state": "up" if g is not None else ("failing" if t.last_error else "pending"),
+            "state": _state(t),
+            "origin": g.origin if g is not None else None,
             "last_error": t.last_error,
             "retiring_spis": [f"0x{r.spi_in:08x}/0x{r.spi_out:08x}" for r, _ in t.retiring],
             "history": [{"generation": n, "reason": why, "at": at} for n, why, at in t.history],
@@ -788,10 +965,43 @@ class TunnelManager:
         return row
 
     def counts(self) -> dict[str, int]:
-        out = {"up": 0, "pending": 0, "failing": 0}
+        out = {"up": 0, "adopted": len(self._adopted), "pending": 0, "failing": 0}
         for t in self.tunnels.values():
-            out["up" if t.current is not None else ("failing" if t.last_error else "pending")] += 1
+            out[_state(t)] += 1
         return out
+
+
+def _state(t: Tunnel) -> str:
+    if t.current is not None:
+        return "adopted" if t.current.origin == "adopted" else "up"
+    return "failing" if t.last_error else "pending"
+
+
+def _adopted_endpoints(a: AdoptedTunnel) -> Endpoints:
+    return Endpoints(a.local_node, a.peer_node, a.local_net, a.peer_net)
+
+
+def _gen_ids(sa: SaManager, ep: Endpoints, g: AdoptedGeneration) -> list[m.SaId]:
+    return [sa.outbound_id(ep, g.spi_out), sa.inbound_id(ep, g.spi_in)]
+
+
+def rekey_trigger(reason: str, limit_kind: str, initiator: bool) -> str:
+    """The metrics label of a rekey: what started it on this side (a responder's own reasons included)."""
+    if reason == "interval":
+        return "time"
+    if reason in ("soft limit", "hard limit"):
+        return limit_kind or "limit"
+    if reason == "certificate renewal":
+        return "renewal"
+    if reason == "requested":
+        return "demand"
+    return "peer" if not reason or reason == "peer request" or not initiator else "other"
+
+
+def _limit_kind(event: m.Expire) -> str:
+    life, cur = event.sa.sa.lifetime, event.sa.current
+    limit = life.hard_bytes if event.hard else life.soft_bytes
+    return "bytes" if cur.bytes >= limit else "packets"
 
 
 def _code(err: BaseException) -> str:

@@ -15,8 +15,11 @@ packets decrypted by an SA of the tunnel satisfy the pair's fwd template). In/fw
 they accept the old and the new SA during a rekey; each generation's outbound SA has a fresh reqid and the
 out policy is switched to it with UPDPOLICY (make-before-break, see `GenerationInstaller`).
 
-Ownership: every object carries `BRIDGE_MARK`; SA reqids come from `REQID_BASE`. At start, objects with our
-mark are removed (tunnels are re-established; adopting them is not done yet).
+Ownership: every object carries `BRIDGE_MARK`; SA reqids come from `REQID_BASE`. At start (`start`), the
+kernel's objects are dumped and `ipsec_bridge.adopt.plan_adoption` decides which form tunnels this bridge can
+prove it made: those are adopted untouched (their traffic never stops), the rest is removed; the block policies
+are only ever (re)installed in place, never removed. Reqids continue above the highest found, and SPIs held by
+adopted SAs are never handed out again.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 
+from ipsec_bridge.adopt import AdoptionPlan, Layout, plan_adoption, summary
 from ipsec_bridge.handshake import HandshakeError
+from ipsec_bridge.pairs import TunnelScope
 from ipsec_bridge.xfrm import messages as m
 from ipsec_bridge.xfrm.consts import Mode, PolicyAction, PolicyDir
 from ipsec_bridge.xfrm.netlink import XfrmError, XfrmSocket
@@ -180,6 +185,7 @@ class SaManager:
         self.settings = settings
         self._reqids = itertools.count(1)
         self._bypass: set[IPAddress] = set()
+        self._held: set[tuple[IPAddress, int]] = set()  # (dst, SPI) of adopted SAs
         self._batches = Coalescer(xfrm)
 
     def close(self) -> None:
@@ -198,25 +204,47 @@ class SaManager:
                     out.append(m.Policy(sel, direction, PolicyAction.BLOCK, BLOCK_PRIORITY, mark=BRIDGE_MARK))
         return out
 
-    async def start(self) -> int:
-        """Block first, then clear what a previous run left behind. Returns how many stale objects went."""
-        await self.xfrm.add_policies(self.block_policies(), update=True)
-        block_ids = {p.id() for p in self.block_policies()}
-        stale_policies = [
-            info.policy.id()
-            for info in await self.xfrm.list_policies()
-            if info.policy.mark == BRIDGE_MARK and info.policy.id() not in block_ids
-        ]
-        stale_sas = [
-            info.sa.id()
-            for info in await self.xfrm.list_sas()
-            if info.sa.mark == BRIDGE_MARK or (info.sa.reqid & REQID_MASK) == REQID_BASE
-        ]
-        await self._delete_policies(stale_policies)
-        await self.delete_sas(stale_sas)
-        if stale_policies or stale_sas:
-            log.info("removed %d policies and %d SAs left by a previous run", len(stale_policies), len(stale_sas))
-        return len(stale_policies) + len(stale_sas)
+    def layout(self, scope: TunnelScope, node_address: IPAddress | None = None) -> Layout:
+        """What this configuration installs, for judging what a previous run left in the kernel."""
+        return Layout(
+            scope=scope,
+            mesh_cidrs=self.settings.mesh_cidrs,
+            mark=BRIDGE_MARK,
+            block=tuple(self.block_policies()),
+            reqid_base=REQID_BASE,
+            reqid_mask=REQID_MASK,
+            spi_min=SPI_MIN,
+            pair_priority=PAIR_PRIORITY,
+            bypass_priority=BYPASS_PRIORITY,
+            node_address=node_address,
+        )
+
+    async def start(self, scope: TunnelScope = TunnelScope.POD, node_address: IPAddress | None = None) -> AdoptionPlan:
+        """Adopt what a previous run left that can be proven ours, remove the rest (see ipsec_bridge.adopt).
+
+        Missing block policies go in before anything is removed (UPDPOLICY: a present one with the same id is
+        replaced in place, so the block is never absent), then the unprovable objects go, policies (out first)
+        before SAs. Adopted objects are not written at all: no UPDSA, so no key or GCM nonce is ever reused."""
+        policies = await self.xfrm.list_policies()
+        sas = await self.xfrm.list_sas()
+        plan = await asyncio.to_thread(plan_adoption, sas, policies, self.layout(scope, node_address))
+        if plan.missing_block:
+            await self.xfrm.add_policies(list(plan.missing_block), update=True)
+        for r in (*plan.remove_policies, *plan.remove_sas):
+            log.info("start: removing %s %s: %s", r.what, r.description, r.reason)
+        await self._delete_policies([r.target for r in plan.remove_policies if isinstance(r.target, m.PolicyId)])
+        await self.delete_sas([r.target for r in plan.remove_sas if isinstance(r.target, m.SaId)])
+        for t in plan.tunnels:
+            log.info("start: adopting tunnel %s (%d older generation(s))", t.describe(), len(t.older))
+        self._bypass = set(plan.bypass)
+        self._reqids = itertools.count(plan.highest_reqid + 1)
+        self._held = set(plan.held_spis())
+        log.info("start: %s", summary(plan))
+        return plan
+
+    def release(self, held: Iterable[tuple[IPAddress, int]]) -> None:
+        """Adopted SAs that are gone: their SPIs are ordinary history now (the kernel keeps them unique)."""
+        self._held.difference_update(held)
 
     async def set_local_pods(self, ips: Iterable[IPAddress]) -> None:
         """Bypass policies for delivery to, and forwarding from, this node's own pods."""
@@ -256,7 +284,11 @@ class SaManager:
         found = m.decode_sas(result)
         if len(found) != 1:
             raise XfrmError("ALLOCSPI", errno.EPROTO, f"expected one SA in the reply, got {len(found)}")
-        return found[0].sa.spi
+        spi = found[0].sa.spi
+        if (ep.local_node, spi) in self._held:
+            # the kernel never hands out a live SPI (tests/kernel pins it); this keeps the promise visible
+            raise XfrmError("ALLOCSPI", errno.EEXIST, f"the kernel returned SPI 0x{spi:08x} of an adopted SA")
+        return spi
 
     def inbound_sa(self, ep: Endpoints, spi: int, aead: m.Aead, reqid: int) -> m.SecurityAssociation:
         return self._sa(ep, spi, aead, reqid, inbound=True)

@@ -21,6 +21,7 @@ from typing import Any
 
 from google.protobuf import any_pb2
 
+from ipsec_bridge.vfmap import Assignment, VfMap, assign
 from protos.istio.security import authorization_pb2
 from protos.istio.workload import workload_pb2
 from xds_server.registry.files import FileRegistrySource, RegistryLoadError
@@ -77,6 +78,7 @@ class MeshPod:
     workload: Workload
     ip: IPAddress
     identity: Identity
+    vf: int | None = None  # its VF on this node, when a VF map is configured (ipsec_bridge.vfmap)
 
     @property
     def node(self) -> str:
@@ -102,6 +104,8 @@ class NodeView:
     node_addresses: Mapping[str, IPAddress]
     synced: bool = True
     received_at: float = 0.0  # time.monotonic() when the store published it (latency measurements only)
+    # --vf-map: this node's pods under the map (those refused are left out of pods_by_ip); None without one
+    vf: Assignment | None = None
 
     def pod(self, ip: IPAddress) -> MeshPod | None:
         return self.pods_by_ip.get(ip)
@@ -124,8 +128,12 @@ def build_view(
     *,
     synced: bool = True,
     received_at: float = 0.0,
+    node: str = "",
+    vf_map: VfMap | None = None,
 ) -> NodeView:
-    """Pure: index the workloads by mesh address and find each node's bridge address."""
+    """Pure: index the workloads by mesh address and find each node's bridge address.
+
+    With `vf_map`, the pods of `node` keep their place only when the map gives them their one VF."""
     ordered = tuple(sorted(workloads, key=lambda w: w.uid))
     claims: dict[IPAddress, list[Workload]] = {}
     node_addresses: dict[str, IPAddress] = {}
@@ -152,6 +160,14 @@ def build_view(
             continue
         owner = owners[0]
         pods[ip] = MeshPod(owner, ip, owner.identity(settings.trust_domain))
+    assignment = None
+    if vf_map is not None:
+        assignment = assign(vf_map, [(p.name, p.ip) for p in pods.values() if p.node == node])
+        for ip, verdict in assignment.verdicts.items():
+            if verdict.entry is None:
+                del pods[ip]  # no VF, no identity on this node: no certificate, no tunnel, no bypass
+            else:
+                pods[ip] = MeshPod(pods[ip].workload, ip, pods[ip].identity, verdict.entry.vf)
     auths = tuple(sorted(authorizations, key=lambda a: a.key))
     return NodeView(
         version=version,
@@ -164,6 +180,7 @@ def build_view(
         node_addresses=MappingProxyType(node_addresses),
         synced=synced,
         received_at=received_at,
+        vf=assignment,
     )
 
 
@@ -204,6 +221,8 @@ class StateStore:
         self._changed = asyncio.Event()
         self._synced_types: set[str] = set()
         self._sync_needed: frozenset[str] = frozenset()
+        self._node = ""
+        self._vf_map: VfMap | None = None
 
     @property
     def view(self) -> NodeView:
@@ -215,6 +234,11 @@ class StateStore:
             {a.key: a for a in authorizations},
         )
         return self._publish(synced=True)
+
+    def set_vf_map(self, node: str, vf_map: VfMap | None) -> NodeView:
+        """--vf-map: judge `node`'s pods by this map from now on (a new view, even before the first sync)."""
+        self._node, self._vf_map = node, vf_map
+        return self._publish(synced=self._view.synced)
 
     def expect_types(self, type_urls: Iterable[str]) -> None:
         """xDS mode: the view counts as synced once every one of these types has answered once."""
@@ -265,6 +289,8 @@ class StateStore:
             self._version,
             synced=synced,
             received_at=time.monotonic(),
+            node=self._node,
+            vf_map=self._vf_map,
         )
         self._notify()
         return self._view
@@ -367,4 +393,5 @@ def describe(view: NodeView) -> dict[str, Any]:
         "policies": len(view.authorizations),
         "node_addresses": {k: str(v) for k, v in sorted(view.node_addresses.items())},
         "conflicting_addresses": {str(k): list(v) for k, v in sorted(view.conflicts.items())},
+        **({"vf": view.vf.describe()} if view.vf is not None else {}),
     }

@@ -64,7 +64,13 @@ COMMANDS: list[Command] = [
         ("tunnels",),
         tunnels.TunnelsOptions,
         tunnels.run,
-        "the IPsec tunnels of zt-bridges (from their admin port), or --rekey them",
+        "the IPsec tunnels of zt-bridges (from their admin port); `tunnels rekey` rekeys them",
+    ),
+    (
+        ("tunnels", "rekey"),
+        tunnels.TunnelsRekeyOptions,
+        tunnels.rekey,
+        "rekey zt-bridges' tunnels now (all, or those of --peer/--local): initiators rekey, responders ask",
     ),
 ]
 
@@ -75,17 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
     root = parser.add_subparsers(metavar="COMMAND")
     root.required = True
     subparsers[()] = root
+    leaves: dict[tuple[str, ...], config.ArgumentParser] = {}
     for entry in COMMANDS:
         words, options, _, help_text = entry
         for depth in range(1, len(words)):
             prefix = words[:depth]
-            if prefix not in subparsers:
+            if prefix not in subparsers and prefix in leaves:
+                # a command that also has subcommands (`tunnels` lists, `tunnels rekey` acts): they are optional
+                subparsers[prefix] = leaves[prefix].add_subparsers(metavar="SUBCOMMAND")
+            elif prefix not in subparsers:
                 group = subparsers[prefix[:-1]].add_parser(prefix[-1], help=f"{' '.join(prefix)} commands")
                 subparsers[prefix] = group.add_subparsers(metavar="SUBCOMMAND")
                 subparsers[prefix].required = True
         sub = subparsers[words[:-1]].add_parser(words[-1], help=help_text, description=help_text)
         config.add_arguments(options, sub)
         sub.set_defaults(_command=entry, _parser=sub)
+        leaves[words] = sub
     return parser
 
 

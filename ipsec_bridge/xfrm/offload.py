@@ -7,9 +7,15 @@ the request), except on kernels older than 6.2, which do not know packet mode fo
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import enum
+from typing import TYPE_CHECKING
 
-from ipsec_bridge.xfrm.messages import Offload
+from ipsec_bridge.xfrm.messages import Offload, SecurityAssociation
+
+if TYPE_CHECKING:
+    from ipsec_bridge.xfrm.netlink import XfrmSocket
 
 
 class OffloadStatus(enum.StrEnum):
@@ -30,3 +36,39 @@ def offload_status(requested: Offload | None, installed: Offload | None) -> Offl
     if requested.is_packet and not installed.is_packet:
         return OffloadStatus.FALLBACK
     return OffloadStatus.PACKET if installed.is_packet else OffloadStatus.CRYPTO
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OffloadProbe:
+    """What the kernel made of one throwaway SA with the bridge's offload settings (checked once at start)."""
+
+    mode: str  # none | crypto | packet, as configured
+    device: str
+    status: OffloadStatus | None  # None: the kernel refused the SA
+    error: str = ""
+
+    @property
+    def usable(self) -> bool:
+        """Whether tunnels can come up: packet mode never runs in software, so a refusal keeps them down."""
+        return self.status is not None
+
+    def describe(self) -> str:
+        if self.status is None:
+            return (f"--offload {self.mode} on {self.device}: the kernel refuses it: {self.error}; tunnels stay "
+                    "down (no software fallback) and mesh traffic stays blocked")  # fmt: skip
+        if self.status is OffloadStatus.FALLBACK:
+            return f"--offload {self.mode} on {self.device}: the kernel accepts it but runs the SAs in software"
+        return f"--offload {self.mode} on {self.device}: the device takes the SAs ({self.status.value} offload)"
+
+
+async def probe(xfrm: XfrmSocket, sa: SecurityAssociation, device: str, mode: str) -> OffloadProbe:
+    """Install `sa` (built like a tunnel's SA, on documentation addresses), read back its offload, delete it."""
+    from ipsec_bridge.xfrm.netlink import XfrmError
+
+    try:
+        status = await xfrm.install_sa(sa)
+    except XfrmError as err:
+        return OffloadProbe(mode, device, None, str(err))
+    with contextlib.suppress(XfrmError):
+        await xfrm.delete_sa(sa.id())
+    return OffloadProbe(mode, device, status)

@@ -76,6 +76,11 @@ def node_facts() -> dict[str, Any]:
     return run_guest("node")
 
 
+@pytest.fixture(scope="module")
+def offload_facts() -> dict[str, Any]:
+    return run_guest("offload")
+
+
 def test_before_any_sa_mesh_traffic_is_blocked_and_nothing_leaves_in_clear(facts: dict[str, Any]) -> None:
     before = facts["before"]
     assert before["ping"] == [3, 0]
@@ -243,6 +248,96 @@ def test_a_certificate_renewal_rekeys_and_an_expired_certificate_removes_the_tun
     assert expiry["ping"] == [5, 0]
     assert expiry["polblock"] >= 5  # the block stayed: nothing in clear
     assert expiry["wire"]["mesh_plaintext"] == 0 and expiry["wire"]["esp"] == 0
+
+
+def test_packet_offload_refused_by_the_kernel_keeps_tunnels_down_and_says_why(offload_facts: dict[str, Any]) -> None:
+    f = offload_facts["packet"]
+    # one line at start, with the kernel's own reason (Linux 6.1 has no packet mode)
+    assert len(f["probe_log"]) == 1, f["probe_log"]
+    assert "--offload packet on eth0: the kernel refuses it: NEWSA" in f["probe_log"][0]
+    assert "Unrecognized flags in offload request" in f["probe_log"][0]
+    assert "no software fallback" in f["probe_log"][0]
+    assert f["dump_offload"]["usable"] is False and f["dump_offload"]["probe"] == "refused"
+    # every tunnel of node-b is failing with that reason; none is up anywhere
+    assert set(f["states_b"].values()) == {"failing"}, f["states_b"]
+    for pair in (f"{B1}-{A1}", f"{B2}-{A1}"):
+        assert "Unrecognized flags in offload request" in f["errors_b"][pair], f["errors_b"]
+    # (a2 has no VF on node-a yet: node-a refuses that pair's handshake before any key)
+    assert f["errors_b"][f"{B2}-{A2}"] == "refused: the responder refused: 10.1.0.11 is not a mesh pod of node node-a"
+    assert set(f["states_a"].values()) == {"failing"}
+    # nothing keyed in node-b's kernel, nothing through: the block stays, no software path
+    assert f["keyed_sas_b"] == 0
+    assert f["ping"] == [5, 0]
+    assert f["wire"]["mesh_plaintext"] == 0 and f["wire"]["esp"] == 0 and f["wire"]["pattern_frames"] == 0
+    metrics = f["metrics_b"]
+    assert metrics['zt_bridge_offload_usable{device="eth0",mode="packet"}'] == 0
+    assert metrics['zt_bridge_tunnels{state="failing"}'] == 3
+    assert metrics['zt_bridge_handshakes_total{result="dataplane",role="initiator"}'] >= 1
+    # ztctl tunnels shows the failing rows and the refusal
+    rows_b = [line for line in f["ztctl_b"].splitlines() if line.startswith("node-b  ")]
+    assert len(rows_b) == 3 and all(" failing " in line for line in rows_b)
+    assert sum("dataplane: Invalid argument (EINVAL): Unrecognized flags" in line for line in rows_b) == 2, rows_b
+    assert "node-b: offload packet on eth0 refused by the kernel: NEWSA" in f["ztctl_b"]
+
+
+def test_crypto_offload_fallback_shows_in_ztctl_and_metrics(offload_facts: dict[str, Any]) -> None:
+    f = offload_facts["crypto"]
+    assert f["offloads_b"] == {f"{B1}-{A1}": "fallback", f"{B2}-{A1}": "fallback", f"{B2}-{A2}": "fallback"}
+    lines = f["ztctl_b"].splitlines()
+    assert "OFFLOAD" in lines[0]
+    assert len(lines) == 4 and all(" fallback " in line for line in lines[1:]), lines
+    metrics = f["metrics_b"]
+    assert metrics['zt_bridge_tunnel_offload{offload="fallback"}'] == 3
+    assert metrics['zt_bridge_tunnel_offload{offload="crypto"}'] == 0
+    assert metrics['zt_bridge_offload_usable{device="eth0",mode="crypto"}'] == 1
+    assert metrics["zt_bridge_offload_fallback_total"] >= 3
+    assert f["ping"] == [10, 10]
+
+
+def test_a_vf_map_decides_which_local_pods_get_tunnels(offload_facts: dict[str, Any]) -> None:
+    f = offload_facts["vf"]
+    # a1 has VF 3; a2 has none: a2's tunnel (to b2) does not exist on node-a, with the reason shown
+    assert sorted(f["first"]["tunnels"]) == [f"{A1}-{B1}", f"{A1}-{B2}"]
+    assert f["first"]["refused"] == [{"pod": "shop/a2", "ip": A2, "reason": "no VF in the VF map names this pod"}]
+    assert f["first"]["vf_of"] == {f"{A1}-{B1}": 3, f"{A1}-{B2}": 3}
+    # the file changes: a2 gets VF 5 -> its tunnel appears, within the poll interval plus a reconcile
+    assert sorted(f["added"]["tunnels"]) == [f"{A1}-{B1}", f"{A1}-{B2}", f"{A2}-{B2}"]
+    assert f["added"]["seconds"] < 3
+    # a broken file: the last good map stays, the error is shown and counted
+    assert f["broken"]["tunnels"] == f["added"]["tunnels"]
+    assert f["broken"]["last_error"] == "entry 1: vf must be a VF index (an integer >= 0), got -1"
+    assert f["broken"]["errors_metric"] == 1
+    # two pods claim VF 3: neither gets a tunnel
+    assert f["conflict"]["tunnels"] == []
+    reasons = {r["pod"]: r["reason"] for r in f["conflict"]["refused"]}
+    assert reasons == {
+        "shop/a1": "VF 3 is claimed by 2 entries (shop/a1, shop/a2)",
+        "shop/a2": "VF 3 is claimed by 2 entries (shop/a1, shop/a2)",
+    }
+    assert f["conflict"]["leftover_sas_a"] == 0
+    assert "no tunnels for shop/a1 (10.1.0.10): VF 3 is claimed by 2 entries" in f["conflict"]["ztctl_a"]
+
+
+def test_the_vf_column_metrics_and_rekey_triggers_of_a_running_bridge(offload_facts: dict[str, Any]) -> None:
+    f = offload_facts["crypto"]
+    lines = f["ztctl_a"].splitlines()
+    header = lines[0]
+    assert "VF" in header.split("  ") and header.index("OFFLOAD") < header.index("VF") < header.index("NEXT REKEY")
+    vf_at = header.index("VF")
+    by_local = {line.split()[1]: line[vf_at:].split()[0] for line in lines[1:]}
+    assert by_local == {"shop/a1": "3", "shop/a2": "5"}, lines
+    a = f["metrics_a"]
+    assert a['zt_bridge_vf_pods{pod="shop/a1",vf="3"}'] == 1 and a['zt_bridge_vf_pods{pod="shop/a2",vf="5"}'] == 1
+    assert a['zt_bridge_vf_sa_packets{direction="out",vf="3"}'] >= 10
+    assert a['zt_bridge_vf_sa_packets{direction="in",vf="3"}'] >= 10
+    assert a["zt_bridge_vf_refused_pods"] == 0 and a["zt_bridge_vf_map_entries"] == 2
+    assert a['zt_bridge_rekeys_total{role="initiator",trigger="demand"}'] >= 1
+    assert f["rekey_answer"] == "node-a: 1 tunnel(s) rekeying"
+    for name in ('zt_bridge_sa_bytes{direction="in"}', 'zt_bridge_sa_packets{direction="out"}',
+                 'zt_bridge_xfrm_stat{counter="XfrmInNoStates"}', 'zt_bridge_tunnels{state="up"}'):  # fmt: skip
+        assert name in a, name
+    assert a['zt_bridge_handshakes_total{result="ok",role="initiator"}'] >= 1
+    assert a['zt_bridge_xfrm_stat{counter="XfrmInNoStates"}'] == 0
 
 
 # ================================================================================================================
@@ -449,6 +544,13 @@ class Guest:
                 out[metric] += float(value)
         return dict(out)
 
+    async def raw_metrics(self, name: str) -> dict[str, float]:
+        """Every sample as `name{labels}` -> value (labels as rendered: sorted)."""
+        async with self.http.get(f"http://127.0.0.1:{ADMIN[name]}/metrics") as resp:
+            text = await resp.text()
+        samples = (line.rsplit(" ", 1) for line in text.splitlines() if line.strip() and not line.startswith("#"))
+        return {key: float(value) for key, value in samples}
+
     async def wait_rows(self, name: str, predicate: Any, seconds: float = 60) -> dict[str, dict[str, Any]]:
         async with asyncio.timeout(seconds):
             while True:
@@ -475,7 +577,8 @@ class Guest:
         self.facts["ztd_start_seconds"] = round(time.monotonic() - started, 1)
         async with aiohttp.ClientSession() as self.http:
             try:
-                await (self.story() if scenario == "pod" else self.story_node())
+                stories = {"pod": self.story, "node": self.story_node, "offload": self.story_offload}
+                await stories[scenario]()
             finally:
                 for proc in self.procs.values():
                     if proc.returncode is None:
@@ -640,6 +743,108 @@ class Guest:
             "wire": classify(await cap.stop()),
         }
         f["seconds"]["expired"] = round(time.monotonic() - t0, 1)
+
+    async def story_offload(self) -> None:
+        """node-a with a VF map, node-b with packet offload on its veth (refused), then crypto (falls back)."""
+        f = self.facts
+        ztctl = [sys.executable, "-m", "ztctl", "tunnels", "--bridge", f"127.0.0.1:{ADMIN['a']}",
+                 "--bridge", f"127.0.0.1:{ADMIN['b']}"]  # fmt: skip
+        vf_map = Path("/run/vf-map.yaml")
+
+        def write_vf_map(text: str) -> None:
+            tmp = vf_map.with_suffix(".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, vf_map)  # as a node agent would: never a half-written file
+
+        write_vf_map(f"- {{vf: 3, pod: shop/a1, ip: {A1}, netdev: pf0vf3}}\n")
+        t0 = time.monotonic()
+        await asyncio.gather(
+            self.start_bridge("a", "node-a", "nodeA", "--vf-map", str(vf_map), "--config-poll", "0.2s"),
+            self.start_bridge("b", "node-b", "nodeB", "--offload-dev", "eth0", "--offload", "packet"),
+        )
+        seconds = {"bridges_ready": round(time.monotonic() - t0, 1)}
+
+        # 1. packet offload refused: every tunnel of node-b fails with the kernel's reason, nothing goes through
+        rows_b = await self.wait_rows("b", lambda r: len(r) == 3 and all(x["state"] == "failing" for x in r.values()))
+        rows_a = await self.rows("a")
+        keyed_b = [i for i in await self.our_sas("nodeB") if i.sa.aead is not None]
+        cap = Capture("nodeA", "eth0", "/run/off.pcap")
+        await cap.start()
+        ping_blocked = await ping("a1", B1, 5, "0.1")
+        log_b = await asyncio.to_thread(Path("/run/bridge-b.log").read_text)
+        f["packet"] = {
+            "probe_log": [line for line in log_b.splitlines() if "--offload packet on eth0" in line],
+            "dump_offload": (await self.dump("b"))["offload"],
+            "states_b": {k: r["state"] for k, r in rows_b.items()},
+            "errors_b": {k: r["last_error"] for k, r in rows_b.items()},
+            "states_a": {k: r["state"] for k, r in rows_a.items()},
+            "keyed_sas_b": len(keyed_b),
+            "ping": ping_blocked,
+            "wire": classify(await cap.stop()),
+            "metrics_b": await self.raw_metrics("b"),
+            "ztctl_b": await sh(*ztctl, "--node", "node-b"),
+        }
+
+        # 2. the VF map on node-a: a2 has no VF; then it gets one; then a broken file; then a conflict
+        async def vf_state() -> dict[str, Any]:
+            dump = await self.dump("a")
+            return {
+                "tunnels": sorted(f"{r['local_address']}-{r['peer_address']}" for r in dump["tunnels"]),
+                "vf_of": {f"{r['local_address']}-{r['peer_address']}": r.get("vf") for r in dump["tunnels"]},
+                "refused": dump["state"]["vf"]["refused"],
+                "last_error": dump["vf_map"]["last_error"],
+            }
+
+        seconds["packet_checked"] = round(time.monotonic() - t0, 1)
+        vf: dict[str, Any] = {"first": await vf_state()}
+        changed = time.monotonic()
+        write_vf_map(f"- {{vf: 3, pod: shop/a1, ip: {A1}, netdev: pf0vf3}}\n- {{vf: 5, pod: shop/a2, ip: {A2}}}\n")
+        await self.wait_rows("a", lambda r: f"{A2}-{B2}" in r, 10)
+        vf["added"] = {**await vf_state(), "seconds": round(time.monotonic() - changed, 2)}
+        write_vf_map("- {vf: -1, pod: shop/a1}\n")
+        async with asyncio.timeout(10):
+            while True:
+                if (await self.dump("a"))["vf_map"]["last_error"]:
+                    break
+                await asyncio.sleep(0.1)
+        vf["broken"] = {
+            **await vf_state(),
+            "errors_metric": (await self.raw_metrics("a"))["zt_bridge_vf_map_errors_total"],
+        }
+        write_vf_map("- {vf: 3, pod: shop/a1}\n- {vf: 3, pod: shop/a2}\n")
+        await self.wait_rows("a", lambda r: not r, 10)
+        vf["conflict"] = {
+            **await vf_state(),
+            "leftover_sas_a": len([i for i in await self.our_sas("nodeA") if i.sa.aead is not None]),
+            "ztctl_a": await sh(*ztctl, "--node", "node-a"),
+        }
+        f["vf"] = vf
+        write_vf_map(f"- {{vf: 3, pod: shop/a1, ip: {A1}, netdev: pf0vf3}}\n- {{vf: 5, pod: shop/a2, ip: {A2}}}\n")
+
+        seconds["vf_checked"] = round(time.monotonic() - t0, 1)
+
+        # 3. node-b again, with crypto offload on the veth: the tunnels come up, visibly in software
+        self.procs["b"].send_signal(signal.SIGTERM)
+        await asyncio.wait_for(self.procs["b"].wait(), 20)
+        await self.start_bridge("b", "node-b", "nodeB", "--offload-dev", "eth0", "--offload", "crypto")
+        seconds["b_restarted"] = round(time.monotonic() - t0, 1)
+        await sh(*ztctl, "rekey", "--node", "node-a")  # skip node-a's retry backoff from the failing phase
+        for name in ("a", "b"):
+            await self.wait_rows(name, lambda r: len(r) == 3 and all(x["state"] == "up" for x in r.values()), 60)
+        seconds["crypto_up"] = round(time.monotonic() - t0, 1)
+        generation = (await self.rows("a"))[f"{A1}-{B1}"]["generation"]
+        crypto: dict[str, Any] = {}
+        crypto["rekey_answer"] = (await sh(*ztctl, "rekey", "--node", "node-a", "--peer", B1)).strip()
+        await self.wait_rows("a", lambda r: (r[f"{A1}-{B1}"].get("generation") or 0) > generation, 20)
+        crypto["ping"] = await ping("a1", B1, 10, "0.05")  # on the new generation: its SAs' counters
+        crypto["offloads_b"] = {k: r.get("offload") for k, r in (await self.rows("b")).items()}
+        crypto["ztctl_b"] = await sh(*ztctl, "--node", "node-b")
+        crypto["ztctl_a"] = await sh(*ztctl, "--node", "node-a")
+        crypto["metrics_a"] = await self.raw_metrics("a")
+        crypto["metrics_b"] = await self.raw_metrics("b")
+        f["crypto"] = crypto
+        seconds["done"] = round(time.monotonic() - t0, 1)
+        f["seconds"] = seconds
 
     async def tcp_echo(self) -> str:
         server = (

@@ -1,11 +1,15 @@
-"""`ztctl tunnels [--node N] [--rekey]`: a zt-bridge's tunnels, from its admin port; or rekey them.
+"""`ztctl tunnels [--node N]`: a zt-bridge's tunnels, from its admin port; `ztctl tunnels rekey`: rekey them.
 
 `--bridge ADDR` (repeatable) names the bridges' admin addresses; `--node N` keeps the bridges of node N.
-Columns: NODE LOCAL PEER LOCAL IDENTITY PEER IDENTITY SPI IN SPI OUT AGE BYTES PACKETS OFFLOAD NEXT REKEY
-(bytes and packets as in/out; offload none, crypto, packet, or fallback when the kernel ignored the request).
-Tunnels that are not up show their state and last error instead of SPIs. `-o json` prints the bridges'
-/config_dump documents. `--rekey` asks each bridge to rekey its tunnels now (all, or the --peer/--local
-ones): the initiator of each tunnel runs a new handshake, a responder asks its initiator to.
+Columns: NODE LOCAL PEER LOCAL IDENTITY PEER IDENTITY SPI IN SPI OUT AGE BYTES PACKETS OFFLOAD [VF] NEXT REKEY
+(bytes and packets as in/out; offload none, crypto, packet, or fallback when the kernel ignored the request;
+VF only when a bridge runs with --vf-map). Tunnels that are not up show their state and last error instead
+of SPIs; local pods the VF map refuses, and a refused --offload, are listed under the table with the reason.
+`-o json` prints the bridges' /config_dump documents.
+
+`ztctl tunnels rekey [--peer P] [--local L]` asks each bridge to rekey its tunnels now (all, or the chosen
+ones): the initiator of each tunnel runs a new handshake, a responder asks its initiator to. The older
+`ztctl tunnels --rekey` still works (deprecated).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,6 +31,7 @@ COLUMNS = (
     "NODE", "LOCAL", "PEER", "LOCAL IDENTITY", "PEER IDENTITY", "SPI IN", "SPI OUT", "AGE", "BYTES IN/OUT",
     "PACKETS IN/OUT", "OFFLOAD", "NEXT REKEY",
 )  # fmt: skip
+VF_COLUMNS = (*COLUMNS[:-1], "VF", COLUMNS[-1])  # with --vf-map: the local pod's VF
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +41,20 @@ class TunnelsOptions:
     bridge: tuple[str, ...] = option(["127.0.0.1:15030"], "admin address of a zt-bridge (repeat for several)")
     node: str = option("", "only the bridge(s) of this node")
     output: str = option("short", "output format", choices=("short", "json"), short="-o")
-    rekey: bool = option(False, "rekey the tunnels now instead of listing them")
+    rekey: bool = option(False, "deprecated: use `ztctl tunnels rekey`")
     peer: str = option("", "with --rekey: only tunnels to this peer (pod address or name, or node)")
     local: str = option("", "with --rekey: only tunnels of this local pod (address or name)")
+    timeout: Duration = option(Duration(10), "how long to wait for each bridge")
+
+
+@dataclasses.dataclass(frozen=True)
+class TunnelsRekeyOptions:
+    ENV_PREFIX = "ZTCTL"
+
+    bridge: tuple[str, ...] = option(["127.0.0.1:15030"], "admin address of a zt-bridge (repeat for several)")
+    node: str = option("", "only the bridge(s) of this node")
+    peer: str = option("", "only tunnels to this peer (pod address or NAMESPACE/NAME, or node)")
+    local: str = option("", "only tunnels of this local pod (address or NAMESPACE/NAME)")
     timeout: Duration = option(Duration(10), "how long to wait for each bridge")
 
 
@@ -83,17 +100,31 @@ def _age(seconds: Any) -> str:
     return f"{s // 3600}h{(s % 3600) // 60}m"
 
 
-def rows(dumps: Sequence[Mapping[str, Any]]) -> list[tuple[str, ...]]:
+def _short_error(error: str) -> str:
+    """`dataplane: UPDSA esp spi ... failed: EINVAL: reason` -> `dataplane: EINVAL: reason`: the table shows why."""
+    code, sep, rest = error.partition(": ")
+    if sep and " failed: " in rest:
+        return f"{code}: {rest.split(' failed: ', 1)[1]}"
+    return error
+
+
+def has_vf_map(dumps: Sequence[Mapping[str, Any]]) -> bool:
+    return any("vf_map" in d for d in dumps)
+
+
+def rows(dumps: Sequence[Mapping[str, Any]], vf: bool = False) -> list[tuple[str, ...]]:
+    """Table rows (COLUMNS, or VF_COLUMNS with `vf`)."""
     out: list[tuple[str, ...]] = []
     for dump in dumps:
         node = str(dump.get("node", "?"))
         for t in dump.get("tunnels", []):
             local = f"{t.get('local')} ({t.get('local_address')})"
             peer = f"{t.get('peer')} ({t.get('peer_address')})"
-            if t.get("state") != "up":
-                error = t.get("last_error") or ""
+            vf_cell = (str(t["vf"]) if t.get("vf") is not None else "-",) if vf else ()
+            if t.get("state") not in ("up", "adopted"):  # adopted: left by a previous run, being rekeyed
+                error = _short_error(t.get("last_error") or "")
                 out.append((node, local, peer, t.get("local_identity", ""), t.get("peer_identity", ""),
-                            t.get("state", "?"), error[:60], "-", "-", "-", "-", "-"))  # fmt: skip
+                            t.get("state", "?"), error[:90], "-", "-", "-", "-", *vf_cell, "-"))  # fmt: skip
                 continue
             out.append(
                 (
@@ -102,9 +133,28 @@ def rows(dumps: Sequence[Mapping[str, Any]]) -> list[tuple[str, ...]]:
                     f"{_bytes(t.get('bytes_in'))}/{_bytes(t.get('bytes_out'))}",
                     f"{t.get('packets_in', '-')}/{t.get('packets_out', '-')}",
                     str(t.get("offload", "-")),
-                    _age(t.get("next_rekey_seconds")) if t.get("role") == "initiator" else "(peer)",
+                    *vf_cell,
+                    "(adopted)" if t.get("state") == "adopted"
+                    else _age(t.get("next_rekey_seconds")) if t.get("role") == "initiator" else "(peer)",
                 )
             )  # fmt: skip
+    return out
+
+
+def notes(dumps: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What has no row but keeps tunnels down: a refused --offload, local pods the VF map refuses."""
+    out: list[str] = []
+    for dump in dumps:
+        node = str(dump.get("node", "?"))
+        offload = dump.get("offload") or {}
+        if offload and not offload.get("usable", True):
+            out.append(f"{node}: offload {offload.get('mode')} on {offload.get('device')} refused by the kernel: "
+                       f"{offload.get('error')} (no software fallback: tunnels stay down)")  # fmt: skip
+        vf_map = dump.get("vf_map") or {}
+        if vf_map.get("last_error"):
+            out.append(f"{node}: VF map {vf_map.get('path')}: {vf_map['last_error']} (the previous map stays)")
+        for pod in ((dump.get("state") or {}).get("vf") or {}).get("refused", []):
+            out.append(f"{node}: no tunnels for {pod.get('pod')} ({pod.get('ip')}): {pod.get('reason')}")
     return out
 
 
@@ -122,22 +172,32 @@ def run(opts: TunnelsOptions) -> int:
     if not opts.bridge:
         raise CliError("give at least one --bridge address")
     if (opts.peer or opts.local) and not opts.rekey:
-        raise CliError("--peer and --local select tunnels to rekey; add --rekey")
+        raise CliError("--peer and --local select tunnels to rekey: use `ztctl tunnels rekey --peer/--local`")
     if opts.rekey:
-        return _rekey(opts)
+        print("ztctl tunnels: --rekey is deprecated, use `ztctl tunnels rekey`", file=sys.stderr)
+        return _rekey(TunnelsRekeyOptions(opts.bridge, opts.node, opts.peer, opts.local, opts.timeout))
     dumps = _select(asyncio.run(fetch_dumps(opts.bridge, float(opts.timeout))), opts.node)
     if opts.output == "json":
         print(json.dumps(dumps if len(dumps) > 1 else dumps[0], indent=2))
         return 0
-    table = rows(dumps)
-    if not table:
+    vf = has_vf_map(dumps)
+    table = rows(dumps, vf)
+    if table:
+        print(tabulate(VF_COLUMNS if vf else COLUMNS, table, padding=2), end="")
+    else:
         print("No tunnels.")
-        return 0
-    print(tabulate(COLUMNS, table, padding=2), end="")
+    for line in notes(dumps):
+        print(line)
     return 0
 
 
-def _rekey(opts: TunnelsOptions) -> int:
+def rekey(opts: TunnelsRekeyOptions) -> int:
+    if not opts.bridge:
+        raise CliError("give at least one --bridge address")
+    return _rekey(opts)
+
+
+def _rekey(opts: TunnelsRekeyOptions) -> int:
     deadline = float(opts.timeout)
 
     async def go() -> list[tuple[str, int]]:
