@@ -4,8 +4,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl >/dev/null; }
+# On a cold machine the real Istio and Kubernetes binaries take many minutes to build: start both now, while
+# tox installs, instead of one after the other when a test first needs them. The scripts hold a lock, so a
+# test that needs a tool waits for this build rather than starting its own; on a warm cache they return at once.
+cache="${ZTDPU_CACHE:-$HOME/.cache/ztdpu}"
+mkdir -p "$cache"
+prefetch=()
+if command -v go >/dev/null; then
+  scripts/istio-tools.sh >"$cache/prefetch-istio.log" 2>&1 & prefetch+=($!)
+  scripts/kube-tools.sh >"$cache/prefetch-kube.log" 2>&1 & prefetch+=($!)
+fi
 if [ ! -x .venv-tools/bin/tox ]; then
   python3 -m venv .venv-tools
   .venv-tools/bin/pip install -q --disable-pip-version-check "tox>=4.20,<5"
 fi
-exec .venv-tools/bin/tox run -e tests,lint,type -- "$@"
+status=0
+.venv-tools/bin/tox run -e tests,lint,type -- "$@" || status=$?
+# A build that failed was reported by the test that needed it; do not leave one running behind us.
+for pid in "${prefetch[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+exit "$status"
