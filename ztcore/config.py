@@ -152,7 +152,7 @@ def add_arguments(cls: type[Any], parser: argparse.ArgumentParser) -> None:
                 field.name,
                 type=_typed(conv, field.name),
                 metavar=field.metadata.get("metavar"),
-                help=field.metadata.get("help", ""),
+                help=str(field.metadata.get("help", "")).replace("%", "%%"),
             )
             continue
         flag = "--" + field.name.replace("_", "-")
@@ -165,7 +165,8 @@ def add_arguments(cls: type[Any], parser: argparse.ArgumentParser) -> None:
             default = None
         shown = ",".join(default) if isinstance(default, tuple) else default
         envs = " or ".join((env_name(cls, field), *field.metadata.get("env_aliases", ())))
-        help_text = f"{field.metadata.get('help', '')} [env {envs}; default {shown!s}]"
+        # argparse %-formats help strings: a literal "10%" in an option's text must not break --help
+        help_text = f"{field.metadata.get('help', '')} [env {envs}; default {shown!s}]".replace("%", "%%")
         common: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS, "help": help_text}
         if kind == "bool":
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, **common)

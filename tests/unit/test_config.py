@@ -104,3 +104,28 @@ def test_every_ztd_flag_has_an_env_var_in_help(capsys: pytest.CaptureFixture[str
         assert f"--{field.name.replace('_', '-')}" in out
         assert config.env_name(ZtdConfig, field) in out
     assert "env CA_TRUSTED_NODE_ACCOUNTS" in out and "env ZTD_XDS_PORT" in out
+
+
+def test_a_percent_sign_in_an_option_text_does_not_break_help(capsys: pytest.CaptureFixture[str]) -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Jitter:
+        rekey: Duration = option(Duration(3600), "rekey this often (with 10% jitter)")
+
+    with pytest.raises(SystemExit) as exit_info:
+        config.load(Jitter, ["--help"], {}, prog="demo", description="")
+    assert exit_info.value.code == 0
+    assert "(with 10% jitter)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", ["ztd", "ztctl", "zt-agent", "zt-bridge"])
+def test_every_console_script_answers_help(script: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """What pyproject installs: each entry point's --help exits 0 and prints usage."""
+    import importlib
+    import tomllib
+
+    target = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["scripts"][script]
+    module, func = target.split(":")
+    with pytest.raises(SystemExit) as exit_info:
+        getattr(importlib.import_module(module), func)(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
