@@ -10,8 +10,10 @@ On the wire (TCP from the initiator's bridge to the responder's, port --port), t
             policy admits the pair. A side that finds otherwise sends reject {reason} and closes.
     R -> I  accept {spi_r}   R verified I, then reserved its inbound SPI (ALLOCSPI)
     I -> R  ready {spi_i}    I verified R, reserved spi_i, derived the keys, installed its inbound SA
-    R -> I  done             R derived the keys, installed its inbound and outbound SAs and switched its policies
-    then I installs its outbound SA and switches.
+    R -> I  done             R derived the keys, installed its inbound and outbound SAs (and its policies, unless
+                             the installer defers them)
+    then I installs its outbound SA (and policies). zt-bridge defers the pair policies on both sides until the
+    exchange is over: its deadline bounds the exchange, not a node tunnel's thousands of policies.
 
 No key exists and nothing is installed before both sides have verified each other. Each side installs its
 outbound SA only after the peer's inbound SA for it exists, so no packet is ever sent under an SPI the
@@ -419,7 +421,7 @@ class Installer(Protocol):
     async def allocate_spi(self) -> int: ...
 
     async def install(self, inbound: tuple[int, Aead] | None, outbound: tuple[int, Aead] | None) -> None:
-        """Inbound SA first, then outbound SA and the switch of the pair's policies to it."""
+        """Inbound SA first, then outbound SA and (unless the caller switches them later) the pair's policies."""
 
     async def rollback(self) -> None: ...
 

@@ -71,7 +71,10 @@ class BridgeSettings:
     rekey_interval: float = 3600.0
     rekey_jitter: float = 0.1
     grace: float = 2.0
-    handshake_timeout: float = 10.0
+    handshake_timeout: float = 10.0  # the exchange with the peer (TLS, SPIs, the SAs); not the pair policies
+    # The pair policies go in after the exchange, under their own deadline: handshake_timeout plus this much per
+    # policy (a node tunnel with 10,000 pod pairs switches 10,000-30,000 of them; UML needed up to 31 s).
+    policy_seconds_each: float = 0.005
     cert_wait: float = 10.0
     key_bytes: int = 16
     max_parallel_handshakes: int = 32
@@ -482,8 +485,26 @@ class TunnelManager:
     def _installer(self, t: Tunnel) -> GenerationInstaller:
         previous = t.current.reqid if t.current is not None else None
         return GenerationInstaller(
-            self.sa, t.spec.endpoints, t.spec.selectors, self.sa.next_reqid(), previous, guard=t.guard
-        )
+            self.sa, t.spec.endpoints, t.spec.selectors, self.sa.next_reqid(), previous, guard=t.guard,
+            defer_policies=True,
+            # a rekey: the current generation's in/fwd policies (reqid 0) stay as they are, only out switches
+            in_place=t.spec.selectors if t.current is not None else (),
+        )  # fmt: skip
+
+    async def _switch(self, t: Tunnel, installer: GenerationInstaller) -> float:
+        """The exchange is over and both SAs exist: switch the pair policies under their own deadline, which
+        grows with the number of policies. Rolls the generation back if that fails. Returns the seconds taken."""
+        started = time.monotonic()
+        s = self.settings
+        pairs = len(t.spec.selectors)
+        policies = pairs if t.current is not None else 3 * pairs
+        try:
+            async with asyncio.timeout(s.handshake_timeout + policies * s.policy_seconds_each):
+                await installer.switch(t.spec.selectors)  # the pairs as they are now (the state may have moved)
+        except BaseException:
+            await installer.rollback()
+            raise
+        return time.monotonic() - started
 
     def _preamble(self, spec: TunnelSpec, kind: Kind) -> Preamble:
         key_bytes = self.settings.key_bytes
@@ -523,7 +544,8 @@ class TunnelManager:
                         result = await initiate(reader, writer, self._preamble(t.spec, Kind.HANDSHAKE), plan)
                     finally:
                         writer.close()
-                await self._commit(t, installer, result)
+                switch_seconds = await self._switch(t, installer)
+                await self._commit(t, installer, result, switch_seconds)
         except asyncio.CancelledError:
             raise
         except (HandshakeError, OSError, TimeoutError, XfrmError) as err:
@@ -541,13 +563,17 @@ class TunnelManager:
         t.last_error = f"{code}: {err}"
         log.warning("handshake (%s) for %s failed: %s; retry in %.1fs", role, _describe(t.spec), t.last_error, delay)
 
-    async def _commit(self, t: Tunnel, installer: GenerationInstaller, result: Result) -> None:
+    async def _commit(self, t: Tunnel, installer: GenerationInstaller, result: Result, switch_seconds: float) -> None:
         role = "initiator" if result.initiator else "responder"
         if t.removed:
             await installer.rollback()
             await self.sa.remove_policies(t.spec.endpoints, t.spec.selectors)
             self.metrics.handshakes.inc(role=role, result="removed")
             return
+        switched = set(installer.selectors)
+        added = [sel for sel in t.spec.selectors if sel not in switched]
+        if added:  # pairs the state added while the policies were switched went to the old generation
+            await self.sa.switch_policies(t.spec.endpoints, added, installer.reqid)
         now = time.monotonic()
         t.generations += 1
         gen = Generation(
@@ -560,10 +586,12 @@ class TunnelManager:
             established=self._clock(),
             established_mono=now,
             not_after=min(result.local_not_after, result.peer_not_after),
-            handshake_seconds=result.seconds,
+            handshake_seconds=result.seconds + switch_seconds,
         )
         if t.current is not None:
-            t.retiring.append((t.current, now + self.settings.grace))
+            # the peer switches the same pairs at the same time as we did: its out policies may still use the old
+            # SAs for about as long as ours took, so the old generation lives that much past the grace period
+            t.retiring.append((t.current, now + self.settings.grace + switch_seconds))
             if t.current.origin == "adopted":
                 self.metrics.adoption.inc(decision="rekeyed")
             self.metrics.rekeys.inc(role=role, trigger=rekey_trigger(t.rekey_reason, t.limit_kind, result.initiator))
@@ -581,7 +609,7 @@ class TunnelManager:
             jitter = self._rng.uniform(1 - self.settings.rekey_jitter, 1.0)
             t.next_rekey = now + self.settings.rekey_interval * jitter
         self.metrics.handshakes.inc(role=role, result="ok")
-        self.metrics.handshake_seconds.observe(result.seconds)
+        self.metrics.handshake_seconds.observe(gen.handshake_seconds)
         if gen.offload is OffloadStatus.FALLBACK:
             self.metrics.offload_fallbacks.inc()
             log.warning("tunnel %s: offload requested but the kernel runs its SAs in software", _describe(t.spec))
@@ -597,22 +625,23 @@ class TunnelManager:
         s = self.settings
         t: Tunnel | None = None
         try:
-            async with asyncio.timeout(s.handshake_timeout):
-                preamble = await read_preamble(reader)
-                if preamble.kind is Kind.REKEY_REQUEST:
-                    refusal = self._on_rekey_request(preamble)
-                    if refusal is not None:
-                        await refuse(writer, refusal)
-                        raise HandshakeError("refused", f"rekey request refused: {refusal}")
-                    writer.write(status_ok())
-                    await writer.drain()
-                    return
-                try:
-                    t = self._responder_tunnel(preamble)
-                except HandshakeError as err:
-                    await refuse(writer, str(err))
-                    raise
-                async with t.lock:
+            async with contextlib.AsyncExitStack() as held:  # t.lock, from the exchange to the commit
+                async with asyncio.timeout(s.handshake_timeout):
+                    preamble = await read_preamble(reader)
+                    if preamble.kind is Kind.REKEY_REQUEST:
+                        refusal = self._on_rekey_request(preamble)
+                        if refusal is not None:
+                            await refuse(writer, refusal)
+                            raise HandshakeError("refused", f"rekey request refused: {refusal}")
+                        writer.write(status_ok())
+                        await writer.drain()
+                        return
+                    try:
+                        t = self._responder_tunnel(preamble)
+                    except HandshakeError as err:
+                        await refuse(writer, str(err))
+                        raise
+                    await held.enter_async_context(t.lock)
                     installer = self._installer(t)
                     try:
                         plan = await self._plan(t, installer)
@@ -620,7 +649,15 @@ class TunnelManager:
                         await refuse(writer, str(err))
                         raise
                     result = await respond(reader, writer, preamble, plan)
-                    await self._commit(t, installer, result)
+                writer.close()  # the exchange is over; the policies follow under their own deadline
+                try:
+                    switch_seconds = await self._switch(t, installer)
+                except (TimeoutError, XfrmError, HandshakeError):
+                    # the initiator may already use the new SAs the rollback removed: ask it for a fresh generation
+                    if not t.removed:
+                        t.want_rekey("policy install failed")
+                    raise
+                await self._commit(t, installer, result, switch_seconds)
         except (HandshakeError, OSError, TimeoutError, XfrmError) as err:
             code = _code(err)
             self.metrics.handshakes.inc(role="responder", result=code)
@@ -771,22 +808,38 @@ class TunnelManager:
                 adopted, self._adopted = self._adopted, []
                 for a in adopted:
                     await self._drop_adopted(a, "no workload state within the adoption deadline")
+            await self._retire_due(now)
             for t in list(self.tunnels.values()):
                 wait = min(wait, await self._tick(t, tg, now, wall))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(wait, 0.01))
 
+    async def _retire_due(self, now: float) -> None:
+        """Delete every tunnel's generations whose grace period is over, all in one netlink batch (after a bulk
+        rekey thousands are due together); each tunnel's SAs still succeed or fail on their own."""
+        due: list[tuple[Tunnel, list[Generation]]] = []
+        for t in self.tunnels.values():
+            gens = [g for g, at in t.retiring if at <= now]
+            if gens:
+                t.retiring = [(g, at) for g, at in t.retiring if at > now]
+                due.append((t, gens))
+        if not due:
+            return
+        groups = [[i for g in gens for i in g.sa_ids(self.sa, t.spec.endpoints)] for t, gens in due]
+        try:
+            errors = await self.sa.delete_sa_groups(groups)
+        except XfrmError as err:  # not one answer came back
+            errors = [err] * len(due)
+        for (t, gens), error in zip(due, errors, strict=True):
+            if error is None:
+                self._forget(t, gens)
+            else:
+                log.warning("deleting retired SAs of %s: %s", _describe(t.spec), error)
+
     async def _tick(self, t: Tunnel, tg: asyncio.TaskGroup, now: float, wall: dt.datetime) -> float:
-        """Due work for one tunnel; returns seconds until it next needs attention (at most 1)."""
+        """Due work for one tunnel (its retired SAs went in `_retire_due`); returns seconds until it next needs
+        attention (at most 1)."""
         wait = 1.0
-        due = [g for g, at in t.retiring if at <= now]
-        if due:
-            t.retiring = [(g, at) for g, at in t.retiring if at > now]
-            try:
-                await self.sa.delete_sas([i for g in due for i in g.sa_ids(self.sa, t.spec.endpoints)])
-                self._forget(t, due)
-            except XfrmError as err:
-                log.warning("deleting retired SAs of %s: %s", _describe(t.spec), err)
         if t.retiring:
             wait = min(wait, min(at for _, at in t.retiring) - now)
         g = t.current

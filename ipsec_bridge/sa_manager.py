@@ -320,9 +320,12 @@ class SaManager:
         selectors: Sequence[PairSelector],
         inbound: SaKey | None,
         outbound: SaKey | None,
+        *,
+        switch: bool = True,
+        in_place: Iterable[PairSelector] = (),
     ) -> tuple[OffloadStatus, OffloadStatus]:
         """One netlink batch, applied in order: the inbound SA (UPDSA over ALLOCSPI's larval state), then the
-        outbound SA, then the pairs' in/fwd policies and the out policies switched to `reqid`.
+        outbound SA, then (with `switch`, see `switch_policies`) the pairs' policies switched to `reqid`.
 
         Returns the offload each SA really got (read back only when offload was asked for)."""
         requests: list[m.Request] = []
@@ -333,11 +336,12 @@ class SaManager:
         if outbound is not None:
             sa_out = self.outbound_sa(ep, outbound[0], outbound[1], reqid)
             requests.append(m.new_sa(sa_out))
-            requests.extend(m.new_policy(p, update=True) for p in self._pair_policies(ep, selectors, reqid))
+            if switch:
+                requests.extend(self._switch_requests(ep, selectors, reqid, in_place))
         _first_error(await self._batches.submit(requests))
         status_in = await self._offload_of(sa_in)
         status_out = await self._offload_of(sa_out)
-        if outbound is not None:
+        if outbound is not None and switch:
             await self._check_policy_offload(ep, selectors, reqid)
         return status_in, status_out
 
@@ -368,6 +372,21 @@ class SaManager:
         if ids:
             _first_error(await self._batches.submit([m.delete_sa(i) for i in ids]), ignore_missing=True)
 
+    async def delete_sa_groups(self, groups: Sequence[Sequence[m.SaId]]) -> list[XfrmError | None]:
+        """Many tunnels' SAs in one batch; per group its first error (None: all gone), as `delete_sas` would."""
+        requests = [m.delete_sa(i) for ids in groups for i in ids]
+        results = await self._batches.submit(requests) if requests else []
+        out: list[XfrmError | None] = []
+        pos = 0
+        for ids in groups:
+            try:
+                _first_error(results[pos : pos + len(ids)], ignore_missing=True)
+                out.append(None)
+            except XfrmError as err:
+                out.append(err)
+            pos += len(ids)
+        return out
+
     def inbound_id(self, ep: Endpoints, spi: int) -> m.SaId:
         return m.SaId(ep.local_node, spi, mark=BRIDGE_MARK, src=ep.peer_node)
 
@@ -394,17 +413,24 @@ class SaManager:
             for d in (PolicyDir.IN, PolicyDir.FWD)
         ]
 
-    def _pair_policies(self, ep: Endpoints, selectors: Sequence[PairSelector], reqid: int) -> list[m.Policy]:
-        out = []
+    def _switch_requests(
+        self, ep: Endpoints, selectors: Sequence[PairSelector], reqid: int, in_place: Iterable[PairSelector]
+    ) -> list[m.Request]:
+        # in/fwd policies carry no reqid: for pairs whose ones are in place, only the out policy changes
+        keep = set(in_place)
+        out: list[m.Request] = []
         for sel in selectors:
-            out.extend(self.in_policies(ep, sel))
-            out.append(self.out_policy(ep, sel, reqid))
+            if sel not in keep:
+                out.extend(m.new_policy(p, update=True) for p in self.in_policies(ep, sel))
+            out.append(m.new_policy(self.out_policy(ep, sel, reqid), update=True))
         return out
 
-    async def switch_policies(self, ep: Endpoints, selectors: Sequence[PairSelector], reqid: int) -> None:
-        """Point the out policies of these pairs at generation `reqid` (UPDPOLICY: insert or replace)."""
-        requests = [m.new_policy(p, update=True) for p in self._pair_policies(ep, selectors, reqid)]
-        _first_error(await self._batches.submit(requests))
+    async def switch_policies(
+        self, ep: Endpoints, selectors: Sequence[PairSelector], reqid: int, in_place: Iterable[PairSelector] = ()
+    ) -> None:
+        """Point the out policies of these pairs at generation `reqid` (UPDPOLICY: insert or replace), and put
+        in their in/fwd policies, except for the pairs in `in_place` (a previous generation's are there)."""
+        _first_error(await self._batches.submit(self._switch_requests(ep, selectors, reqid, in_place)))
         await self._check_policy_offload(ep, selectors, reqid)
 
     async def remove_policies(self, ep: Endpoints, selectors: Sequence[PairSelector]) -> None:
@@ -425,6 +451,10 @@ class GenerationInstaller:
 
     Order: ALLOCSPI -> inbound SA (UPDSA over the larval state) -> outbound SA -> switch the out policies;
     the responder installs both SAs and the policies in one netlink batch, the initiator in two.
+
+    With `defer_policies`, `install` puts in the SAs only and the caller switches the policies with `switch`
+    once the exchange is over: a node tunnel carries thousands of pod pairs, and their policies must not
+    count against the peer-facing handshake deadline.
     """
 
     manager: SaManager
@@ -438,6 +468,8 @@ class GenerationInstaller:
     offload_out: OffloadStatus = OffloadStatus.NONE
     switched: bool = False
     guard: list[str] = field(default_factory=list)  # non-empty: the tunnel went away, stop installing
+    defer_policies: bool = False
+    in_place: tuple[PairSelector, ...] = ()  # pairs whose in/fwd policies a previous generation put in
 
     def _check(self) -> None:
         if self.guard:
@@ -452,14 +484,27 @@ class GenerationInstaller:
         self._check()
         if outbound is not None:
             self.spi_out = outbound[0]  # known before the batch: a failed batch is rolled back whole
-            self.switched = True
+            self.switched = self.switched or not self.defer_policies
         status_in, status_out = await self.manager.install(
-            self.endpoints, self.reqid, self.selectors, inbound, outbound
-        )
+            self.endpoints, self.reqid, self.selectors, inbound, outbound,
+            switch=not self.defer_policies, in_place=self.in_place,
+        )  # fmt: skip
         if inbound is not None:
             self.offload_in = status_in
         if outbound is not None:
             self.offload_out = status_out
+        self._check()
+
+    async def switch(self, selectors: Sequence[PairSelector] | None = None) -> None:
+        """The deferred policies (after both SAs exist): the pairs' out policies to this generation, and the
+        in/fwd policies of pairs not `in_place`. `selectors`: the tunnel's pairs as they are now, if changed."""
+        self._check()
+        if not self.spi_in or not self.spi_out:
+            raise XfrmError("switch", errno.EINVAL, "the generation's SAs are not installed")
+        if selectors is not None:
+            self.selectors = tuple(selectors)
+        self.switched = True  # before the batch: a failed one is rolled back whole
+        await self.manager.switch_policies(self.endpoints, self.selectors, self.reqid, self.in_place)
         self._check()
 
     def sa_ids(self) -> list[m.SaId]:
@@ -475,7 +520,9 @@ class GenerationInstaller:
         try:
             if self.switched:
                 if self.previous_reqid is not None and not self.guard:
-                    await self.manager.switch_policies(self.endpoints, self.selectors, self.previous_reqid)
+                    await self.manager.switch_policies(
+                        self.endpoints, self.selectors, self.previous_reqid, self.in_place
+                    )
                 else:
                     await self.manager.remove_policies(self.endpoints, self.selectors)
             await self.manager.delete_sas(self.sa_ids())

@@ -1,0 +1,246 @@
+"""The bridge at scale: a slow pair-policy install does not count against the handshake deadline, a rekey only
+switches the out policies, and retired generations of many tunnels go in one netlink batch.
+
+Two real TunnelManagers (node-a initiates, node-b responds) run the real handshake over TCP with real SVIDs from
+an in-process ztd; the kernel is a stand-in that answers netlink requests in order (the host has no XFRM), and
+takes its time over policies, as UML did for a node tunnel's 30,000 of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import errno
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from ipsec_bridge.certs import Certificates
+from ipsec_bridge.netns import Netns
+from ipsec_bridge.reconcile import BridgeMetrics, BridgeSettings, Generation, Tunnel, TunnelManager
+from ipsec_bridge.sa_manager import Endpoints, SaManager, SaSettings, host_net
+from ipsec_bridge.state import StateStore
+from ipsec_bridge.xfrm import messages as m
+from ipsec_bridge.xfrm.consts import PolicyDir, XfrmMsg
+from ipsec_bridge.xfrm.netlink import XfrmError
+from ipsec_bridge.xfrm.offload import OffloadStatus
+from sds.agent.secrets import RotationPolicy, SecretManager
+from sds.client.caclient import CAClient, CAClientOptions
+from tests.helpers import running_ztd
+from tests.unit.test_bridge_adopt import NoCertificates
+from tests.unit.test_bridge_mesh import load_view, write_mesh
+from tests.unit.test_xfrm_messages import sa_v4
+from ztcore.identity import Identity
+from ztcore.metrics import Registry
+
+BRIDGE = Identity("cluster.local", "istio-system", "ztunnel")
+A1, B1 = "10.1.0.10", "10.2.0.10"  # pod a1 on node-a, b1 on node-b: node-a initiates their tunnel
+POLICY_TYPES = (XfrmMsg.NEWPOLICY, XfrmMsg.UPDPOLICY)
+
+
+class SlowKernel:
+    """Answers XFRM requests like the kernel (ALLOCSPI hands out fresh SPIs, writes are acked); each batch that
+    holds policies takes `policy_delay` seconds. Records every batch, and can refuse chosen DELSA SPIs."""
+
+    def __init__(self, policy_delay: float = 0.0) -> None:
+        self.policy_delay = policy_delay
+        self.batches: list[list[m.Request]] = []
+        self.refuse_spis: set[int] = set()
+        self._spis = itertools.count(0x2000)
+
+    async def call_each(self, requests: Sequence[m.Request]) -> list[list[m.NetlinkMessage] | XfrmError]:
+        self.batches.append(list(requests))
+        if self.policy_delay and any(r.type in POLICY_TYPES for r in requests):
+            await asyncio.sleep(self.policy_delay)
+        out: list[list[m.NetlinkMessage] | XfrmError] = []
+        for r in requests:
+            if r.type == XfrmMsg.ALLOCSPI:
+                sa = dataclasses.replace(sa_v4(), spi=next(self._spis))
+                out.append([m.NetlinkMessage(XfrmMsg.NEWSA, 0, 0, 0, m.encode_sa(sa))])
+            elif r.type == XfrmMsg.DELSA and m.decode_sa_id(r.payload).spi in self.refuse_spis:
+                out.append(XfrmError("DELSA", errno.EPERM))
+            else:
+                out.append([])
+        return out
+
+    async def add_policies(self, policies: Sequence[m.Policy], *, update: bool = False) -> None:
+        pass  # the local pods' bypass policies (reconcile)
+
+    def requests(self, *types: XfrmMsg) -> list[m.Request]:
+        return [r for batch in self.batches for r in batch if r.type in types]
+
+    def policies(self) -> list[m.Policy]:
+        return [m.decode_policy(r.payload).policy for r in self.requests(*POLICY_TYPES)]
+
+
+class LoopbackNetns(Netns):
+    """Both bridges run on this host: the peer node's address is this test's listening port."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(None)
+        self.port = port
+
+    async def connect(
+        self, host: str, port: int, connect_s: float
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", self.port)
+
+
+@dataclass
+class Node:
+    manager: TunnelManager
+    kernel: SlowKernel
+
+
+@dataclass
+class Pair:
+    a: Node
+    b: Node
+    store: StateStore
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
+    """node-a and node-b bridges in pod scope: a 1 s handshake deadline, 1.5 s per policy batch."""
+    store = await load_view(write_mesh(tmp_path / "mesh"))
+    async with running_ztd(tmp_path, config_dir=write_mesh(tmp_path / "ztd")) as rz, contextlib.AsyncExitStack() as st:
+        nodes: dict[str, Node] = {}
+        for node in ("node-a", "node-b"):
+            token = tmp_path / f"{node}.token"
+            token.write_text(rz.token("istio-system/ztunnel", node=node))
+            options = CAClientOptions(
+                address=f"127.0.0.1:{rz.cfg.secure_port}", root_cert=rz.cfg.published_root, token_file=token
+            )
+            ca = CAClient(options)
+            st.push_async_callback(ca.close)
+            secrets = SecretManager(ca, RotationPolicy(), credential_identity=BRIDGE)
+            task = asyncio.create_task(secrets.run())
+            st.callback(task.cancel)
+            kernel = SlowKernel(policy_delay=1.5)
+            sa = SaManager(cast(Any, kernel), SaSettings(mesh_cidrs=store.settings.mesh_cidrs))
+            # the policy deadline: 1 s + 1 s per policy (3 per pod pair), the exchange keeps its 1 s
+            settings = BridgeSettings(node=node, handshake_timeout=1.0, grace=0.5, policy_seconds_each=1.0)
+            manager = TunnelManager(
+                settings, store, sa, Certificates(secrets), LoopbackNetns(0), BridgeMetrics(Registry())
+            )
+            await manager.reconcile(store.view)
+            for t in manager.tunnels.values():  # SVIDs issued ahead, as a running bridge has them
+                await manager.certs.credential(t.spec.local_identity, 10)
+            nodes[node] = Node(manager, kernel)
+        server = await asyncio.start_server(nodes["node-b"].manager.serve_connection, "127.0.0.1", 0)
+        st.push_async_callback(server.wait_closed)
+        st.callback(server.close)
+        cast(LoopbackNetns, nodes["node-a"].manager.netns).port = server.sockets[0].getsockname()[1]
+        yield Pair(nodes["node-a"], nodes["node-b"], store)
+
+
+async def test_a_slow_policy_install_does_not_time_the_handshake_out(pair: Pair) -> None:
+    key = ("pod", A1, B1)
+    ta = pair.a.manager.tunnels[key]
+    assert ta.spec.initiator
+    started = time.monotonic()
+    await pair.a.manager._initiate(ta)
+    took = time.monotonic() - started
+    tb = pair.b.manager.tunnels[("pod", B1, A1)]
+    # each side spent 1.5 s on its policies, beyond the 1 s deadline of the exchange: still up on both sides
+    assert ta.last_error == "" and tb.last_error == "", (ta.last_error, tb.last_error)
+    assert ta.current is not None and tb.current is not None and took >= 1.5
+    assert (ta.current.spi_in, ta.current.spi_out) == (tb.current.spi_out, tb.current.spi_in)
+    assert ta.current.handshake_seconds >= 1.5  # the metric still covers the policies
+    for node, t in ((pair.a, ta), (pair.b, tb)):
+        sas = node.kernel.requests(XfrmMsg.NEWSA, XfrmMsg.UPDSA)
+        assert len(sas) == 2
+        # SAs first (the inbound one before the outbound one), the policies after both
+        kinds = [r.type for batch in node.kernel.batches for r in batch if r.type != XfrmMsg.ALLOCSPI]
+        assert kinds[:2] == [XfrmMsg.UPDSA, XfrmMsg.NEWSA] and set(kinds[2:]) <= set(POLICY_TYPES)
+        pols = node.kernel.policies()
+        assert sorted(p.direction for p in pols) == sorted((PolicyDir.IN, PolicyDir.FWD, PolicyDir.OUT))
+        (out,) = [p for p in pols if p.direction == PolicyDir.OUT]
+        assert t.current is not None and out.templates[0].reqid == t.current.reqid
+
+    # a rekey: only the out policies move to the new generation; in/fwd (reqid 0) are left as they are
+    for node in (pair.a, pair.b):
+        node.kernel.batches.clear()
+    old_a = ta.current
+    await pair.a.manager._initiate(ta)
+    assert ta.last_error == "" and ta.current is not None and ta.current.number == 2
+    assert tb.current is not None and tb.current.number == 2
+    for node, t in ((pair.a, ta), (pair.b, tb)):
+        (out,) = node.kernel.policies()
+        assert t.current is not None and out.direction == PolicyDir.OUT and out.templates[0].reqid == t.current.reqid
+    # the old generation outlives the grace period by as long as the switch took (the peer's runs alongside)
+    ((retired, at),) = ta.retiring
+    assert retired is old_a and at - time.monotonic() > pair.a.manager.settings.grace + 1.0
+
+
+async def test_the_exchange_itself_is_still_bounded_by_the_handshake_timeout(pair: Pair) -> None:
+    pair.a.kernel.policy_delay = pair.b.kernel.policy_delay = 0.0
+    ta = pair.a.manager.tunnels[("pod", A1, B1)]
+    slow_alloc = pair.b.manager.sa.alloc_spi
+
+    async def stuck(ep: Endpoints, reqid: int) -> int:
+        await asyncio.sleep(5)
+        return await slow_alloc(ep, reqid)
+
+    pair.b.manager.sa.alloc_spi = stuck  # type: ignore[method-assign]
+    started = time.monotonic()
+    await pair.a.manager._initiate(ta)
+    assert ta.current is None and ta.last_error.startswith("timeout") and time.monotonic() - started < 3
+
+
+def _generation(n: int, spi_in: int, spi_out: int) -> Generation:
+    now = time.monotonic()
+    wall = dt.datetime.now(dt.UTC)
+    return Generation(n, 0x5A000000 + n, spi_in, spi_out, 16, OffloadStatus.NONE, wall, now, wall, 0.01, "adopted")
+
+
+async def test_retired_generations_of_many_tunnels_go_in_one_batch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = await load_view(write_mesh(tmp_path))
+    kernel = SlowKernel()
+    sa = SaManager(cast(Any, kernel), SaSettings(mesh_cidrs=store.settings.mesh_cidrs))
+    manager = TunnelManager(BridgeSettings(node="node-a"), store, sa, cast(Any, NoCertificates()),
+                            cast(Any, None), BridgeMetrics(Registry()))  # fmt: skip
+    await manager.reconcile(store.view)
+    template = manager.tunnels[("pod", A1, B1)]
+    now = time.monotonic()
+    tunnels = []
+    for i in range(20):
+        local = ip_address(f"10.1.1.{i + 1}")
+        ep = dataclasses.replace(template.spec.endpoints, local_net=host_net(local))
+        spec = dataclasses.replace(
+            template.spec, key=("pod", str(local), B1), endpoints=ep, local_address=local, local_name=f"pod{i}"
+        )
+        t = Tunnel(spec, now)
+        t.current = _generation(2, 0x9000 + i, 0xA000 + i)
+        old = _generation(1, 0x1000 + i, 0x3000 + i)
+        t.retiring = [(old, now - 0.1), (_generation(3, 0x7000 + i, 0x8000 + i), now + 60)]  # one due, one not
+        sa._held.update({(ep.local_node, old.spi_in), (ep.peer_node, old.spi_out)})
+        manager.tunnels[spec.key] = t
+        tunnels.append(t)
+    kernel.refuse_spis = {0x1005}  # one tunnel's deletion fails: the others are unaffected
+    with caplog.at_level(logging.WARNING, logger="ipsec_bridge.reconcile"):
+        await manager._retire_due(now)
+    (batch,) = kernel.batches  # one netlink batch for all 20 tunnels
+    assert len(batch) == 40 and {r.type for r in batch} == {XfrmMsg.DELSA}
+    assert {m.decode_sa_id(r.payload).spi for r in batch} == {s + i for s in (0x1000, 0x3000) for i in range(20)}
+    for t in tunnels:
+        assert [g.number for g, _ in t.retiring] == [3]  # the due generation left, the later one stays
+    warnings = [r.getMessage() for r in caplog.records if "deleting retired SAs" in r.getMessage()]
+    assert len(warnings) == 1 and "pod5(10.1.1.6)" in warnings[0] and "EPERM" in warnings[0]
+    # deleted adopted SAs are forgotten (their SPIs free), the failed tunnel's stay guarded
+    ep5 = tunnels[5].spec.endpoints
+    assert sa._held == {(ep5.local_node, 0x1005), (ep5.peer_node, 0x3005)}
+    # nothing due: no request at all
+    await manager._retire_due(now)
+    assert len(kernel.batches) == 1
