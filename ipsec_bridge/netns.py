@@ -92,13 +92,21 @@ class Netns:
         return await self.run(make)
 
     async def connect(
-        self, host: str, port: int, connect_s: float
+        self, host: str, port: int, connect_s: float, source: str | None = None
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A TCP connection from the namespace; `source` pins the local address (the peer checks it)."""
+
         def make() -> socket.socket:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if source is not None:
+                    sock.bind((source, 0))
+            except BaseException:
+                sock.close()
+                raise
             return sock
 
         sock = await self.run(make)

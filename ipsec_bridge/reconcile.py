@@ -84,6 +84,10 @@ class BridgeSettings:
     min_rekey_gap: float = 2.0  # rekey requests right after a handshake are answered by that handshake
     # An adopted generation's certificates are unknown: one no handshake replaced within this long is removed.
     adopt_max_age: float = 600.0
+    # A handshake must come from the peer node's underlay address. In node scope the certificate names only the
+    # bridges' shared service account, so without this one node's bridge could claim another node's tunnel.
+    # Off only where bridges share one host address (tests over loopback).
+    check_source_address: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -539,7 +543,9 @@ class TunnelManager:
                     installer = self._installer(t)
                     plan = await self._plan(t, installer)
                     peer = str(t.spec.endpoints.peer_node)
-                    reader, writer = await self.netns.connect(peer, s.port, s.handshake_timeout)
+                    reader, writer = await self.netns.connect(
+                        peer, s.port, s.handshake_timeout, source=str(t.spec.endpoints.local_node)
+                    )
                     try:
                         result = await initiate(reader, writer, self._preamble(t.spec, Kind.HANDSHAKE), plan)
                     finally:
@@ -638,6 +644,11 @@ class TunnelManager:
                         return
                     try:
                         t = self._responder_tunnel(preamble)
+                        if s.check_source_address:
+                            refusal = source_refusal(writer.get_extra_info("peername"), t.spec)
+                            if refusal is not None:
+                                t = None  # the tunnel is not this caller's to fail
+                                raise HandshakeError("identity", refusal)
                     except HandshakeError as err:
                         await refuse(writer, str(err))
                         raise
@@ -1055,6 +1066,21 @@ def _limit_kind(event: m.Expire) -> str:
     life, cur = event.sa.sa.lifetime, event.sa.current
     limit = life.hard_bytes if event.hard else life.soft_bytes
     return "bytes" if cur.bytes >= limit else "packets"
+
+
+def source_refusal(peername: object, spec: TunnelSpec) -> str | None:
+    """Why a handshake connection may not speak for `spec`'s peer node (None: it may)."""
+    host = peername[0] if isinstance(peername, tuple) and peername else None
+    try:
+        source = ip_address(str(host).split("%", 1)[0]) if host is not None else None
+    except ValueError:
+        source = None
+    if isinstance(source, IPv6Address) and source.ipv4_mapped is not None:
+        source = source.ipv4_mapped
+    want = spec.endpoints.peer_node
+    if source == want:
+        return None
+    return f"connection from {host}, but node {spec.peer_node}'s bridge is at {want}"
 
 
 def _code(err: BaseException) -> str:

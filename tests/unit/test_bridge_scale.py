@@ -26,7 +26,14 @@ import pytest
 
 from ipsec_bridge.certs import Certificates
 from ipsec_bridge.netns import Netns
-from ipsec_bridge.reconcile import BridgeMetrics, BridgeSettings, Generation, Tunnel, TunnelManager
+from ipsec_bridge.reconcile import (
+    BridgeMetrics,
+    BridgeSettings,
+    Generation,
+    Tunnel,
+    TunnelManager,
+    source_refusal,
+)
 from ipsec_bridge.sa_manager import Endpoints, SaManager, SaSettings, host_net
 from ipsec_bridge.state import StateStore
 from ipsec_bridge.xfrm import messages as m
@@ -90,7 +97,7 @@ class LoopbackNetns(Netns):
         self.port = port
 
     async def connect(
-        self, host: str, port: int, connect_s: float
+        self, host: str, port: int, connect_s: float, source: str | None = None
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.open_connection("127.0.0.1", self.port)
 
@@ -128,7 +135,10 @@ async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
             kernel = SlowKernel(policy_delay=1.5)
             sa = SaManager(cast(Any, kernel), SaSettings(mesh_cidrs=store.settings.mesh_cidrs))
             # the policy deadline: 1 s + 1 s per policy (3 per pod pair), the exchange keeps its 1 s
-            settings = BridgeSettings(node=node, handshake_timeout=1.0, grace=0.5, policy_seconds_each=1.0)
+            # both bridges connect from 127.0.0.1, not from their nodes' WDS addresses: source checks off here
+            settings = BridgeSettings(
+                node=node, handshake_timeout=1.0, grace=0.5, policy_seconds_each=1.0, check_source_address=False
+            )
             manager = TunnelManager(
                 settings, store, sa, Certificates(secrets), LoopbackNetns(0), BridgeMetrics(Registry())
             )
@@ -180,6 +190,27 @@ async def test_a_slow_policy_install_does_not_time_the_handshake_out(pair: Pair)
     # the old generation outlives the grace period by as long as the switch took (the peer's runs alongside)
     ((retired, at),) = ta.retiring
     assert retired is old_a and at - time.monotonic() > pair.a.manager.settings.grace + 1.0
+
+
+async def test_a_handshake_from_another_address_than_the_peer_nodes_is_refused(pair: Pair) -> None:
+    pair.a.kernel.policy_delay = pair.b.kernel.policy_delay = 0.0
+    pair.b.manager.settings = dataclasses.replace(pair.b.manager.settings, check_source_address=True)
+    ta = pair.a.manager.tunnels[("pod", A1, B1)]
+    await pair.a.manager._initiate(ta)
+    # node-a's bridge is 192.0.2.x in WDS but this connection comes from 127.0.0.1: no tunnel, no SA on node-b
+    assert ta.current is None and ta.last_error.startswith("refused"), ta.last_error
+    assert "connection from 127.0.0.1" in ta.last_error
+    assert pair.b.manager.tunnels[("pod", B1, A1)].current is None
+    assert pair.b.kernel.requests(XfrmMsg.NEWSA, XfrmMsg.UPDSA) == []
+
+
+async def test_source_refusal(pair: Pair) -> None:
+    spec = pair.b.manager.tunnels[("pod", B1, A1)].spec
+    assert source_refusal((str(spec.endpoints.peer_node), 40000), spec) is None
+    assert source_refusal((f"::ffff:{spec.endpoints.peer_node}", 40000, 0, 0), spec) is None
+    assert "connection from 10.9.9.9" in (source_refusal(("10.9.9.9", 40000), spec) or "")
+    assert source_refusal(None, spec) is not None
+    assert source_refusal(("not-an-address", 1), spec) is not None
 
 
 async def test_the_exchange_itself_is_still_bounded_by_the_handshake_timeout(pair: Pair) -> None:
