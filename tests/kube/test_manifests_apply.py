@@ -139,6 +139,7 @@ ZTD_NEEDS = [
     Access("patch", "configmaps", "kube-system", ROOT_CONFIGMAP),
     *(Access(v, "secrets", NS, n) for v in ("get", "list", "watch") for n in SECRET_NAMES),
     Access("create", "secrets", NS),
+    Access("update", "secrets", NS, "istio-ca-secret"),  # self-signed root rotation by the Lease holder
     *(Access(v, "leases", NS, LEASE_NAME, group="coordination.k8s.io") for v in ("get", "update")),
     Access("create", "leases", NS, group="coordination.k8s.io"),
 ]
@@ -156,7 +157,7 @@ ZTD_MUST_NOT = [
     Access("list", "secrets"),
     Access("delete", "secrets", NS, "cacerts"),
     Access("patch", "secrets", NS, "cacerts"),
-    Access("update", "secrets", NS, "istio-ca-secret"),  # created once, never overwritten
+    Access("update", "secrets", NS, "cacerts"),  # the plug-in CA is the operator's, never rewritten
     Access("list", "leases", NS, group="coordination.k8s.io"),
     Access("delete", "leases", NS, LEASE_NAME, group="coordination.k8s.io"),
     Access("list", "configmaps"),

@@ -80,6 +80,7 @@ EXPECTED_RULES: dict[tuple[str, str], set[Rule]] = {
     },
     ("Role", "ztd"): {
         rule("", "secrets", "get list watch", names="cacerts istio-ca-secret"),
+        rule("", "secrets", "update", names="istio-ca-secret"),
         rule("", "secrets", "create"),
         rule("coordination.k8s.io", "leases", "get update", names="ztd-leader"),
         rule("coordination.k8s.io", "leases", "create"),
@@ -352,7 +353,12 @@ def test_ztd_ca_comes_from_the_secrets_its_role_names(ztd_cfg: ZtdConfig) -> Non
     """No CA folder: the replicas share the CA through the Secrets (and the Lease) the Role grants by name."""
     assert ztd_cfg.cacerts_dir is None
     named = {(next(iter(res)), names) for _, res, names, _ in _rules("Role", "ztd") if names}
-    assert named == {("secrets", frozenset(SECRET_NAMES)), ("leases", frozenset({LEASE_NAME}))}
+    assert named == {
+        ("secrets", frozenset(SECRET_NAMES)),
+        ("secrets", frozenset({SECRET_NAMES[-1]})),  # update: only the self-signed istio-ca-secret, for rotation
+        ("leases", frozenset({LEASE_NAME})),
+    }
+    assert SECRET_NAMES[-1] == "istio-ca-secret"
     assert find("Role", "ztd")["metadata"]["namespace"] == ztd_cfg.namespace
 
 
