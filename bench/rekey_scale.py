@@ -46,6 +46,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.inside_uml import run_inside  # noqa: E402
 from ipsec_bridge.sa_manager import (  # noqa: E402 (after the sys.path line)
     BRIDGE_MARK,
     Endpoints,
@@ -324,21 +325,10 @@ def main() -> int:
     if args.inside:
         print("RESULT " + json.dumps(asyncio.run(inside(args.tunnels, args.repeat, args.concurrency))))
         return 0
-    from tests.kernel.uml import UmlHarnessError, UmlUnavailable, run_in_uml
-
-    argv = [sys.executable, str(Path(__file__).resolve()), "--inside", "--tunnels", str(args.tunnels)]
-    argv += ["--repeat", str(args.repeat), "--concurrency", str(args.concurrency)]
-    try:
-        done = run_in_uml(argv, timeout=args.timeout, env={"PYTHONPATH": str(REPO)}, mem="3G")
-    except (UmlUnavailable, UmlHarnessError) as exc:
-        print(f"rekey_scale: {exc}", file=sys.stderr)
+    inner = ["--tunnels", str(args.tunnels), "--repeat", str(args.repeat), "--concurrency", str(args.concurrency)]
+    result = run_inside("rekey_scale", __file__, inner, timeout=args.timeout, mem="3G")
+    if result is None:
         return 1
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        tail = done.stderr.strip().splitlines()[-3:] or ["no output"]
-        print(f"rekey_scale: the run inside UML failed (exit {done.returncode}): {' | '.join(tail)}", file=sys.stderr)
-        return 1
-    result = json.loads(lines[-1][len("RESULT ") :])
     print(json.dumps(result, indent=2) if args.json else report(result))
     return 0
 

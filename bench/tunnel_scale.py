@@ -47,6 +47,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.inside_uml import run_inside  # noqa: E402
 from bench.tunnels import ID_A, ID_B, NODE_A, NODE_B, PORT, Side, credentials, run_many, topology  # noqa: E402
 from ipsec_bridge import handshake as hs  # noqa: E402
 from ipsec_bridge.keys import KeyScope  # noqa: E402
@@ -322,25 +323,15 @@ def main() -> int:
         print("tunnel_scale: pods must be 1..62500 per node; --repeat, --concurrency, --raw >= 1", file=sys.stderr)
         return 2
     if args.inside:
-        result = asyncio.run(inside(args.local_pods, args.remote_pods, args.repeat, args.concurrency, args.raw))
-        print("RESULT " + json.dumps(result))
+        measured = asyncio.run(inside(args.local_pods, args.remote_pods, args.repeat, args.concurrency, args.raw))
+        print("RESULT " + json.dumps(measured))
         return 0
-    from tests.kernel.uml import UmlHarnessError, UmlUnavailable, run_in_uml
-
-    argv = [sys.executable, str(Path(__file__).resolve()), "--inside"]
+    inner: list[str] = []
     for flag in ("local_pods", "remote_pods", "repeat", "concurrency", "raw"):
-        argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    try:
-        done = run_in_uml(argv, timeout=args.timeout, env={"PYTHONPATH": str(REPO)}, mem="3G")
-    except (UmlUnavailable, UmlHarnessError) as exc:
-        print(f"tunnel_scale: {exc}", file=sys.stderr)
+        inner += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    result = run_inside("tunnel_scale", __file__, inner, timeout=args.timeout, mem="3G")
+    if result is None:
         return 1
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        tail = done.stderr.strip().splitlines()[-3:] or ["no output"]
-        print(f"tunnel_scale: the run inside UML failed (exit {done.returncode}): {' | '.join(tail)}", file=sys.stderr)
-        return 1
-    result = json.loads(lines[-1][len("RESULT ") :])
     print(json.dumps(result, indent=2) if args.json else report(result))
     return 0
 

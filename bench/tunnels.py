@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402 (after the sys.path line)
 from OpenSSL import SSL  # noqa: E402
 
+from bench.inside_uml import run_inside  # noqa: E402
 from ipsec_bridge import handshake as hs  # noqa: E402
 from ipsec_bridge.keys import KeyScope  # noqa: E402
 from ipsec_bridge.netns import Netns  # noqa: E402
@@ -276,21 +277,10 @@ def main() -> int:
     if args.inside:
         print("RESULT " + json.dumps(asyncio.run(inside(args.count, args.concurrency, args.repeat))))
         return 0
-    from tests.kernel.uml import UmlHarnessError, UmlUnavailable, run_in_uml
-
-    argv = [sys.executable, str(Path(__file__).resolve()), "--inside", "--count", str(args.count)]
-    argv += ["--concurrency", str(args.concurrency), "--repeat", str(args.repeat)]
-    try:
-        done = run_in_uml(argv, timeout=1800, env={"PYTHONPATH": str(REPO)}, mem="2G")
-    except (UmlUnavailable, UmlHarnessError) as exc:
-        print(f"tunnels: {exc}", file=sys.stderr)
+    inner = ["--count", str(args.count), "--concurrency", str(args.concurrency), "--repeat", str(args.repeat)]
+    result = run_inside("tunnels", __file__, inner, timeout=1800, mem="2G")
+    if result is None:
         return 1
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        tail = done.stderr.strip().splitlines()[-3:] or ["no output"]
-        print(f"tunnels: the run inside UML failed (exit {done.returncode}): {' | '.join(tail)}", file=sys.stderr)
-        return 1
-    result = json.loads(lines[-1][len("RESULT ") :])
     print(json.dumps(result, indent=2) if args.json else report(result))
     return 0
 

@@ -30,6 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.inside_uml import run_inside  # noqa: E402
 from ipsec_bridge.xfrm import messages as m  # noqa: E402 (after the sys.path line)
 from ipsec_bridge.xfrm.netlink import XfrmSocket  # noqa: E402
 
@@ -188,21 +189,10 @@ def main() -> int:
     if args.inside:
         print("RESULT " + json.dumps(asyncio.run(inside(args.count, args.repeat, args.window))))
         return 0
-    from tests.kernel.uml import UmlHarnessError, UmlUnavailable, run_in_uml
-
-    argv = [sys.executable, str(Path(__file__).resolve()), "--inside", "--count", str(args.count)]
-    argv += ["--repeat", str(args.repeat), "--window", str(args.window)]
-    try:
-        done = run_in_uml(argv, timeout=1200, env={"PYTHONPATH": str(REPO)}, mem="2G")
-    except (UmlUnavailable, UmlHarnessError) as exc:
-        print(f"xfrm_install: {exc}", file=sys.stderr)
+    inner = ["--count", str(args.count), "--repeat", str(args.repeat), "--window", str(args.window)]
+    result = run_inside("xfrm_install", __file__, inner, timeout=1200, mem="2G")
+    if result is None:
         return 1
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
-        print(f"xfrm_install: the run inside UML failed (exit {done.returncode}): {tail[0]}", file=sys.stderr)
-        return 1
-    result = json.loads(lines[-1][len("RESULT ") :])
     print(json.dumps(result, indent=2) if args.json else report(result))
     return 0
 
