@@ -43,7 +43,6 @@ from xds_server.registry.kube import (
     KubeRegistrySource,
     KubeSourceError,
     RootCertPublisher,
-    describe_error,
     load_api_client,
 )
 from xds_server.registry.store import Registry
@@ -53,6 +52,7 @@ from ztcore import config, tlsfront
 from ztcore.config import Duration, option
 from ztcore.daemon import run_daemon
 from ztcore.fsutil import ensure_private_dir, write_atomic
+from ztcore.kubeclient import describe_error
 from ztcore.lease import LEASE_NAME, KubeLeaseStore, LeaseElector, LeaseTiming
 from ztcore.metrics import Registry as MetricsRegistry
 from ztcore.xds.cache import SnapshotCache

@@ -26,17 +26,16 @@ import hashlib
 import json
 import logging
 import random
-import threading
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import kubernetes.client
-import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from sds.ca import keyring
 from sds.ca.keyring import CAError, CAMaterial
+from ztcore.kubeclient import WatchStream, describe_error
 from ztcore.lease import LEASE_NAME
 
 log = logging.getLogger(__name__)
@@ -112,18 +111,6 @@ def choose(seen: Mapping[str, Secret | None]) -> str | None:
     return None
 
 
-def describe_error(err: BaseException) -> str:
-    """One line: the API server's Status message rather than ApiException's header dump."""
-    if isinstance(err, urllib3.exceptions.MaxRetryError) and err.reason is not None:
-        return describe_error(err.reason)
-    if isinstance(err, ApiException):
-        message = ""
-        with contextlib.suppress(ValueError, TypeError, AttributeError):
-            message = str(json.loads(err.body or "").get("message", ""))
-        return f"HTTP {err.status} {err.reason or ''}".rstrip() + (f": {message}" if message else "")
-    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-
-
 # --- watch plumbing (a blocking watch on its own thread, abortable from the loop) -----------------------------
 
 _END = object()
@@ -131,36 +118,6 @@ _END = object()
 
 class _Expired(Exception):
     """410 Gone: list again."""
-
-
-class _WatchHandle:
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.queue: asyncio.Queue[object] = asyncio.Queue()
-        self._lock = threading.Lock()
-        self._resp: Any = None
-        self.closed = False
-
-    def put(self, item: object) -> bool:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the loop is gone
-            return False
-        return True
-
-    def attach(self, resp: Any) -> bool:
-        with self._lock:
-            self._resp = resp
-            return not self.closed
-
-    def close(self) -> None:
-        """Shutting the socket down makes the thread's blocking read return at once."""
-        with self._lock:
-            self.closed = True
-            resp = self._resp
-        if resp is not None:
-            with contextlib.suppress(Exception):
-                resp.shutdown()
 
 
 class Leadership(Protocol):
@@ -222,7 +179,7 @@ class KubeCASource:
         self.created = False  # this replica created istio-ca-secret
         self.rotations = 0  # roots this replica re-issued as leader
         self._changed = asyncio.Event()
-        self._handles: set[_WatchHandle] = set()
+        self._handles: set[WatchStream] = set()
         self._executor: ThreadPoolExecutor | None = None
 
     @property
@@ -303,7 +260,7 @@ class KubeCASource:
             obj.setdefault("metadata", {}).setdefault("namespace", self.namespace)
         return obj, str((body.get("metadata") or {}).get("resourceVersion", ""))
 
-    def _watch_blocking(self, name: str, rv: str, timeout_s: int, handle: _WatchHandle) -> None:
+    def _watch_blocking(self, name: str, rv: str, timeout_s: int, handle: WatchStream) -> None:
         resp: Any = None
         try:
             resp = self._core().list_namespaced_secret(
@@ -451,7 +408,7 @@ class KubeCASource:
     async def _watch(self, name: str, rv: str) -> str:
         """One watch call from `rv` until the server ends it; returns the last resourceVersion seen."""
         loop = asyncio.get_running_loop()
-        handle = _WatchHandle(loop)
+        handle = WatchStream(loop)
         timeout_s = max(1, int(self._watch_timeout * random.uniform(1.0, 2.0)))  # noqa: S311 - jitter
         self._handles.add(handle)
         fut = loop.run_in_executor(self._pool(), self._watch_blocking, name, rv, timeout_s, handle)

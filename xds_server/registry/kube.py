@@ -22,7 +22,6 @@ import dataclasses
 import json
 import logging
 import random
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -31,12 +30,12 @@ from typing import Any
 
 import kubernetes.client
 import kubernetes.config
-import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from xds_server.registry.objects import RegistryObject
 from xds_server.registry.parse import parse_object
 from xds_server.registry.store import Registry, RegistrySnapshot
+from ztcore.kubeclient import WatchStream, describe_error
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +67,6 @@ def load_api_client(kubeconfig: str) -> Any:
         raise KubeSourceError(f"cannot load kubeconfig {kubeconfig}: {type(err).__name__}: {err}") from None
     cfg.connection_pool_maxsize = max(cfg.connection_pool_maxsize or 0, MIN_CONNECTION_POOL)
     return kubernetes.client.ApiClient(cfg)
-
-
-def describe_error(err: BaseException) -> str:
-    """One line for the log: the API server's Status message rather than ApiException's header dump."""
-    if isinstance(err, urllib3.exceptions.MaxRetryError) and err.reason is not None:
-        return describe_error(err.reason)  # the cause, without the full URL of every retry
-    if isinstance(err, ApiException):
-        message = ""
-        with contextlib.suppress(ValueError, TypeError, AttributeError):
-            body = json.loads(err.body or "")
-            message = str(body.get("message", ""))
-        return f"HTTP {err.status} {err.reason or ''}".rstrip() + (f": {message}" if message else "")
-    text = str(err) or type(err).__name__
-    return f"{type(err).__name__}: {text}" if text != type(err).__name__ else text
 
 
 # --- what is watched ---------------------------------------------------------------------------------------
@@ -196,43 +181,7 @@ _CONNECTED = object()
 _END = object()
 
 
-class _Stream:
-    """One watch's hand-off between its thread and the loop, and the way to abort it from the loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.queue: asyncio.Queue[object] = asyncio.Queue()
-        self._lock = threading.Lock()
-        self._resp: Any = None
-        self._closed = False
-
-    def put(self, item: object) -> bool:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the loop is gone: nobody listens any more
-            return False
-        return True
-
-    def attach(self, resp: Any) -> bool:
-        with self._lock:
-            self._resp = resp
-            return not self._closed
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def close(self) -> None:
-        """Unblock the reading thread: shutting the socket down makes its recv() return at once."""
-        with self._lock:
-            self._closed = True
-            resp = self._resp
-        if resp is not None:
-            with contextlib.suppress(Exception):
-                resp.shutdown()
-
-
-def _watch_blocking(api: Any, spec: KindSpec, api_version: str, rv: str, timeout_s: int, stream: _Stream) -> None:
+def _watch_blocking(api: Any, spec: KindSpec, api_version: str, rv: str, timeout_s: int, stream: WatchStream) -> None:
     """Runs on a source thread; every outcome (events, end, error) goes through the stream's queue."""
     resp: Any = None
     try:
@@ -349,7 +298,7 @@ class KubeRegistrySource:
         self._request_timeout = request_timeout
         self._clock = clock
         self._dirty = asyncio.Event()
-        self._streams: set[_Stream] = set()
+        self._streams: set[WatchStream] = set()
         # Each kind has at most one blocking call (a list or a watch) at a time; twice that leaves room for a
         # watch that was just aborted and is still unwinding while its replacement starts.
         self._executor: ThreadPoolExecutor | None = None
@@ -501,7 +450,7 @@ class KubeRegistrySource:
     async def _watch(self, st: _KindState, backoff: _Backoff) -> None:
         """One watch call, from st.rv, until the server ends it (normally after timeoutSeconds)."""
         assert st.rv is not None
-        stream = _Stream(asyncio.get_running_loop())
+        stream = WatchStream(asyncio.get_running_loop())
         # Spread the watches' renewals like client-go's reflector (timeout between 1x and 2x).
         timeout_s = max(1, int(self._watch_timeout * random.uniform(1.0, 2.0)))  # noqa: S311 - jitter only
         self._streams.add(stream)
