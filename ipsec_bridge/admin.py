@@ -36,7 +36,7 @@ from ipsec_bridge.state import StateStore, describe
 from ipsec_bridge.vfmap import VfMapFile
 from ipsec_bridge.xfrm.netlink import XfrmError
 from ipsec_bridge.xfrm.offload import OffloadProbe, OffloadStatus
-from ztcore.metrics import Gauge, Registry
+from ztcore.metrics import Registry
 
 
 def parse_xfrm_stat(text: str) -> dict[str, int]:
@@ -159,9 +159,9 @@ class Admin:
                         sums = traffic.setdefault((str(local.vf), direction), [0, 0])
                         sums[0] += nbytes
                         sums[1] += npackets
-        _replace(self.vf_pods, vf_pods)
-        _replace(self.vf_sa_bytes, [({"vf": vf, "direction": d}, v[0]) for (vf, d), v in traffic.items()])
-        _replace(self.vf_sa_packets, [({"vf": vf, "direction": d}, v[1]) for (vf, d), v in traffic.items()])
+        self.vf_pods.replace(vf_pods)
+        self.vf_sa_bytes.replace([({"vf": vf, "direction": d}, v[0]) for (vf, d), v in traffic.items()])
+        self.vf_sa_packets.replace([({"vf": vf, "direction": d}, v[1]) for (vf, d), v in traffic.items()])
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -207,13 +207,6 @@ class Admin:
 def _refused(store: StateStore) -> float:
     vf = store.view.vf
     return float(sum(1 for v in vf.verdicts.values() if not v.ok)) if vf is not None else 0.0
-
-
-def _replace(gauge: Gauge, samples: list[tuple[dict[str, str], float]]) -> None:
-    """Set a labelled gauge to exactly these samples: series of pods and VFs that went away must go too
-    (ztcore.metrics gauges only ever add label sets)."""
-    with gauge._lock:
-        gauge._values = {tuple(sorted(labels.items())): float(value) for labels, value in samples}
 
 
 def _dumps(obj: object) -> str:

@@ -79,6 +79,12 @@ class Gauge(_Metric):
         with self._lock:
             self._values[self._key(labels)] = float(value)
 
+    def replace(self, samples: Iterable[tuple[dict[str, str], float]]) -> None:
+        """Exactly these labelled values from now on: label sets not given (a pod that went away) are dropped."""
+        values = {self._key(labels): float(value) for labels, value in samples}
+        with self._lock:
+            self._values = values
+
 
 class FunctionGauge(_Metric):
     """A gauge computed at scrape time (e.g. seconds until a certificate expires)."""
