@@ -55,7 +55,7 @@ ensure_iperf3() {
 
 if [ "$uml" = 1 ]; then
   # packages first, on the host: the guest has no network (its root filesystem is this machine's)
-  "$repo/scripts/install-kernel-deps.sh" >/dev/null || die "user-mode-linux is not available"
+  "$repo/scripts/install-kernel-deps.sh" >/dev/null || die "the tools for the UML kernel could not be installed"
   ensure_iperf3
   limit=$(( 240 + repeat * 3 * (seconds + 40) ))
   exec "$repo/tests/kernel/uml/run" --mem 2G --timeout "$limit" -- \
@@ -68,7 +68,9 @@ for tool in ip taskset; do command -v "$tool" >/dev/null || die "$tool is missin
 [ -r /proc/stat ] && grep -q "^cpu$core " /proc/stat || die "CPU $core does not exist"
 if [[ " $modes " == *" ipsec "* ]]; then
   modprobe esp4 2>/dev/null || true
+  # a module, or built in (the project's UML kernel: /proc/config.gz)
   [ -d /sys/module/esp4 ] || grep -qw esp4 /proc/modules 2>/dev/null \
+    || { zcat /proc/config.gz 2>/dev/null | grep -qx 'CONFIG_INET_ESP=y'; } \
     || die "this kernel has no ESP (modprobe esp4 failed); on a host without it use --uml"
 fi
 envoy_bin=""

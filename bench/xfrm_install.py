@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/xfrm_install.py [--count 10000] [--repeat 3] [--window 64] [--json]
 
-Boots user-mode-linux (Linux 6.1, see tests/kernel/uml.py; installed on first use) and runs itself inside with
+Boots user-mode-linux (Linux 6.1, see tests/kernel/uml.py; built on first use) and runs itself inside with
 `--inside`. Each round, in a fresh netns: (1) ours, batched: SA models -> encode -> NEWSA, `window` messages per
 datagram, one ack each; (2) ours, one request per datagram, waiting for each ack (what `ip -batch` does);
 (3) `ip -batch` reading a prepared file of `xfrm state add` lines on tmpfs. After every install the SAs are

@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
-# Installs what the kernel tests (tests/kernel/) need on Debian/Ubuntu: user-mode-linux (a real Linux 6.1
-# kernel as a process, with esp4/xfrm_user/veth modules), modprobe, ip, tcpdump and ping.
-# Idempotent: does nothing when every tool is already there. Needs root (or passwordless sudo).
+# Installs, on Debian/Ubuntu, what the project's user-mode-linux kernel needs: the tools that build it
+# (scripts/uml-kernel.sh: gcc, make, flex, bison, bc, patch, xz) and the programs the tests run inside it
+# (ip, tcpdump, ping). Idempotent: does nothing when every tool is already there. Needs root (or sudo -n).
 set -euo pipefail
-packages=(user-mode-linux kmod iproute2 tcpdump iputils-ping)
+packages=(gcc make libc6-dev flex bison bc patch xz-utils iproute2 tcpdump iputils-ping)
 # succeeds when something is missing
 missing() {
-  for tool in linux.uml modprobe ip tcpdump ping; do
+  for tool in gcc make flex bison bc patch xz ip tcpdump ping; do
     PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null 2>&1 || return 0
   done
-  [ -d /usr/lib/uml/modules ] || return 0
   return 1
 }
 if ! missing; then
@@ -25,5 +24,5 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 "${sudo[@]}" apt-get update -qq
 "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
-missing && { echo "install-kernel-deps: installed, but linux.uml or a tool is still missing" >&2; exit 1; }
+missing && { echo "install-kernel-deps: installed, but a tool is still missing" >&2; exit 1; }
 echo "install-kernel-deps: installed ${packages[*]}"

@@ -4,12 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl >/dev/null; }
-# On a cold machine the real Istio and Kubernetes binaries take many minutes to build: start both now, while
-# tox installs, instead of one after the other when a test first needs them. The scripts hold a lock, so a
-# test that needs a tool waits for this build rather than starting its own; on a warm cache they return at once.
+# On a cold machine the real Istio and Kubernetes binaries and the project's UML kernel take minutes to build:
+# start all three now, while tox installs, instead of one after the other when a test first needs them. The
+# scripts hold a lock, so a test that needs one waits for this build rather than starting its own; on a warm
+# cache they return at once.
 cache="${ZTDPU_CACHE:-$HOME/.cache/ztdpu}"
 mkdir -p "$cache"
 prefetch=()
+scripts/uml-kernel.sh >"$cache/prefetch-kernel.log" 2>&1 & prefetch+=($!)
 if command -v go >/dev/null; then
   scripts/istio-tools.sh >"$cache/prefetch-istio.log" 2>&1 & prefetch+=($!)
   scripts/kube-tools.sh >"$cache/prefetch-kube.log" 2>&1 & prefetch+=($!)
