@@ -96,29 +96,46 @@ def ping_counts(text: str) -> tuple[int, int]:
 
 @dataclass
 class Capture:
-    """tcpdump on one interface, egress only (-Q out: tunnel mode re-injects the decrypted packet on ingress)."""
+    """tcpdump on one interface, egress only (-Q out: tunnel mode re-injects the decrypted packet on ingress).
+
+    stop() raises when tcpdump says the kernel dropped frames before it could read them (its ring was full): a
+    capture with holes proves nothing about what crossed, so no test may count or search it."""
 
     netns: str
     dev: str
-    path: Path
+    path: Path | str
     proc: asyncio.subprocess.Process | None = None
 
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+
     async def start(self) -> None:
-        argv = in_ns(self.netns, "tcpdump", "-i", self.dev, "-Q", "out", "--immediate-mode", "-U", "-n", "-Z", "root")
+        # -B: on a GSO-capable device (veth) libpcap sizes each ring slot for a 64 KiB packet, so its default
+        # 2 MiB buffer holds ~31 frames, and a tcpdump starved of CPU (a busy host, UML) lost up to 127 frames of
+        # one burst (tests/kernel/README.md). 32 MiB holds ~500; stop() still refuses a capture with holes.
+        argv = in_ns(self.netns, "tcpdump", "-i", self.dev, "-Q", "out", "--immediate-mode", "-U", "-n", "-Z", "root",
+                     "-B", "32768")  # fmt: skip
         self.proc = await asyncio.create_subprocess_exec(
             *argv, "-w", str(self.path), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
         )
         assert self.proc.stderr is not None
-        line = await asyncio.wait_for(self.proc.stderr.readline(), 20)
+        line = await asyncio.wait_for(self.proc.stderr.readline(), 30)
         if b"listening on" not in line:
             raise RuntimeError(f"tcpdump on {self.netns}/{self.dev} did not start: {line!r}")
 
     async def stop(self) -> list[bytes]:
-        assert self.proc is not None
-        await asyncio.sleep(0.2)  # let the last packets reach the file
+        assert self.proc is not None and self.proc.stderr is not None
+        await asyncio.sleep(0.3)  # let the last packets reach the file
         self.proc.send_signal(signal.SIGINT)
-        await asyncio.wait_for(self.proc.wait(), 20)
-        return read_pcap(self.path)
+        stats = (await asyncio.wait_for(self.proc.stderr.read(), 30)).decode(errors="replace")
+        await asyncio.wait_for(self.proc.wait(), 30)
+        found = re.search(r"(\d+) packets? dropped by kernel", stats)
+        if not found:
+            raise RuntimeError(f"tcpdump on {self.netns}/{self.dev} gave no statistics: {stats!r}")
+        if int(found.group(1)):
+            raise RuntimeError(f"tcpdump on {self.netns}/{self.dev}: the kernel dropped {found.group(1)} frames "
+                               "before tcpdump read them; this capture cannot be judged")  # fmt: skip
+        return read_pcap(Path(self.path))
 
 
 def read_pcap(path: Path) -> list[bytes]:

@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
 
+from tests.kernel.guestlib import Capture  # noqa: E402
 from tests.kernel.uml import run_in_uml  # noqa: E402
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -404,37 +405,9 @@ async def ping(pod: str, dst: str, count: int, interval: str, *extra: str) -> tu
     return int(found.group(1)), int(found.group(2))
 
 
-class Capture:
-    """tcpdump on one interface, egress only (tunnel mode re-injects decrypted packets on ingress)."""
-
-    def __init__(self, netns: str, dev: str, path: str) -> None:
-        self.netns, self.dev, self.path = netns, dev, Path(path)
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        argv = ns(self.netns, "tcpdump", "-i", self.dev, "-Q", "out", "--immediate-mode", "-U", "-n", "-Z", "root",
-                  "-w", str(self.path))  # fmt: skip
-        self.proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-        )
-        assert self.proc.stderr is not None
-        line = await asyncio.wait_for(self.proc.stderr.readline(), 30)
-        if b"listening on" not in line:
-            raise RuntimeError(f"tcpdump on {self.netns}/{self.dev}: {line!r}")
-
-    async def stop(self) -> list[bytes]:
-        assert self.proc is not None
-        await asyncio.sleep(0.3)
-        self.proc.send_signal(signal.SIGINT)
-        await asyncio.wait_for(self.proc.wait(), 30)
-        data = self.path.read_bytes()
-        endian = "<" if struct.unpack_from("<I", data)[0] in (0xA1B2C3D4, 0xA1B23C4D) else ">"
-        frames, off = [], 24
-        while off + 16 <= len(data):
-            caplen = struct.unpack_from(f"{endian}I", data, off + 8)[0]
-            frames.append(data[off + 16 : off + 16 + caplen])
-            off += 16 + caplen
-        return frames
+async def wire(capture: Capture) -> dict[str, Any]:
+    """Stop a capture (complete: see Capture.stop) and classify its frames."""
+    return classify(await capture.stop())
 
 
 def classify(frames: list[bytes]) -> dict[str, Any]:
@@ -601,7 +574,7 @@ class Guest:
         before_ping = await ping("a1", B1, 3, "0.2")
         f["before"] = {
             "ping": before_ping,
-            "wire": classify(await cap.stop()),
+            "wire": await wire(cap),
             "polblock": (await xfrm_stat("nodeA")).get("XfrmOutPolBlock", 0) - block0,
         }
 
@@ -636,7 +609,7 @@ class Guest:
         block0 = (await xfrm_stat("nodeA")).get("XfrmOutPolBlock", 0)
         denied_ping = await ping("a2", B1, 5, "0.2")
         denied_block = (await xfrm_stat("nodeA")).get("XfrmOutPolBlock", 0) - block0
-        wires = {n: classify(await c.stop()) for n, c in caps.items()}
+        wires = {n: await wire(c) for n, c in caps.items()}
         pair_sas = [
             i for n in ("nodeA", "nodeB") for i in await self.our_sas(n)
             if {str(i.sa.selector.src.network_address), str(i.sa.selector.dst.network_address)} == {A2, B1}
@@ -696,7 +669,7 @@ class Guest:
             "b2->a2": await ping("b2", A2, 10, "0.05"),
             "a2->b1": await ping("a2", B1, 5, "0.1"),
         }
-        f["wire_a"] = classify(await cap.stop())
+        f["wire_a"] = await wire(cap)
         f["spi_out_after_traffic"] = (await self.rows("a"))[key_a]["spi_out"]  # a renewal may have rekeyed
 
         # the SAs' soft packet limit (60; hard 90) starts a rekey before the kernel would delete them
@@ -740,7 +713,7 @@ class Guest:
             "sas_left": {"a": len(await self.our_sas("nodeA")), "b": len(await self.our_sas("nodeB"))},
             "ping": expiry_ping,
             "polblock": (await xfrm_stat("nodeA")).get("XfrmOutPolBlock", 0) - block0,
-            "wire": classify(await cap.stop()),
+            "wire": await wire(cap),
         }
         f["seconds"]["expired"] = round(time.monotonic() - t0, 1)
 
@@ -780,7 +753,7 @@ class Guest:
             "states_a": {k: r["state"] for k, r in rows_a.items()},
             "keyed_sas_b": len(keyed_b),
             "ping": ping_blocked,
-            "wire": classify(await cap.stop()),
+            "wire": await wire(cap),
             "metrics_b": await self.raw_metrics("b"),
             "ztctl_b": await sh(*ztctl, "--node", "node-b"),
         }
@@ -892,7 +865,7 @@ class Guest:
                 self.calls.append("alloc")
                 return 0x4242
 
-            async def install(self, inbound: Any, outbound: Any) -> None:
+            async def install(self, inbound: Any, outbound: Any, *, esn: bool = True) -> None:
                 self.calls.append("install")
 
             async def rollback(self) -> None:
@@ -948,7 +921,7 @@ class Guest:
         found = re.search(r"(\d+) packets transmitted, (\d+) received", out_text.decode())
         assert found, out_text
         new = rows_a[key_a]
-        wires = {n: classify(await c.stop()) for n, c in caps.items()}
+        wires = {n: await wire(c) for n, c in caps.items()}
         await asyncio.sleep(1.5)  # past the 1 s grace
         sas = {"A": await self.our_sas("nodeA"), "B": await self.our_sas("nodeB")}
         new_spis = {int(new["spi_in"], 16), int(new["spi_out"], 16)}

@@ -43,8 +43,8 @@ from tests.kernel.test_bridge_kernel import (  # noqa: E402
     PATTERN,
     Capture,
     Guest,
-    classify,
     ping,
+    wire,
     xfrm_stat,
 )
 from tests.kernel.uml import run_in_uml  # noqa: E402
@@ -360,7 +360,7 @@ class RestartGuest(Guest):
         f["flood"] = {
             "result": result,
             "seconds": round(time.monotonic() - t0, 1),
-            "wire": {n: classify(await c.stop()) for n, c in caps.items()},
+            "wire": {n: await wire(c) for n, c in caps.items()},
             "in_no_states": {n: stat1[n].get("XfrmInNoStates", 0) - stat0[n].get("XfrmInNoStates", 0) for n in NODES},
             "in_state_errors": {n: sum(stat1[n].get(k, 0) - stat0[n].get(k, 0) for k in ERRORS) for n in NODES},
             # up to the denied pair's pings, not one packet fell to the block
