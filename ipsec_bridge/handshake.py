@@ -8,8 +8,10 @@ On the wire (TCP from the initiator's bridge to the responder's, port --port), t
             or in node scope each bridge's own) and verified the peer's chain against the mesh roots; each
             now checks that the peer's SPIFFE ID is the identity WDS holds for the address it claims and that
             policy admits the pair. A side that finds otherwise sends reject {reason} and closes.
-    R -> I  accept {spi_r}   R verified I, then reserved its inbound SPI (ALLOCSPI)
-    I -> R  ready {spi_i}    I verified R, reserved spi_i, derived the keys, installed its inbound SA
+    R -> I  accept {spi_r, esn}  R verified I, then reserved its inbound SPI (ALLOCSPI); esn: whether R's SAs
+                                 can carry 64-bit sequence numbers (false behind an offload device without ESN)
+    I -> R  ready {spi_i, esn}   I verified R, reserved spi_i, derived the keys, installed its inbound SA; esn: the
+                                 tunnel's choice, ESN only if both sides can (both SAs of both sides follow it)
     R -> I  done             R derived the keys, installed its inbound and outbound SAs (and its policies, unless
                              the installer defers them)
     then I installs its outbound SA (and policies). zt-bridge defers the pair policies on both sides until the
@@ -165,11 +167,13 @@ async def read_status(reader: asyncio.StreamReader) -> str | None:
 @dataclass(frozen=True, slots=True)
 class Accept:
     spi: int
+    esn: bool = True  # the responder can key with ESN (a bridge that predates the field always did)
 
 
 @dataclass(frozen=True, slots=True)
 class Ready:
     spi: int
+    esn: bool = True  # the tunnel keys with ESN: the sender and the receiver of an SA must agree on it
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,9 +193,9 @@ def encode_message(msg: Message) -> bytes:
     body: dict[str, Any]
     match msg:
         case Accept():
-            body = {"t": "accept", "spi": msg.spi}
+            body = {"t": "accept", "spi": msg.spi, "esn": msg.esn}
         case Ready():
-            body = {"t": "ready", "spi": msg.spi}
+            body = {"t": "ready", "spi": msg.spi, "esn": msg.esn}
         case Done():
             body = {"t": "done"}
         case Reject():
@@ -206,15 +210,22 @@ def _spi(value: Any) -> int:
     return value
 
 
+def _esn(body: dict[str, Any]) -> bool:
+    value = body.get("esn", True)
+    if not isinstance(value, bool):
+        raise ValueError(f"bad esn {value!r}")
+    return value
+
+
 def decode_message(raw: bytes) -> Message:
     """HandshakeError('protocol') for anything that is not one of our messages."""
     try:
         body = json.loads(raw)
         kind = body["t"]
         if kind == "accept":
-            return Accept(_spi(body["spi"]))
+            return Accept(_spi(body["spi"]), _esn(body))
         if kind == "ready":
-            return Ready(_spi(body["spi"]))
+            return Ready(_spi(body["spi"]), _esn(body))
         if kind == "done":
             return Done()
         if kind == "reject":
@@ -420,8 +431,11 @@ class Installer(Protocol):
 
     async def allocate_spi(self) -> int: ...
 
-    async def install(self, inbound: tuple[int, Aead] | None, outbound: tuple[int, Aead] | None) -> None:
-        """Inbound SA first, then outbound SA and (unless the caller switches them later) the pair's policies."""
+    async def install(
+        self, inbound: tuple[int, Aead] | None, outbound: tuple[int, Aead] | None, *, esn: bool = True
+    ) -> None:
+        """Inbound SA first, then outbound SA and (unless the caller switches them later) the pair's policies.
+        `esn`: 64-bit sequence numbers, as negotiated for the tunnel."""
 
     async def rollback(self) -> None: ...
 
@@ -440,6 +454,7 @@ class Plan:
     responder_address: IPAddress
     installer: Installer
     recheck: AdmissionCheck
+    esn: bool = True  # this side can key with ESN (false: its offload device cannot offload ESN SAs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -452,6 +467,7 @@ class Result:
     spi_out: int
     key_bytes: int
     seconds: float
+    esn: bool = True
 
 
 def _check_peer(channel: TlsChannel, plan: Plan, role: str) -> tuple[Identity, dt.datetime]:
@@ -494,15 +510,16 @@ async def initiate(
         if not isinstance(answer, Accept):
             raise HandshakeError("protocol", f"expected accept, got {type(answer).__name__.lower()}")
         allocated = True
+        esn = plan.esn and answer.esn
         spi_i = await plan.installer.allocate_spi()
         keys = _keys(channel, plan, spi_i, answer.spi, preamble.key_bytes, preamble.scope)
-        await plan.installer.install((spi_i, keys.responder_to_initiator), None)
-        await channel.send(Ready(spi_i))
+        await plan.installer.install((spi_i, keys.responder_to_initiator), None, esn=esn)
+        await channel.send(Ready(spi_i, esn))
         final = await channel.recv()
         if not isinstance(final, Done):
             reason = final.reason if isinstance(final, Reject) else type(final).__name__.lower()
             raise HandshakeError("refused", f"the responder did not finish: {reason}")
-        await plan.installer.install(None, (answer.spi, keys.initiator_to_responder))
+        await plan.installer.install(None, (answer.spi, keys.initiator_to_responder), esn=esn)
     except BaseException:
         if allocated:
             await plan.installer.rollback()
@@ -511,7 +528,7 @@ async def initiate(
         await channel.close()
     return Result(
         True, peer, peer_not_after, plan.credential.not_after, spi_i, answer.spi, preamble.key_bytes,
-        time.monotonic() - started,
+        time.monotonic() - started, esn,
     )  # fmt: skip
 
 
@@ -551,13 +568,19 @@ async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pr
             raise HandshakeError("protocol", f"unexpected {type(early).__name__.lower()} before accept")
         allocated = True
         spi_r = await plan.installer.allocate_spi()
-        await channel.send(Accept(spi_r))
+        await channel.send(Accept(spi_r, plan.esn))
         ready = await channel.recv()
         if not isinstance(ready, Ready):
             reason = ready.reason if isinstance(ready, Reject) else type(ready).__name__.lower()
             raise HandshakeError("refused", f"the initiator refused: {reason}")
+        if ready.esn and not plan.esn:
+            err = HandshakeError("protocol", "the initiator keys with ESN, which this side's offload device cannot do")
+            await _reject(channel, err)
+            raise err
         keys = _keys(channel, plan, ready.spi, spi_r, preamble.key_bytes, preamble.scope)
-        await plan.installer.install((spi_r, keys.initiator_to_responder), (ready.spi, keys.responder_to_initiator))
+        await plan.installer.install(
+            (spi_r, keys.initiator_to_responder), (ready.spi, keys.responder_to_initiator), esn=ready.esn
+        )
         await channel.send(Done())
     except BaseException:
         if allocated:
@@ -567,7 +590,7 @@ async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pr
         await channel.close()
     return Result(
         False, peer, peer_not_after, plan.credential.not_after, spi_r, ready.spi, preamble.key_bytes,
-        time.monotonic() - started,
+        time.monotonic() - started, ready.esn,
     )  # fmt: skip
 
 

@@ -328,9 +328,17 @@ class Bridge:
         whether the device takes the offload; the tunnels' own installs stay the authority."""
         ip = ipaddress.ip_address
         ends = Endpoints(ip("192.0.2.1"), ip("192.0.2.2"), host_net(ip("198.51.100.1")), host_net(ip("203.0.113.1")))
-        aead = xm.Aead(os.urandom(self.cfg.key_bits // 8), os.urandom(4))
-        throwaway = sa.outbound_sa(ends, 0xFFFFFF01, aead, sa.next_reqid())
-        self.offload = await probe(xfrm, throwaway, self.cfg.offload_dev, self.cfg.offload)
+
+        def throwaway() -> xm.SecurityAssociation:
+            aead = xm.Aead(os.urandom(self.cfg.key_bits // 8), os.urandom(4))
+            return sa.outbound_sa(ends, 0xFFFFFF01, aead, sa.next_reqid(), esn=sa.settings.esn)
+
+        self.offload = await probe(xfrm, throwaway(), self.cfg.offload_dev, self.cfg.offload)
+        if self.offload.esn_refused:
+            # A driver without ESN offload takes the same SAs with 32-bit sequence numbers: this node then keys
+            # its tunnels without ESN (the handshake tells each peer, whose SAs for the tunnel follow).
+            sa.settings = dataclasses.replace(sa.settings, esn=False)
+            self.offload = await probe(xfrm, throwaway(), self.cfg.offload_dev, self.cfg.offload)
         level = logging.ERROR if not self.offload.usable else logging.INFO
         if self.offload.status is OffloadStatus.FALLBACK:
             level = logging.WARNING

@@ -188,6 +188,7 @@ class Generation:
     not_after: dt.datetime  # the earlier of the two certificates' expiry (adopted: the adoption deadline)
     handshake_seconds: float
     origin: str = "handshake"  # or "adopted": found in the kernel at start, keyed by a previous run
+    esn: bool = True  # 64-bit sequence numbers (negotiated: false when either side's offload device lacks them)
 
     def sa_ids(self, sa: SaManager, ep: Endpoints) -> list[m.SaId]:
         return [sa.outbound_id(ep, self.spi_out), sa.inbound_id(ep, self.spi_in)]
@@ -530,6 +531,7 @@ class TunnelManager:
             responder_address=ends[1],
             installer=installer,
             recheck=lambda: self._recheck(spec),
+            esn=self.sa.settings.esn,
         )
 
     async def _initiate(self, t: Tunnel) -> None:
@@ -593,6 +595,7 @@ class TunnelManager:
             established_mono=now,
             not_after=min(result.local_not_after, result.peer_not_after),
             handshake_seconds=result.seconds + switch_seconds,
+            esn=result.esn,
         )
         if t.current is not None:
             # the peer switches the same pairs at the same time as we did: its out policies may still use the old
@@ -1015,6 +1018,7 @@ class TunnelManager:
             spi_in=f"0x{g.spi_in:08x}",
             spi_out=f"0x{g.spi_out:08x}",
             key_bits=g.key_bytes * 8,
+            esn=g.esn,
             established=g.established.isoformat(),
             age_seconds=round(now - g.established_mono, 3),
             expires=g.not_after.isoformat(),

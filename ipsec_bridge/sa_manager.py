@@ -53,6 +53,8 @@ BYPASS_PRIORITY = 200
 BLOCK_PRIORITY = 1000
 SPI_MIN = 0x1000
 SPI_MAX = 0xFFFF_FFFF
+NO_ESN_SOFT_PACKETS = 1 << 31  # a 32-bit sequence number wraps at 2^32 packets
+NO_ESN_HARD_PACKETS = (1 << 31) + (1 << 30)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,9 @@ class SaSettings:
     hard_seconds: int = 0
     offload_mode: str = "none"  # none | crypto | packet
     offload_ifindex: int = 0
+    # This node can key with 64-bit sequence numbers: false only behind an offload device without ESN
+    # offload. A tunnel uses ESN when both of its sides can (negotiated in the handshake).
+    esn: bool = True
 
     def __post_init__(self) -> None:
         if self.offload_mode not in ("none", "crypto", "packet"):
@@ -74,12 +79,17 @@ class SaSettings:
         if self.offload_mode != "none" and self.offload_ifindex <= 0:
             raise ValueError("offload needs a device (--offload-dev)")
 
-    def lifetime(self) -> m.Lifetime:
+    def lifetime(self, esn: bool = True) -> m.Lifetime:
+        # Without ESN the kernel stops an SA whose 32-bit counter would wrap (it never reuses a GCM nonce):
+        # the limits end it first, so the rekey comes before that outage.
+        soft, hard = self.soft_packets, self.hard_packets
+        if not esn:
+            soft, hard = min(soft, NO_ESN_SOFT_PACKETS), min(hard, NO_ESN_HARD_PACKETS)
         return m.Lifetime(
             soft_bytes=self.soft_bytes,
             hard_bytes=self.hard_bytes,
-            soft_packets=self.soft_packets,
-            hard_packets=self.hard_packets,
+            soft_packets=soft,
+            hard_packets=hard,
             soft_add_seconds=self.soft_seconds,
             hard_add_seconds=self.hard_seconds,
         )
@@ -290,13 +300,19 @@ class SaManager:
             raise XfrmError("ALLOCSPI", errno.EEXIST, f"the kernel returned SPI 0x{spi:08x} of an adopted SA")
         return spi
 
-    def inbound_sa(self, ep: Endpoints, spi: int, aead: m.Aead, reqid: int) -> m.SecurityAssociation:
-        return self._sa(ep, spi, aead, reqid, inbound=True)
+    def inbound_sa(
+        self, ep: Endpoints, spi: int, aead: m.Aead, reqid: int, *, esn: bool = True
+    ) -> m.SecurityAssociation:
+        return self._sa(ep, spi, aead, reqid, inbound=True, esn=esn)
 
-    def outbound_sa(self, ep: Endpoints, spi: int, aead: m.Aead, reqid: int) -> m.SecurityAssociation:
-        return self._sa(ep, spi, aead, reqid, inbound=False)
+    def outbound_sa(
+        self, ep: Endpoints, spi: int, aead: m.Aead, reqid: int, *, esn: bool = True
+    ) -> m.SecurityAssociation:
+        return self._sa(ep, spi, aead, reqid, inbound=False, esn=esn)
 
-    def _sa(self, ep: Endpoints, spi: int, aead: m.Aead, reqid: int, *, inbound: bool) -> m.SecurityAssociation:
+    def _sa(
+        self, ep: Endpoints, spi: int, aead: m.Aead, reqid: int, *, inbound: bool, esn: bool
+    ) -> m.SecurityAssociation:
         # The two directions differ only in which node is the source and which selector applies.
         return m.SecurityAssociation(
             src=ep.peer_node if inbound else ep.local_node,
@@ -307,8 +323,8 @@ class SaManager:
             reqid=reqid,
             mode=Mode.TUNNEL,
             replay_window=self.settings.replay_window,
-            esn=True,
-            lifetime=self.settings.lifetime(),
+            esn=esn,
+            lifetime=self.settings.lifetime(esn),
             mark=BRIDGE_MARK,
             offload=self.settings.sa_offload(inbound=inbound),
         )
@@ -323,6 +339,7 @@ class SaManager:
         *,
         switch: bool = True,
         in_place: Iterable[PairSelector] = (),
+        esn: bool = True,
     ) -> tuple[OffloadStatus, OffloadStatus]:
         """One netlink batch, applied in order: the inbound SA (UPDSA over ALLOCSPI's larval state), then the
         outbound SA, then (with `switch`, see `switch_policies`) the pairs' policies switched to `reqid`.
@@ -331,10 +348,10 @@ class SaManager:
         requests: list[m.Request] = []
         sa_in = sa_out = None
         if inbound is not None:
-            sa_in = self.inbound_sa(ep, inbound[0], inbound[1], reqid)
+            sa_in = self.inbound_sa(ep, inbound[0], inbound[1], reqid, esn=esn)
             requests.append(m.new_sa(sa_in, update=True))
         if outbound is not None:
-            sa_out = self.outbound_sa(ep, outbound[0], outbound[1], reqid)
+            sa_out = self.outbound_sa(ep, outbound[0], outbound[1], reqid, esn=esn)
             requests.append(m.new_sa(sa_out))
             if switch:
                 requests.extend(self._switch_requests(ep, selectors, reqid, in_place))
@@ -480,14 +497,14 @@ class GenerationInstaller:
         self.spi_in = await self.manager.alloc_spi(self.endpoints, self.reqid)
         return self.spi_in
 
-    async def install(self, inbound: SaKey | None, outbound: SaKey | None) -> None:
+    async def install(self, inbound: SaKey | None, outbound: SaKey | None, *, esn: bool = True) -> None:
         self._check()
         if outbound is not None:
             self.spi_out = outbound[0]  # known before the batch: a failed batch is rolled back whole
             self.switched = self.switched or not self.defer_policies
         status_in, status_out = await self.manager.install(
             self.endpoints, self.reqid, self.selectors, inbound, outbound,
-            switch=not self.defer_policies, in_place=self.in_place,
+            switch=not self.defer_policies, in_place=self.in_place, esn=esn,
         )  # fmt: skip
         if inbound is not None:
             self.offload_in = status_in

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import errno
 from typing import TYPE_CHECKING
 
 from ipsec_bridge.xfrm.messages import Offload, SecurityAssociation
@@ -46,6 +47,9 @@ class OffloadProbe:
     device: str
     status: OffloadStatus | None  # None: the kernel refused the SA
     error: str = ""
+    esn: bool = True  # whether the probe SA had 64-bit sequence numbers
+    # the kernel refused it only because the driver cannot offload ESN SAs (it has no xdo_dev_state_advance_esn)
+    esn_refused: bool = False
 
     @property
     def usable(self) -> bool:
@@ -58,7 +62,10 @@ class OffloadProbe:
                     "down (no software fallback) and mesh traffic stays blocked")  # fmt: skip
         if self.status is OffloadStatus.FALLBACK:
             return f"--offload {self.mode} on {self.device}: the kernel accepts it but runs the SAs in software"
-        return f"--offload {self.mode} on {self.device}: the device takes the SAs ({self.status.value} offload)"
+        without_esn = (" without ESN (the driver cannot offload it): 32-bit sequence numbers, which the SAs' hard "
+                       "packet limit ends before they could wrap") if not self.esn else ""  # fmt: skip
+        takes = f"the device takes the SAs ({self.status.value} offload)"
+        return f"--offload {self.mode} on {self.device}: {takes}{without_esn}"
 
 
 async def probe(xfrm: XfrmSocket, sa: SecurityAssociation, device: str, mode: str) -> OffloadProbe:
@@ -68,7 +75,9 @@ async def probe(xfrm: XfrmSocket, sa: SecurityAssociation, device: str, mode: st
     try:
         status = await xfrm.install_sa(sa)
     except XfrmError as err:
-        return OffloadProbe(mode, device, None, str(err))
+        # xfrm_dev_state_add(): "Device doesn't support offload with ESN"
+        esn_refused = sa.esn and err.errno == errno.EINVAL and "ESN" in (err.kernel_message or "")
+        return OffloadProbe(mode, device, None, str(err), sa.esn, esn_refused)
     with contextlib.suppress(XfrmError):
         await xfrm.delete_sa(sa.id())
-    return OffloadProbe(mode, device, status)
+    return OffloadProbe(mode, device, status, esn=sa.esn)

@@ -49,7 +49,12 @@ class RecordingInstaller:
         self.calls.append(("alloc", spi))
         return spi
 
-    async def install(self, inbound: tuple[int, Aead] | None, outbound: tuple[int, Aead] | None) -> None:
+    esn: list[bool] = field(default_factory=list)  # the esn of every install call
+
+    async def install(
+        self, inbound: tuple[int, Aead] | None, outbound: tuple[int, Aead] | None, *, esn: bool = True
+    ) -> None:
+        self.esn.append(esn)
         for kind, what in (("inbound", inbound), ("outbound", outbound)):
             if what is not None:
                 self.calls.append((kind, what[0], what[1].key + what[1].salt))
@@ -334,10 +339,76 @@ async def test_preamble_round_trip() -> None:
     assert await hs.read_preamble(reader) == pre
 
 
+def test_a_bridge_that_predates_the_esn_field_keys_with_esn() -> None:
+    assert hs.decode_message(b'{"t":"accept","spi":7}') == hs.Accept(7, esn=True)
+    assert hs.decode_message(b'{"t":"ready","spi":7}') == hs.Ready(7, esn=True)
+
+
+@pytest.mark.parametrize(
+    ("initiator_esn", "responder_esn", "tunnel_esn"),
+    [(True, True, True), (False, True, False), (True, False, False), (False, False, False)],
+)
+async def test_a_tunnel_keys_with_esn_only_when_both_sides_can(
+    mesh: Mesh, initiator_esn: bool, responder_esn: bool, tunnel_esn: bool
+) -> None:
+    """An SA's sender and receiver must agree on ESN (it changes the ICV's input): one side behind an offload
+    device without ESN offload makes the whole tunnel, all four SAs, key without it."""
+    a1, b1 = PODS["a1"][4], PODS["b1"][4]
+    ins_i, ins_r = RecordingInstaller(), RecordingInstaller(spis=itertools.count(0x9000))
+    out = await run_pair(
+        pod_preamble("a1", "b1"),
+        plan(mesh.creds["a1"], identity("b1"), ins_i, a1, b1, esn=initiator_esn),
+        lambda _: plan(mesh.creds["b1"], identity("a1"), ins_r, a1, b1, esn=responder_esn),
+    )
+    assert isinstance(out.initiator, hs.Result) and isinstance(out.responder, hs.Result), out
+    assert out.initiator.esn is out.responder.esn is tunnel_esn
+    assert ins_i.esn == [tunnel_esn, tunnel_esn] and ins_r.esn == [tunnel_esn]
+
+
+async def test_a_responder_without_esn_refuses_an_initiator_that_keys_with_it(mesh: Mesh) -> None:
+    """An initiator that ignores `accept.esn` (a bridge that predates it) would key ESN SAs the responder cannot
+    match: the responder says so in-channel and keys nothing."""
+    a1, b1 = PODS["a1"][4], PODS["b1"][4]
+    ins_r = RecordingInstaller()
+    responded: asyncio.Future[hs.Result | hs.HandshakeError] = asyncio.get_running_loop().create_future()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            got = await hs.read_preamble(reader)
+            r_plan = plan(mesh.creds["b1"], identity("a1"), ins_r, a1, b1, esn=False)
+            responded.set_result(await hs.respond(reader, writer, got, r_plan))
+        except hs.HandshakeError as err:
+            responded.set_result(err)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        writer.write(pod_preamble("a1", "b1").encode())
+        channel = hs.TlsChannel(mesh.creds["a1"][1], server=False, reader=reader, writer=writer)
+        await channel.handshake(flush=False)
+        await channel.flush()
+        accept = await channel.recv()
+        await channel.send(hs.Ready(0x4242, esn=True))  # as an old initiator would, whatever accept said
+        answer = await channel.recv()
+        writer.close()
+        result = await asyncio.wait_for(responded, 10)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert accept == hs.Accept(0x1000, esn=False)
+    assert isinstance(answer, hs.Reject) and "offload device cannot do" in answer.reason
+    assert isinstance(result, hs.HandshakeError) and result.code == "protocol"
+    assert str(result) == "the initiator keys with ESN, which this side's offload device cannot do"
+    assert ins_r.kinds() == ["alloc", "rollback"]  # nothing keyed on the responder
+
+
 @pytest.mark.parametrize(
     "msg",
-    [hs.Accept(0x1234), hs.Ready(0xFFFF_FFFF), hs.Done(), hs.Reject("no")],
-)
+    [hs.Accept(0x1234), hs.Accept(0x1234, esn=False), hs.Ready(0xFFFF_FFFF), hs.Ready(7, esn=False), hs.Done(),
+     hs.Reject("no")],
+)  # fmt: skip
 def test_messages_round_trip(msg: hs.Message) -> None:
     encoded = hs.encode_message(msg)
     assert hs.decode_message(encoded[2:]) == msg
@@ -349,6 +420,8 @@ def test_messages_round_trip(msg: hs.Message) -> None:
         (b'{"t":"accept","spi":0}', "bad SPI 0"),
         (b'{"t":"accept","spi":4294967296}', "bad SPI"),
         (b'{"t":"ready","spi":true}', "bad SPI True"),
+        (b'{"t":"ready","spi":7,"esn":"no"}', "bad esn 'no'"),
+        (b'{"t":"accept","spi":7,"esn":1}', "bad esn 1"),
         (b'{"t":"offer","src":"a","dst":"b","key_bytes":16}', "unknown message 'offer'"),
         (b'{"t":"hello"}', "unknown message 'hello'"),
         (b"not json", "malformed message from the peer"),
