@@ -189,8 +189,11 @@ def test_ztctl_tunnels_shows_the_tunnels_of_a_node(facts: dict[str, Any]) -> Non
     assert lines[0].split("  ")[0] == "NODE"
     for column in ("LOCAL IDENTITY", "PEER IDENTITY", "SPI IN", "SPI OUT", "AGE", "OFFLOAD", "NEXT REKEY"):
         assert column in lines[0]
-    assert len(lines) == 4 and all(line.startswith("node-a ") for line in lines[1:])
-    by_pair = {line.split()[1] + line.split()[3]: line for line in lines[1:]}
+    assert len(lines) == 5 and all(line.startswith("node-a ") for line in lines[1:4])
+    # the pair policy refuses both ways is named under the table, with the policies that refuse it
+    assert lines[4].startswith(f"node-a: no tunnel shop/a2 ({A2}) <-> payments/b1 ({B1}), policy refuses it out: ")
+    assert "deny-debug" in lines[4] and "debug-allow-cart" in lines[4]
+    by_pair = {line.split()[1] + line.split()[3]: line for line in lines[1:4]}
     row = by_pair["shop/a1payments/b1"]
     assert "spiffe://cluster.local/ns/shop/sa/frontend" in row and "spiffe://cluster.local/ns/payments/sa/ledger" in row
     assert facts["rows_final"]["a"][f"{A1}-{B1}"]["spi_in"] in row and "none" in row
@@ -286,7 +289,11 @@ def test_crypto_offload_fallback_shows_in_ztctl_and_metrics(offload_facts: dict[
     assert f["offloads_b"] == {f"{B1}-{A1}": "fallback", f"{B2}-{A1}": "fallback", f"{B2}-{A2}": "fallback"}
     lines = f["ztctl_b"].splitlines()
     assert "OFFLOAD" in lines[0]
-    assert len(lines) == 4 and all(" fallback " in line for line in lines[1:]), lines
+    rows = [line for line in lines[1:] if line.startswith("node-b  ")]
+    assert len(rows) == 3 and all(" fallback " in line for line in rows), lines
+    assert [line for line in lines[1:] if line not in rows] == [
+        line for line in lines if line.startswith(f"node-b: no tunnel payments/b1 ({B1}) <-> shop/a2 ({A2})")
+    ]  # the one other line: the pair policy refuses
     metrics = f["metrics_b"]
     assert metrics['zt_bridge_tunnel_offload{offload="fallback"}'] == 3
     assert metrics['zt_bridge_tunnel_offload{offload="crypto"}'] == 0
@@ -325,7 +332,7 @@ def test_the_vf_column_metrics_and_rekey_triggers_of_a_running_bridge(offload_fa
     header = lines[0]
     assert "VF" in header.split("  ") and header.index("OFFLOAD") < header.index("VF") < header.index("NEXT REKEY")
     vf_at = header.index("VF")
-    by_local = {line.split()[1]: line[vf_at:].split()[0] for line in lines[1:]}
+    by_local = {line.split()[1]: line[vf_at:].split()[0] for line in lines[1:] if line.startswith("node-a  ")}
     assert by_local == {"shop/a1": "3", "shop/a2": "5"}, lines
     a = f["metrics_a"]
     assert a['zt_bridge_vf_pods{pod="shop/a1",vf="3"}'] == 1 and a['zt_bridge_vf_pods{pod="shop/a2",vf="5"}'] == 1

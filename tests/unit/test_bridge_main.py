@@ -13,7 +13,7 @@ from ipsec_bridge import keys
 from ipsec_bridge.admin import parse_xfrm_stat
 from ipsec_bridge.main import main
 from ztctl.commands.proxy_config import tabulate
-from ztctl.commands.tunnels import COLUMNS, rows
+from ztctl.commands.tunnels import COLUMNS, notes, rows
 
 
 @pytest.fixture
@@ -100,6 +100,25 @@ def test_ztctl_tunnels_table() -> None:
                  "58m20s"):  # fmt: skip
         assert cell in up, cell
     assert "failing" in table[2] and "Connection refused" in table[2]
+
+
+def test_ztctl_tunnels_notes_say_which_pairs_policy_refuses_and_why() -> None:
+    dump = {
+        **DUMP,
+        "refused_pairs": [
+            {"local_pod": "shop/a2", "local_ip": "10.1.0.11", "peer_pod": "payments/b1", "peer_ip": "10.2.0.10",
+             "outbound": "DENY by payments/deny-debug", "inbound": "no ALLOW policy matched (shop/debug-allow-cart)"},
+            {"local_pod": "payments/l1", "local_ip": "10.1.0.20", "peer_pod": "payments/l2", "peer_ip": "10.2.0.20",
+             "outbound": "no ALLOW policy matched (payments/ledger-allow-cart)",
+             "inbound": "no ALLOW policy matched (payments/ledger-allow-cart)"},
+        ],
+    }  # fmt: skip
+    assert notes([dump]) == [
+        "node-a: no tunnel shop/a2 (10.1.0.11) <-> payments/b1 (10.2.0.10), policy refuses it out: DENY by "
+        "payments/deny-debug; in: no ALLOW policy matched (shop/debug-allow-cart)",
+        "node-a: no tunnel payments/l1 (10.1.0.20) <-> payments/l2 (10.2.0.20), policy refuses it both ways: no "
+        "ALLOW policy matched (payments/ledger-allow-cart)",
+    ]
 
 
 def test_exporter_context_is_canonical_and_binds_every_input() -> None:

@@ -4,7 +4,8 @@
 Columns: NODE LOCAL PEER LOCAL IDENTITY PEER IDENTITY SPI IN SPI OUT AGE BYTES PACKETS OFFLOAD [VF] NEXT REKEY
 (bytes and packets as in/out; offload none, crypto, packet, or fallback when the kernel ignored the request;
 VF only when a bridge runs with --vf-map). Tunnels that are not up show their state and last error instead
-of SPIs; local pods the VF map refuses, and a refused --offload, are listed under the table with the reason.
+of SPIs; pod pairs that policy refuses both ways, local pods the VF map refuses, and a refused --offload, are
+listed under the table with the reason.
 `-o json` prints the bridges' /config_dump documents.
 
 `ztctl tunnels rekey [--peer P] [--local L]` asks each bridge to rekey its tunnels now (all, or the chosen
@@ -142,10 +143,18 @@ def rows(dumps: Sequence[Mapping[str, Any]], vf: bool = False) -> list[tuple[str
 
 
 def notes(dumps: Sequence[Mapping[str, Any]]) -> list[str]:
-    """What has no row but keeps tunnels down: a refused --offload, local pods the VF map refuses."""
+    """What has no row but keeps tunnels down: a refused --offload, local pods the VF map refuses, pod pairs
+    that policy refuses both ways."""
     out: list[str] = []
     for dump in dumps:
         node = str(dump.get("node", "?"))
+        for pair in dump.get("refused_pairs", []):
+            ends = (
+                f"{pair.get('local_pod')} ({pair.get('local_ip')}) <-> {pair.get('peer_pod')} ({pair.get('peer_ip')})"
+            )
+            outbound, inbound = pair.get("outbound", ""), pair.get("inbound", "")
+            why = f"both ways: {outbound}" if outbound == inbound else f"out: {outbound}; in: {inbound}"
+            out.append(f"{node}: no tunnel {ends}, policy refuses it {why}")
         offload = dump.get("offload") or {}
         if offload and not offload.get("usable", True):
             out.append(f"{node}: offload {offload.get('mode')} on {offload.get('device')} refused by the kernel: "
