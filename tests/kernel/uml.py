@@ -1,4 +1,4 @@
-"""Run a command inside a real Linux kernel: the project's user-mode-linux 6.1, booted by tests/kernel/uml/run.
+"""Run a command inside a real Linux kernel: the project's user-mode-linux 6.1, booted by tools/uml-kernel/run.
 
 `run_in_uml([...], timeout)` boots the kernel with this machine's filesystem as its root (veth, XFRM, ESP with
 its offload hooks, AES-GCM and netdevsim built in), runs the command there (same cwd; TMPDIR=/run, a tmpfs private
@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-RUN = Path(__file__).resolve().parent / "uml" / "run"
+RUN = REPO / "tools" / "uml-kernel" / "run"
 BUILD = REPO / "scripts" / "uml-kernel.sh"
 HARNESS_ERROR = "uml-run: harness error:"
 # A cold build is minutes on two idle cores; allow for a CI host that is also building Istio and Kubernetes.
