@@ -55,8 +55,10 @@ HANDSHAKE_PORT = 15009
 # host side
 
 
-def run_guest(scenario: str) -> dict[str, Any]:
-    done = run_in_uml([sys.executable, str(Path(__file__).resolve()), scenario], 420, env={"PYTHONPATH": str(REPO)})
+def run_guest(scenario: str, script: Path | None = None) -> dict[str, Any]:
+    """Boot UML, run a guest program (this file, or one reusing its guest), return the facts of its RESULT line."""
+    guest = script or Path(__file__).resolve()
+    done = run_in_uml([sys.executable, str(guest), scenario], 420, env={"PYTHONPATH": str(REPO)})
     results = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if os.environ.get("ZT_BRIDGE_FACTS"):  # for calibrating the assertions: where to keep the raw facts
         with open(os.environ["ZT_BRIDGE_FACTS"], "a") as out_file:

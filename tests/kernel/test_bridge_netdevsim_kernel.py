@@ -55,11 +55,11 @@ from tests.kernel.test_bridge_kernel import (  # noqa: E402
     Capture,
     Guest,
     ping,
+    run_guest,
     sh,
     wire,
     xfrm_stat,
 )
-from tests.kernel.uml import run_in_uml  # noqa: E402
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -73,15 +73,7 @@ NODE_A_PAIRS = {f"{A1}-{B1}", f"{A1}-{B2}", f"{A2}-{B2}"}  # the admitted pairs 
 
 @pytest.fixture(scope="module")
 def facts() -> dict[str, Any]:
-    done = run_in_uml([sys.executable, str(Path(__file__).resolve())], 420, env={"PYTHONPATH": str(REPO)})
-    results = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if os.environ.get("ZT_BRIDGE_FACTS"):
-        with open(os.environ["ZT_BRIDGE_FACTS"], "a") as out_file:
-            out_file.write("\n".join(results) + "\n" + done.stderr + "\n")
-    if done.returncode != 0 or not results:
-        pytest.fail(f"guest exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
-    out: dict[str, Any] = json.loads(results[-1][len("RESULT ") :])
-    return out
+    return run_guest("pod", Path(__file__).resolve())
 
 
 def test_packet_offload_is_refused_by_netdevsim_loudly_and_nothing_is_keyed(facts: dict[str, Any]) -> None:
