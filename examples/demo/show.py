@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -102,16 +101,31 @@ class Show:
         self.say(bar + "─" * max(3, 100 - len(bar)) + f" {time.monotonic() - self.t0:.1f}s")
         return time.monotonic()
 
-    def ztctl(self, *args: str, show: bool = True) -> str:
-        """Run ztctl as a user would; print the command and what it printed."""
-        argv = [sys.executable, "-m", "ztctl", *args]
-        done = subprocess.run(argv, capture_output=True, text=True, env=self.env, cwd=REPO, check=False)
+    async def ztctl(self, *args: str, show: bool = True) -> str:
+        """Run ztctl as a user would; print the command and what it printed. (A child process, awaited: the
+        event loop also relays the guest's bridges to ztd and must not stop for it.)"""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ztctl", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=self.env, cwd=REPO,
+        )  # fmt: skip
+        out, err = await proc.communicate()
         if show:
             self.say(f"$ ztctl {' '.join(args)}")
-            self.say(done.stdout.rstrip())
-        if done.returncode != 0:
-            raise DemoError(f"ztctl {' '.join(args)} failed: {done.stderr.strip()}")
-        return done.stdout
+            self.say(out.decode().rstrip())
+        if proc.returncode != 0:
+            raise DemoError(f"ztctl {' '.join(args)} failed: {err.decode().strip()}")
+        return out.decode()
+
+    async def token(self, node: str, name: str) -> Path:
+        """A node-bound token of istio-system/ztunnel, in a file only its owner can read."""
+        token = await self.ztctl("token", "create", "istio-system/ztunnel", "--node", node, "--duration", "24h",
+                                 show=False)  # fmt: skip
+        path = self.state / name
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(token.strip())
+        return path
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -172,13 +186,7 @@ class Show:
         self.setup("ztd on 127.0.0.1: CA and xDS over TLS :15012, xDS :15010, metrics and /debug :15014 "
                    f"(log {ztd.log})")  # fmt: skip
 
-        tokens = {}
-        for node in NODES:
-            token = self.ztctl("token", "create", "istio-system/ztunnel", "--node", node, "--duration", "24h",
-                               show=False).strip()  # fmt: skip
-            tokens[node] = self.state / f"token-{node}"
-            tokens[node].write_text(token)
-            tokens[node].chmod(0o600)
+        tokens = {node: await self.token(node, f"token-{node}") for node in NODES}
 
         uml_kernel = await self.choose_kernel()
         lab = Lab(address="127.0.0.1", xds="127.0.0.1:15012")
@@ -233,8 +241,8 @@ class Show:
     # 1
     async def identities(self) -> None:
         started = self.step("1", "Pods and their SPIFFE identities, as ztd serves them to node agents")
-        self.ztctl("ztunnel-config", "workloads")
-        workloads = json.loads(self.ztctl("ztunnel-config", "workloads", "-o", "json", show=False))
+        await self.ztctl("ztunnel-config", "workloads")
+        workloads = json.loads(await self.ztctl("ztunnel-config", "workloads", "-o", "json", show=False))
         self.say("\nthe identity each one's certificate will carry (from the same resources: spiffe://<trust domain>"
                  "/ns/<namespace>/sa/<service account>):")  # fmt: skip
         for w in workloads:
@@ -242,7 +250,7 @@ class Show:
             pod = f"{w['namespace']}/{w['name']}"
             self.say(f"  {pod:<30} spiffe://{trust}/ns/{w['namespace']}/sa/{w.get('serviceAccount') or 'default'}")
         self.say()
-        self.ztctl("ztunnel-config", "policies")
+        await self.ztctl("ztunnel-config", "policies")
         self.say(f"(ztd answered in {time.monotonic() - started:.1f}s)")
 
     # 2
@@ -258,7 +266,7 @@ class Show:
             return dumps
 
         dumps = await wait_for("every admitted tunnel up", settled, 120, every=0.5)
-        self.ztctl("tunnels", *self.bridge_flags(), "--node", "node-a")
+        await self.ztctl("tunnels", *self.bridge_flags(), "--node", "node-a")
         a = {(r["local_address"], r["peer_address"]): r for r in dumps["node-a"]["tunnels"]}
         b = {(r["peer_address"], r["local_address"]): r for r in dumps["node-b"]["tunnels"]}
         mirrored = [
@@ -355,7 +363,8 @@ class Show:
         flood = await self.lab_call("POST", "/flood/start", {"pod": src, "dst": dst_ip, "count": 400,
                                                               "interval": 0.01})  # fmt: skip
         await asyncio.sleep(2.0)  # traffic on the old keys first
-        self.ztctl("tunnels", "rekey", *self.bridge_flags(), "--node", "node-a", "--local", src_ip, "--peer", dst_ip)
+        await self.ztctl("tunnels", "rekey", *self.bridge_flags(), "--node", "node-a", "--local", src_ip,
+                         "--peer", dst_ip)  # fmt: skip
         new = await wait_for("the new generation", lambda: self._newer(row, old["generation"]), 30, every=0.1)
         result = await self.lab_call("POST", "/flood/wait", {"id": flood["id"]})
         wire = (await self.lab_call("POST", "/capture/stop", {"id": cap["id"]}))["node-a"]
@@ -377,10 +386,7 @@ class Show:
 
         from xds_server.build.bootstrap import ads_bootstrap, node
 
-        token = self.state / "token-node-a-agent"
-        token.write_text(self.ztctl("token", "create", "istio-system/ztunnel", "--node", "node-a", "--duration", "24h",
-                                    show=False).strip())  # fmt: skip
-        token.chmod(0o600)
+        token = await self.token("node-a", "token-node-a-agent")
         agent = Agent(self.state / "sidecars" / "agent", token, self.state / "root-cert.pem")
         stack.push_async_callback(agent.stop)
         await agent.start()
@@ -410,9 +416,9 @@ class Show:
         if status != 200:
             raise DemoError(f"the request through the sidecars failed: HTTP {status}: {body[:200]}")
         self.say()
-        self.ztctl("proxy-status", "--plaintext", "--xds-address", "127.0.0.1:15010")
+        await self.ztctl("proxy-status", "--plaintext", "--xds-address", "127.0.0.1:15010")
         self.say()
-        self.ztctl("proxy-config", "secret", client.admin)
+        await self.ztctl("proxy-config", "secret", client.admin)
 
     async def _sidecars_ready(self, envoys: dict[str, Envoy]) -> str:
         for envoy in envoys.values():
