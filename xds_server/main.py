@@ -144,11 +144,22 @@ class ZtdConfig:
         env="PILOT_PUSH_THROTTLE",
     )
     xds_auth: bool = option(True, "xDS on the secure port needs a client certificate or token", env="XDS_AUTH")
+    # istiod's pkg/keepalive: ping an idle client every interval, drop it after the timeout; accept client pings
+    # down to half the interval even without calls (ztunnel pings every 30 s), as istiod's EnforcementPolicy.
+    keepalive_interval: Duration = option(
+        Duration(30), "ping a client after this long without activity; clients may ping every half of it"
+    )
+    keepalive_timeout: Duration = option(Duration(10), "close a connection whose ping is unanswered this long")
+    keepalive_max_server_connection_age: Duration = option(
+        Duration(0), "close a connection this old gracefully so clients rebalance across replicas (0: never)"
+    )
     log_level: str = option("info", "debug, info, warning or error", choices=("debug", "info", "warning", "error"))
 
     def __post_init__(self) -> None:
         if self.push_throttle < 1 or self.debounce_after < 0 or self.debounce_max < 0:
             raise ValueError("--push-throttle must be at least 1 and debounce times cannot be negative")
+        if self.keepalive_interval < 1 or self.keepalive_timeout < 1 or self.keepalive_max_server_connection_age < 0:
+            raise ValueError("--keepalive-interval and --keepalive-timeout must be 1s or more, the connection age >= 0")
         for name in ("xds_port", "secure_port", "monitoring_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
@@ -166,6 +177,22 @@ class ZtdConfig:
             self.lease_timing()
         except ValueError as err:
             raise ValueError(f"--lease-retry-period/--lease-renew-deadline/--lease-duration: {err}") from None
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """The gRPC servers' channel arguments: message size, and keepalive as istiod configures it."""
+        interval_ms = int(self.keepalive_interval * 1000)
+        options = [
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            ("grpc.keepalive_time_ms", interval_ms),
+            ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),  # our pings, and the clients', with no call open
+            ("grpc.http2.max_pings_without_data", 0),  # keep pinging an idle client
+            ("grpc.http2.min_ping_interval_without_data_ms", interval_ms // 2),  # MinTime: Time / 2
+        ]
+        if self.keepalive_max_server_connection_age:
+            options.append(("grpc.max_connection_age_ms", int(self.keepalive_max_server_connection_age * 1000)))
+            options.append(("grpc.max_connection_age_grace_ms", 10_000))  # istiod's MaxServerConnectionAgeGrace
+        return options
 
     def lease_timing(self) -> LeaseTiming:
         return LeaseTiming(self.lease_duration, self.lease_renew_deadline, self.lease_retry_period)
@@ -351,7 +378,7 @@ class Ztd:
     def _grpc_server(
         self, ca: CertificateService | None, ads: AdsServicer
     ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 * 1024 * 1024)])
+        server = grpc.aio.server(options=self.cfg.grpc_options())
         services = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
         services.append(add_ads_to_server(ads, server))
         if ca is not None:

@@ -154,6 +154,11 @@ class ZtunnelClient:
             out.append(self.received.get_nowait())
         return out
 
+    @property
+    def open(self) -> bool:
+        """The stream is up: started, and its reader has not seen it end."""
+        return self._reader is not None and not self._reader.done()
+
     def versions(self) -> dict[str, dict[str, str]]:
         return {t: {n: v for n, (v, _) in store.items()} for t, store in self.stores.items()}
 
