@@ -38,6 +38,7 @@ from protos.istio.workload import workload_pb2  # noqa: F401 - registers the typ
 from sds.ca.authn import Caller
 from xds_server.server import AdsSource
 from ztcore.identity import Identity, IdentityError
+from ztcore.untrusted import clip
 from ztcore.xds import status as st
 from ztcore.xds import typeurls
 from ztcore.xds.cache import SnapshotCache
@@ -388,7 +389,8 @@ class DebugService:
         protocol: str,
         caller: Caller | None,
     ) -> None:
-        log.info("debug %s stream from %s (%s) asks for %s", protocol, context.peer(), first.node.id, first.type_url)
+        log.info("debug %s stream from %s (%s) asks for %s", protocol, context.peer(), clip(first.node.id, 128),
+                 clip(first.type_url, 120))  # fmt: skip
         await self._respond(first, context, protocol, caller, first=True)
         async for req in rest:
             await self._respond(req, context, protocol, caller, first=False)

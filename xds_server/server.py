@@ -37,9 +37,10 @@ from xds_server.build import EnvoyGenerator, Proxy, ProxyError, resource_name
 from xds_server.publish import Publisher
 from xds_server.translate import Translation
 from ztcore.identity import Identity, IdentityError
+from ztcore.untrusted import clip
 from ztcore.xds import typeurls
 from ztcore.xds.cache import GLOBAL_SCOPE, SnapshotCache
-from ztcore.xds.grpc_adapter import SourceError, StreamInfo, XdsStreams
+from ztcore.xds.grpc_adapter import NODE_ID_LIMIT, SourceError, StreamInfo, XdsStreams
 from ztcore.xds.resources import Resource
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ class AdsSource:
             except ProxyError as err:
                 raise SourceError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
             except Exception:
-                log.exception("building Envoy configuration for %s failed", node.id)
+                log.exception("building Envoy configuration for %s failed", clip(node.id, NODE_ID_LIMIT))
                 raise SourceError(
                     grpc.StatusCode.INTERNAL, "internal error building this proxy's configuration"
                 ) from None
@@ -231,7 +232,10 @@ class AdsSource:
                     out.append((b, self._build(translation, b.proxy)))
                 except Exception:
                     # Keep serving this proxy its last good configuration.
-                    log.exception("rebuilding Envoy configuration for %s failed; keeping the last one", b.node_id)
+                    log.exception(
+                        "rebuilding Envoy configuration for %s failed; keeping the last one",
+                        clip(b.node_id, NODE_ID_LIMIT),
+                    )
                     out.append((b, None))
             return out
 
@@ -279,7 +283,7 @@ def unserved_type(type_url: str) -> str:
     """The refusal for a type ztd does not serve, or "" when it does."""
     if type_url in SERVED_TYPES:
         return ""
-    return f"type {type_url!r} is not served by ztd (serves {', '.join(sorted(SERVED_TYPES))})"
+    return f"type {clip(type_url, 120)!r} is not served by ztd (serves {', '.join(sorted(SERVED_TYPES))})"
 
 
 class _Requests:

@@ -29,10 +29,11 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
+from ztcore.untrusted import clip
 from ztcore.xds import status as st
 from ztcore.xds.cache import Change, FullSet, ResourceView
 from ztcore.xds.resources import Resource
-from ztcore.xds.sotw import NonceFactory, StreamBase, random_nonce
+from ztcore.xds.sotw import NACK_DETAIL_LIMIT, NonceFactory, StreamBase, random_nonce
 from ztcore.xds.status import EMPTY_VERSIONS, VersionMap
 from ztcore.xds.typeurls import WILDCARD
 
@@ -98,7 +99,7 @@ class DeltaStream(StreamBase):
             self.node.CopyFrom(req.node)
         w = self._watches.get(type_url)
         if req.HasField("error_detail"):
-            detail = req.error_detail.message or f"rejected with code {req.error_detail.code}"
+            detail = clip(req.error_detail.message, NACK_DETAIL_LIMIT) or f"rejected with code {req.error_detail.code}"
             if w is not None:
                 self._watches[type_url] = st.evolve(
                     w, last_error=detail, last_nacked=now, pending=EMPTY_VERSIONS, pending_removed=frozenset()
@@ -216,7 +217,7 @@ class DeltaStream(StreamBase):
             responses,
             subscribed=frozenset(newly - set(w.names)),
             unsubscribed=frozenset(dropped),
-            detail=f"nonce {req.response_nonce}, last sent {w.nonce_sent}" if stale else "",
+            detail=f"nonce {clip(req.response_nonce, 64)}, last sent {w.nonce_sent}" if stale else "",
         )
 
     def handle_change(self, change: Change, now: dt.datetime) -> tuple[Any, ...]:

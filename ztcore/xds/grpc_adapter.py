@@ -20,6 +20,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from ztcore.metrics import Registry
+from ztcore.untrusted import clip
 from ztcore.xds import status as st
 from ztcore.xds.cache import Change, SnapshotCache
 from ztcore.xds.delta import DeltaStream
@@ -28,11 +29,15 @@ from ztcore.xds.typeurls import short_name
 
 log = logging.getLogger(__name__)
 
+NODE_ID_LIMIT = 128  # what of a node id goes into stream ids and log lines
+
 
 class SourceError(Exception):
-    """A request the source cannot serve; ends the stream with this gRPC status."""
+    """A request the source cannot serve; ends the stream with this gRPC status. The message may quote what the
+    client sent, so it is clipped before anyone logs it or sends it back."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        message = clip(message, 512)
         super().__init__(message)
         self.code = code
         self.message = message
@@ -69,6 +74,17 @@ class _Machine(Protocol):
     def statuses(self) -> dict[str, st.WatchState]: ...
 
 
+NACK_LOG_INTERVAL = 60.0  # seconds: one NACK line per stream and type, the rest counted into the next one
+
+
+@dataclass(slots=True)
+class NackLog:
+    """Per stream and type: when a NACK was last logged, and how many came since without a line."""
+
+    logged_at: dt.datetime | None = None
+    suppressed: int = 0
+
+
 @dataclass(slots=True)
 class StreamInfo:
     """A live stream, for /debug/syncz-style status and for tests."""
@@ -79,6 +95,7 @@ class StreamInfo:
     protocol: str  # "sotw" or "delta"
     connected_at: dt.datetime
     machine: _Machine = field(repr=False)
+    nack_log: dict[str, NackLog] = field(default_factory=dict, repr=False)
 
     def statuses(self) -> dict[str, st.WatchState]:
         return self.machine.statuses()
@@ -107,6 +124,9 @@ class XdsMetrics:
             "pilot_xds_expired_nonce", "Total number of XDS requests with an expired nonce."
         )
         self.connections = registry.gauge("pilot_xds", "Number of endpoints connected to this pilot using XDS.")
+        self.suppressed_logs = registry.counter(
+            "ztd_xds_suppressed_logs", "Log lines left out because a client repeated itself (NACKs), by type."
+        )
 
 
 def _utcnow() -> dt.datetime:
@@ -160,7 +180,7 @@ class XdsStreams:
         try:
             binding = await self._source.open_stream(first.node, peer)
         except SourceError as err:
-            log.warning("xDS stream from %s (%s) refused: %s", peer, first.node.id, err.message)
+            log.warning("xDS stream from %s (%s) refused: %s", peer, clip(first.node.id, NODE_ID_LIMIT), err.message)
             await context.abort(err.code, err.message)
             return
         view = self._cache.view(binding.scopes)
@@ -179,9 +199,8 @@ class XdsStreams:
                 queue.put_nowait(change)
 
         stop_watch = self._cache.watch(on_change)
-        info = StreamInfo(
-            f"{first.node.id or 'anonymous'}-{next(self._ids)}", peer, first.node, protocol, self._clock(), machine
-        )
+        stream_id = f"{clip(first.node.id, NODE_ID_LIMIT) or 'anonymous'}-{next(self._ids)}"
+        info = StreamInfo(stream_id, peer, first.node, protocol, self._clock(), machine)
         self._streams[info.id] = info
         if self._metrics is not None:
             self._metrics.connections.set(len(self._streams))
@@ -240,10 +259,20 @@ class XdsStreams:
     def _log_step(self, info: StreamInfo, step: st.Step) -> None:
         kind = short_name(step.type_url)
         if step.event == st.NACK:
-            # Keep the last good config; the detail is Envoy's reason and never holds key material.
-            log.warning("xDS %s NACK from %s: %s", kind, info.id, step.detail)
+            # Keep the last good config. The detail (clipped) is the client's reason: one line per stream and
+            # type and minute at most, so a client that NACKs in a loop cannot flood the log.
             if self._metrics is not None:
                 self._metrics.rejects.inc(type=kind.lower())
+            now = self._clock()
+            seen = info.nack_log.setdefault(kind, NackLog())
+            if seen.logged_at is not None and (now - seen.logged_at).total_seconds() < NACK_LOG_INTERVAL:
+                seen.suppressed += 1
+                if self._metrics is not None:
+                    self._metrics.suppressed_logs.inc(type=kind.lower())
+                return
+            more = f" ({seen.suppressed} more NACKs of it since the last line)" if seen.suppressed else ""
+            log.warning("xDS %s NACK from %s: %s%s", kind, info.id, step.detail, more)
+            seen.logged_at, seen.suppressed = now, 0
         elif step.event == st.STALE_NONCE:
             log.debug("xDS %s stale request from %s: %s", kind, info.id, step.detail)
             if self._metrics is not None:

@@ -21,10 +21,14 @@ from collections.abc import Callable, Iterable, Mapping
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
+from ztcore.untrusted import clip
 from ztcore.xds import status as st
 from ztcore.xds.cache import Change, ResourceView
 from ztcore.xds.resources import Resource
 from ztcore.xds.typeurls import WILDCARD, is_wildcard_type
+
+# A NACK's error_detail is kept (syncz, proxy-status) and logged: bounded, whatever the client sent.
+NACK_DETAIL_LIMIT = 1024
 
 NonceFactory = Callable[[], str]
 
@@ -70,7 +74,7 @@ class SotwStream(StreamBase):
             self.node.CopyFrom(req.node)
         w = self._watches.get(type_url)
         if req.HasField("error_detail"):
-            detail = req.error_detail.message or f"rejected with code {req.error_detail.code}"
+            detail = clip(req.error_detail.message, NACK_DETAIL_LIMIT) or f"rejected with code {req.error_detail.code}"
             if w is not None:
                 self._watches[type_url] = dataclasses.replace(
                     w, last_error=detail, last_nacked=now, pending=st.frozen_map({})
@@ -90,7 +94,8 @@ class SotwStream(StreamBase):
             event = st.INIT if not req.response_nonce else st.RECONNECT
             return st.Step(event, type_url, responses, subscribed=explicit - before, unsubscribed=before - explicit)
         if req.response_nonce != w.nonce_sent:
-            return st.Step(st.STALE_NONCE, type_url, detail=f"nonce {req.response_nonce}, last sent {w.nonce_sent}")
+            detail = f"nonce {clip(req.response_nonce, 64)}, last sent {w.nonce_sent}"
+            return st.Step(st.STALE_NONCE, type_url, detail=detail)
         acked = w.pending if w.wildcard else merged(w.acked, w.pending)
         self._watches[type_url] = dataclasses.replace(
             w,

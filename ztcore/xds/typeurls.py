@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ztcore.untrusted import clip
+
 PREFIX = "type.googleapis.com/"
 
 LISTENER = PREFIX + "envoy.config.listener.v3.Listener"
@@ -49,5 +51,5 @@ def is_wildcard_type(type_url: str) -> bool:
 
 
 def short_name(type_url: str) -> str:
-    """CDS/LDS/... as istioctl prints them; unknown types keep their URL."""
-    return _SHORT.get(type_url, type_url)
+    """CDS/LDS/... as istioctl prints them; unknown types keep their URL (clipped: a client chose it)."""
+    return _SHORT.get(type_url) or clip(type_url, 120)
