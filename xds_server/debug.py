@@ -388,9 +388,11 @@ class DebugService:
         context: grpc.aio.ServicerContext,
         protocol: str,
         caller: Caller | None,
+        peer: str = "",
     ) -> None:
-        log.info("debug %s stream from %s (%s) asks for %s", protocol, context.peer(), clip(first.node.id, 128),
-                 clip(first.type_url, 120))  # fmt: skip
+        """`peer`: the client's own address (behind the TLS front, context.peer() is the relay's)."""
+        log.info("debug %s stream from %s (%s) asks for %s", protocol, peer or context.peer(),
+                 clip(first.node.id, 128), clip(first.type_url, 120))  # fmt: skip
         await self._respond(first, context, protocol, caller, first=True)
         async for req in rest:
             await self._respond(req, context, protocol, caller, first=False)

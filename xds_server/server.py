@@ -320,13 +320,16 @@ class _ThrottledContext:
     at once. A small incremental push is not queued: it costs less than the wait (each permit hand-over is
     a loop round trip), and waiting would only delay convergence."""
 
-    def __init__(self, context: grpc.aio.ServicerContext, throttle: asyncio.Semaphore, permit: _Permit) -> None:
+    def __init__(
+        self, context: grpc.aio.ServicerContext, throttle: asyncio.Semaphore, permit: _Permit, peer: str
+    ) -> None:
         self._context = context
         self._throttle = throttle
         self._permit = permit
+        self._peer = peer
 
     def peer(self) -> str:
-        return str(self._context.peer())
+        return self._peer
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         await self._context.abort(code, details)
@@ -357,6 +360,7 @@ class DebugHandler(Protocol):
         context: grpc.aio.ServicerContext,
         protocol: str,
         caller: Caller | None,
+        peer: str = "",
     ) -> None: ...
 
 
@@ -390,13 +394,14 @@ class AdsServicer:
 
     async def _serve(self, requests: Any, context: grpc.aio.ServicerContext, protocol: str) -> None:
         caller = await self._authenticate(context)
+        peer = self._peer(context)
         rest = aiter(requests)
         try:
             first = await anext(rest)
         except StopAsyncIteration:
             return
         if first.type_url.startswith(typeurls.DEBUG_PREFIX):
-            await self._debug.serve(first, rest, context, protocol, caller)
+            await self._debug.serve(first, rest, context, protocol, caller, peer)
             return
         refusal = unserved_type(first.type_url)
         if refusal:
@@ -405,7 +410,7 @@ class AdsServicer:
         requests_in = _Requests(first, rest, permit)
         token = self._source.caller.set(caller)
         try:
-            wrapped = _ThrottledContext(context, self._throttle, permit)
+            wrapped = _ThrottledContext(context, self._throttle, permit, peer)
             if protocol == "sotw":
                 await self._streams.sotw(aiter(requests_in), wrapped)
             else:
@@ -415,6 +420,15 @@ class AdsServicer:
             self._source.caller.reset(token)
         if requests_in.refusal:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, requests_in.refusal)
+
+    def _peer(self, context: grpc.aio.ServicerContext) -> str:
+        """The client's address in gRPC's form: behind the TLS front, the one the front saw, not its relay's."""
+        relayed = str(context.peer() or "unknown")
+        tls = self._tls_peers(relayed) if self._tls_peers is not None else None
+        if tls is None:
+            return relayed
+        host, _, port = tls.address.rpartition(":")
+        return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
 
     async def _authenticate(self, context: grpc.aio.ServicerContext) -> Caller | None:
         if self._tls_peers is None:

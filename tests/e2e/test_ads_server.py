@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import subprocess
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
@@ -72,6 +74,25 @@ async def test_tls_port_accepts_a_token_of_the_nodes_namespace(zt: RunningZtd) -
     async with zt.secure_channel() as ch, ztunnel(ch, metadata=bearer(token)) as client:
         got = {(await client.next()).response.type_url for _ in range(2)}
     assert got == {ADDRESS, AUTHORIZATION}
+
+
+async def test_streams_on_the_tls_port_show_the_clients_own_address(zt: RunningZtd) -> None:
+    """Not the TLS front's relay connection: logs, syncz and proxy-status name the client as it connected."""
+    token = zt.token(MESH_ZTUNNEL, pod="ztunnel-node-a")
+    async with zt.secure_channel() as ch, ztunnel(ch, metadata=bearer(token)) as client:
+        await client.next()
+        # this test's one connection to the TLS port: its local port is the client's
+        ss = await asyncio.to_thread(
+            subprocess.run, ["ss", "-tnH", "state", "established", f"( dport = :{zt.cfg.secure_port} )"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        (local,) = [line.split()[2] for line in ss.stdout.splitlines()]  # 127.0.0.1:P or [::ffff:127.0.0.1]:P
+        host, _, port = local.rpartition(":")
+        client_side = f"{host.strip('[]').removeprefix('::ffff:')}:{port}"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{zt.cfg.monitoring_port}/debug/syncz") as resp:
+                syncz = await resp.json()
+    assert [row["peer"] for row in syncz] == [f"ipv4:{client_side}"]
 
 
 async def test_tls_port_refuses_an_identity_of_another_namespace(zt: RunningZtd) -> None:
