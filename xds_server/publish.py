@@ -176,14 +176,15 @@ class Publisher:
         """Awaited after each push with the new translation (Envoy proxies rebuild from it)."""
         self._listeners.append(listener)
 
-    async def publish(self, snapshot: RegistrySnapshot) -> Published:
-        """Translate and pack off the loop, then install on the loop (the cache is single-threaded)."""
+    async def publish(self, snapshot: RegistrySnapshot, origin: float | None = None) -> Published:
+        """Translate and pack off the loop, then install on the loop (the cache is single-threaded).
+        `origin`: time.monotonic() of the first change this push carries, for convergence metrics."""
         async with self._lock:
             started = self._clock()
             translation, wds = await asyncio.to_thread(self._build, snapshot, self._memo)
             changed: dict[str, frozenset[str]] = {}
             for type_url in WDS_TYPES:
-                changed[type_url] = self._cache.set_resources(type_url, wds.by_type[type_url])
+                changed[type_url] = self._cache.set_resources(type_url, wds.by_type[type_url], origin=origin)
             self._memo = wds.memo
             self.latest = Published(snapshot.version, translation, changed)
             for listener in list(self._listeners):
@@ -221,13 +222,14 @@ class Publisher:
         seen = self.latest.registry_version
         while True:
             await self._registry.wait_for_change(seen)
+            origin = time.monotonic()  # wall time, whatever clock the debounce runs on (tests fake that one)
             pending = Debounce().record(self._clock())
             seen = self._registry.current.version
             pending, seen = await self._debounce(pending, seen)
             if self._metrics is not None and pending.first is not None:
                 self._metrics.debounce_time.observe(self._clock() - pending.first)
             try:
-                await self.publish(self._registry.current)
+                await self.publish(self._registry.current, origin)
             except Exception:
                 # A bug in one translation keeps the last good configuration served; the next change retries.
                 log.exception("publishing registry version %d failed", self._registry.current.version)

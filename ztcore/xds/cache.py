@@ -27,6 +27,9 @@ class Change:
     scope: str
     names: frozenset[str]  # added, updated or removed
     revision: int
+    # time.monotonic() of the configuration change behind it (the first of a debounced batch), if known:
+    # streams measure convergence from it (istiod's pilot_proxy_convergence_time)
+    origin: float | None = None
 
 
 Watcher = Callable[[Change], None]
@@ -97,19 +100,23 @@ class SnapshotCache:
     # -- writes --------------------------------------------------------------------------------------
 
     def set_resources(
-        self, type_url: str, resources: Iterable[Resource], *, scope: str = GLOBAL_SCOPE
+        self, type_url: str, resources: Iterable[Resource], *, scope: str = GLOBAL_SCOPE, origin: float | None = None
     ) -> frozenset[str]:
         """Replace the whole set of a type in a scope; returns the names that changed."""
         incoming = self._checked(type_url, resources)
         current = self._data.get((type_url, scope), {})
         removed = set(current) - set(incoming)
-        return self._apply(type_url, scope, incoming, removed)
+        return self._apply(type_url, scope, incoming, removed, origin)
 
-    def upsert(self, type_url: str, resources: Iterable[Resource], *, scope: str = GLOBAL_SCOPE) -> frozenset[str]:
-        return self._apply(type_url, scope, self._checked(type_url, resources), set())
+    def upsert(
+        self, type_url: str, resources: Iterable[Resource], *, scope: str = GLOBAL_SCOPE, origin: float | None = None
+    ) -> frozenset[str]:
+        return self._apply(type_url, scope, self._checked(type_url, resources), set(), origin)
 
-    def remove(self, type_url: str, names: Iterable[str], *, scope: str = GLOBAL_SCOPE) -> frozenset[str]:
-        return self._apply(type_url, scope, {}, set(names))
+    def remove(
+        self, type_url: str, names: Iterable[str], *, scope: str = GLOBAL_SCOPE, origin: float | None = None
+    ) -> frozenset[str]:
+        return self._apply(type_url, scope, {}, set(names), origin)
 
     def drop_scope(self, scope: str) -> None:
         """Forget every resource of a per-client scope (its last client went away)."""
@@ -141,7 +148,9 @@ class SnapshotCache:
             out[res.name] = res
         return out
 
-    def _apply(self, type_url: str, scope: str, upserts: dict[str, Resource], removals: set[str]) -> frozenset[str]:
+    def _apply(
+        self, type_url: str, scope: str, upserts: dict[str, Resource], removals: set[str], origin: float | None
+    ) -> frozenset[str]:
         key = (type_url, scope)
         current = self._data.setdefault(key, {})
         changed: set[str] = set()
@@ -159,7 +168,7 @@ class SnapshotCache:
             del self._data[key]
         self.revision += 1
         self._versions[key] = self.revision
-        change = Change(type_url, scope, frozenset(changed), self.revision)
+        change = Change(type_url, scope, frozenset(changed), self.revision, origin)
         for watcher in list(self._watchers.values()):
             try:
                 watcher(change)

@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -124,6 +125,16 @@ class XdsMetrics:
             "pilot_xds_expired_nonce", "Total number of XDS requests with an expired nonce."
         )
         self.connections = registry.gauge("pilot_xds", "Number of endpoints connected to this pilot using XDS.")
+        self.convergence = registry.histogram(
+            "pilot_proxy_convergence_time",
+            "Delay in seconds between config change and a proxy receiving all required configuration.",
+            [0.1, 0.5, 1, 3, 5, 10, 20, 30],
+        )
+        self.push_time = registry.histogram(
+            "pilot_xds_push_time",
+            "Total time in seconds to build and send one xDS response to a proxy.",
+            [0.01, 0.1, 1, 3, 5, 10, 20, 30],
+        )
         self.suppressed_logs = registry.counter(
             "ztd_xds_suppressed_logs", "Log lines left out because a client repeated itself (NACKs), by type."
         )
@@ -237,6 +248,7 @@ class XdsStreams:
             if item is _EOF:
                 return None
             now = self._clock()
+            began = time.monotonic()
             if isinstance(item, Change):
                 responses = machine.handle_change(item, now)
             else:
@@ -255,6 +267,9 @@ class XdsStreams:
                 await context.write(resp)
                 if self._metrics is not None:
                     self._metrics.pushes.inc(type=short_name(resp.type_url).lower())
+                    self._metrics.push_time.observe(time.monotonic() - began)
+            if responses and isinstance(item, Change) and item.origin is not None and self._metrics is not None:
+                self._metrics.convergence.observe(time.monotonic() - item.origin)
 
     def _log_step(self, info: StreamInfo, step: st.Step) -> None:
         kind = short_name(step.type_url)
