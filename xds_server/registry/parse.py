@@ -59,6 +59,8 @@ _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _PORT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+# libyaml's composer when PyYAML was built with it: the same nodes and line marks, about 10x faster.
+_COMPOSER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +283,7 @@ def _parse_stream(
         # inside a string, so every tab is whitespace and a space means the same (lines stay put).
         text = text.replace("\t", " ")
     try:
-        for root in yaml.compose_all(text, Loader=yaml.SafeLoader):
+        for root in yaml.compose_all(text, Loader=_COMPOSER):
             if root is None:
                 continue
             if isinstance(root, ScalarNode) and root.tag == "tag:yaml.org,2002:null":
