@@ -277,7 +277,9 @@ def _fmt_path(path: Path) -> str:
 def _parse_stream(
     text: str, source: str, located: list[Located], errors: list[ConfigError], skipped: Counter[str]
 ) -> None:
-    constructor = yaml.SafeLoader("")  # only its constructor is used, on nodes composed below
+    # Only the constructor, on the nodes composed below: a whole SafeLoader would be a reference cycle (its parser
+    # state is a bound method) holding every node and mark of the file until the cyclic collector runs.
+    constructor = yaml.constructor.SafeConstructor()
     if source.lower().endswith(".json"):
         # JSON is YAML, except that PyYAML rejects tab indentation. Valid JSON cannot hold a raw tab
         # inside a string, so every tab is whitespace and a space means the same (lines stay put).
