@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xds_server.registry.files import FileRegistrySource, RegistryLoadError, load_dir, read_dir
 from xds_server.registry.objects import (
@@ -867,3 +869,55 @@ async def test_file_source_watches_and_keeps_last_good(tmp_path: Path, caplog: p
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+# --- incremental snapshots ------------------------------------------------------------------------------------
+
+
+_pod_changes = st.lists(
+    st.tuples(
+        st.sampled_from(("put", "put", "delete")),
+        st.builds(
+            lambda i, ns, sa, node, ip, phase, host: Pod(
+                ObjectMeta(f"p{i}", ns),
+                service_account=sa,
+                node_name=node,
+                pod_ips=(f"10.0.0.{ip}",) if ip else (),
+                phase=phase,
+                host_network=host,
+            ),
+            st.integers(0, 4),
+            st.sampled_from(("a", "b")),
+            st.sampled_from(("x", "y")),
+            st.sampled_from(("n1", "n2")),
+            st.integers(0, 3),
+            st.sampled_from(("Running", "Failed")),
+            st.booleans(),
+        ),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_pod_changes)
+def test_an_applied_change_indexes_like_a_snapshot_built_from_scratch(steps: list[tuple[str, Pod]]) -> None:
+    registry = Registry([Namespace(ObjectMeta("a")), Namespace(ObjectMeta("b"))])
+    for action, pod in steps:
+        version = registry.current.version
+        before = registry.current
+        registry.apply([pod] if action == "put" else [], [pod.key] if action == "delete" else [])
+        current = registry.current
+        fresh = RegistrySnapshot(current.objects())
+        assert current.objects() == fresh.objects() and current.pods() == fresh.pods()
+        assert current.digest == fresh.digest
+        for ip in (f"10.0.0.{n}" for n in range(4)):
+            assert current.pods_by_ip(ip) == fresh.pods_by_ip(ip)
+        for ns in ("a", "b"):
+            for sa in ("x", "y"):
+                for node in ("n1", "n2"):
+                    assert current.pods_by_account_on_node(ns, sa, node) == fresh.pods_by_account_on_node(ns, sa, node)
+        # the change log names exactly the keys whose content changed
+        expected = {k for k in before.keys() | current.keys() if before.get_key(k) != current.get_key(k)}
+        assert registry.changes_since(version) == expected
+        assert before.version == version  # the previous snapshot is untouched
