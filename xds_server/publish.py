@@ -2,16 +2,18 @@
 
 Every registry change is debounced as istiod does (PILOT_DEBOUNCE_AFTER / PILOT_DEBOUNCE_MAX): the push
 happens once nothing changed for `debounce_after`, or `debounce_max` after the first unpublished change,
-whichever is first. Then the whole snapshot is translated (pure, in a worker thread) and published:
+whichever is first. Then only what the changed objects feed is translated again
+(xds_server.translate.incremental, in a worker thread), and only the resources whose content changed are
+packed and installed:
 
 - `type.googleapis.com/istio.workload.Address`: workloads by uid, services by `<namespace>/<hostname>`, each
   with its `<network>/<ip>` aliases (the names ztunnel subscribes to on demand);
 - `type.googleapis.com/istio.security.Authorization`: policies by `<namespace>/<name>`.
 
-Versions are content hashes, so a resource whose content did not change keeps its version and no stream
-resends it. A model object equal to one of the previous push reuses that push's `Resource`: each resource
-is serialised once per version and the same bytes are shared by every client. Policies are published before
-addresses, so a workload never names a policy its clients have not received yet.
+A change costs in proportion to what it touches: one pod edited is one workload rebuilt, packed and sent,
+whatever the mesh size. Versions are content hashes, so a resource keeps its version while its content stays
+(also across restarts and replicas). Each resource is serialised once and the same bytes go to every client.
+Policies are installed before addresses, so a workload never names a policy its clients have not received.
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
+from xds_server.registry.objects import ObjectKey
 from xds_server.registry.store import Registry, RegistrySnapshot
 from xds_server.translate import TranslateOptions, Translation, translate
+from xds_server.translate.incremental import Delta, IncrementalTranslation, TranslationOutputs
 from ztcore.metrics import Registry as MetricsRegistry
+from ztcore.model.authz import Authorization
+from ztcore.model.workload import Service, Workload
 from ztcore.xds import typeurls
 from ztcore.xds.cache import SnapshotCache
 from ztcore.xds.resources import Resource
@@ -33,8 +39,7 @@ log = logging.getLogger(__name__)
 
 WDS_TYPES = (typeurls.AUTHORIZATION, typeurls.ADDRESS)  # publishing order: policies first
 
-ResourceMemo = Mapping[Hashable, Resource]
-Listener = Callable[[Translation], Awaitable[None]]
+Listener = Callable[["Published"], Awaitable[None]]
 
 
 # -- pure: debounce ------------------------------------------------------------------------------------
@@ -74,36 +79,50 @@ class Debounce:
         return deadline is not None and now >= deadline
 
 
-# -- pure: translation → resources -------------------------------------------------------------------------
+# -- pure: outputs → resources ------------------------------------------------------------------------------
+
+
+def pack_address(model: Workload | Service) -> Resource:
+    if isinstance(model, Workload):
+        return Resource.pack(model.uid, model.to_address_pb(), aliases=model.aliases())
+    return Resource.pack(model.key, model.to_address_pb(), aliases=model.aliases())
+
+
+def pack_authorization(model: Authorization) -> Resource:
+    return Resource.pack(model.key, model.to_pb())
 
 
 @dataclass(frozen=True, slots=True)
-class WdsResources:
-    by_type: Mapping[str, tuple[Resource, ...]]
-    memo: ResourceMemo  # model object -> its packed resource, for the next push to reuse
-    reused: int  # how many resources came from the previous memo (not serialised again)
+class WdsChanges:
+    """What one push installs: per type, the resources to add or replace and the names to remove."""
+
+    upserts: Mapping[str, tuple[Resource, ...]]
+    removals: Mapping[str, frozenset[str]]
+
+    def count(self) -> int:
+        return sum(len(v) for v in self.upserts.values()) + sum(len(v) for v in self.removals.values())
 
 
-def wds_resources(translation: Translation, previous: ResourceMemo | None = None) -> WdsResources:
-    """Pack every workload, service and policy; equal model objects reuse the previous push's resource."""
-    old = previous or {}
-    memo: dict[Hashable, Resource] = {}
-    addresses: list[Resource] = []
-    policies: list[Resource] = []
-    for w in translation.workloads:
-        found = old.get(w)
-        memo[w] = found if found is not None else Resource.pack(w.uid, w.to_address_pb(), aliases=w.aliases())
-        addresses.append(memo[w])
-    for s in translation.services:
-        found = old.get(s)
-        memo[s] = found if found is not None else Resource.pack(s.key, s.to_address_pb(), aliases=s.aliases())
-        addresses.append(memo[s])
-    for a in translation.authorizations:
-        found = old.get(a)
-        memo[a] = found if found is not None else Resource.pack(a.key, a.to_pb())
-        policies.append(memo[a])
-    reused = sum(1 for model in memo if model in old)
-    return WdsResources({typeurls.AUTHORIZATION: tuple(policies), typeurls.ADDRESS: tuple(addresses)}, memo, reused)
+def wds_changes(state: IncrementalTranslation, delta: Delta) -> WdsChanges:
+    """Pack the outputs `delta` names; a name without an output any more is a removal."""
+    addresses, gone_addresses = [], set()
+    for name in sorted(delta.addresses):
+        model: Workload | Service | None = state.workloads.get(name) or state.services.get(name)
+        if model is None:
+            gone_addresses.add(name)
+        else:
+            addresses.append(pack_address(model))
+    policies, gone_policies = [], set()
+    for name in sorted(delta.authorizations):
+        policy = state.authorizations.get(name)
+        if policy is None:
+            gone_policies.add(name)
+        else:
+            policies.append(pack_authorization(policy))
+    return WdsChanges(
+        {typeurls.AUTHORIZATION: tuple(policies), typeurls.ADDRESS: tuple(addresses)},
+        {typeurls.AUTHORIZATION: frozenset(gone_policies), typeurls.ADDRESS: frozenset(gone_addresses)},
+    )
 
 
 # -- the IO shell ------------------------------------------------------------------------------------------
@@ -125,13 +144,31 @@ class PublishMetrics:
         self.resources = registry.gauge("ztd_published_resources", "Resources published, by xDS type.")
 
 
-@dataclass(frozen=True, slots=True)
 class Published:
-    """What the latest push installed."""
+    """What the latest push installed. `translation` is built from the outputs when someone asks (Envoy
+    proxies, debug pages); a push that nobody reads it for costs nothing for it."""
 
-    registry_version: int
-    translation: Translation
-    changed: Mapping[str, frozenset[str]]  # type URL -> names added, updated or removed
+    __slots__ = ("_outputs", "_translation", "changed", "rebuilt", "registry_version")
+
+    def __init__(
+        self, registry_version: int, outputs: TranslationOutputs, changed: Mapping[str, frozenset[str]], rebuilt: int
+    ) -> None:
+        self.registry_version = registry_version
+        self.changed = changed  # type URL -> names added, updated or removed
+        self.rebuilt = rebuilt  # workloads rebuilt for it
+        self._outputs = outputs
+        self._translation: Translation | None = None
+
+    @property
+    def translation(self) -> Translation:
+        if self._translation is None:
+            self._translation = self._outputs.translation()
+        return self._translation
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        """Workloads, services and policies."""
+        return self._outputs.sizes()
 
 
 class Publisher:
@@ -155,7 +192,7 @@ class Publisher:
         self._clock = clock
         self._sleep = sleep
         self._metrics = metrics
-        self._memo: ResourceMemo = {}
+        self._state = IncrementalTranslation(options)
         self._listeners: list[Listener] = []
         self._lock = asyncio.Lock()
         self.latest: Published | None = None
@@ -173,46 +210,65 @@ class Publisher:
         return self.latest.translation
 
     def add_listener(self, listener: Listener) -> None:
-        """Awaited after each push with the new translation (Envoy proxies rebuild from it)."""
+        """Awaited after each push with what it published (Envoy proxies rebuild from its translation)."""
         self._listeners.append(listener)
 
     async def publish(self, snapshot: RegistrySnapshot, origin: float | None = None) -> Published:
-        """Translate and pack off the loop, then install on the loop (the cache is single-threaded).
-        `origin`: time.monotonic() of the first change this push carries, for convergence metrics."""
+        """Translate what changed and pack it off the loop, then install it on the loop (the cache is
+        single-threaded). `origin`: time.monotonic() of the first change this push carries, for metrics."""
         async with self._lock:
             started = self._clock()
-            translation, wds = await asyncio.to_thread(self._build, snapshot, self._memo)
+            keys = self._changed_keys(snapshot)
+            state = self._state
+            changes, outputs = await asyncio.to_thread(self._build, snapshot, keys)
             changed: dict[str, frozenset[str]] = {}
             for type_url in WDS_TYPES:
-                changed[type_url] = self._cache.set_resources(type_url, wds.by_type[type_url], origin=origin)
-            self._memo = wds.memo
-            self.latest = Published(snapshot.version, translation, changed)
+                names: set[str] = set()
+                if keys is None:  # the first push: exactly these resources, nothing else
+                    names |= self._cache.set_resources(type_url, changes.upserts[type_url], origin=origin)
+                else:
+                    if changes.upserts[type_url]:
+                        names |= self._cache.upsert(type_url, changes.upserts[type_url], origin=origin)
+                    if changes.removals[type_url]:
+                        names |= self._cache.remove(type_url, changes.removals[type_url], origin=origin)
+                changed[type_url] = frozenset(names)
+            self.latest = Published(snapshot.version, outputs, changed, state.rebuilt)
             for listener in list(self._listeners):
                 try:
-                    await listener(translation)
+                    await listener(self.latest)
                 except Exception:  # one failing listener must not stop the push to the others
                     log.exception("a listener failed on registry version %d", snapshot.version)
+            workloads, services, policies = self.latest.sizes
             if self._metrics is not None:
                 self._metrics.pushes.inc()
                 self._metrics.publish_time.observe(self._clock() - started)
-                for type_url in WDS_TYPES:
-                    kind = typeurls.short_name(type_url)
-                    self._metrics.resources.set(float(len(wds.by_type[type_url])), type=kind)
+                self._metrics.resources.set(float(workloads + services), type=typeurls.short_name(typeurls.ADDRESS))
+                self._metrics.resources.set(float(policies), type=typeurls.short_name(typeurls.AUTHORIZATION))
             self.published.set()
             log.info(
-                "published registry version %d: %d workloads, %d services, %d policies (%d changed, %d reused)",
-                snapshot.version,
-                len(translation.workloads),
-                len(translation.services),
-                len(translation.authorizations),
-                sum(len(n) for n in changed.values()),
-                wds.reused,
-            )
+                "published registry version %d: %d workloads, %d services, %d policies (%d changed, %d rebuilt)",
+                snapshot.version, workloads, services, policies, sum(len(n) for n in changed.values()),
+                state.rebuilt,
+            )  # fmt: skip
             return self.latest
 
-    def _build(self, snapshot: RegistrySnapshot, memo: ResourceMemo) -> tuple[Translation, WdsResources]:
-        translation = translate(snapshot, self._options)
-        return translation, wds_resources(translation, memo)
+    def _changed_keys(self, snapshot: RegistrySnapshot) -> frozenset[ObjectKey] | None:
+        """The registry keys that changed since the last push; None: start from scratch."""
+        if self.latest is None:
+            return None
+        if snapshot is self._registry.current:
+            keys = self._registry.changes_since(self.latest.registry_version)
+            if keys is not None:
+                return keys
+        # a snapshot from elsewhere, or the change log no longer reaches back: compare every object
+        before = self._state.snapshot
+        return frozenset(k for k in before.keys() | snapshot.keys() if before.get_key(k) != snapshot.get_key(k))
+
+    def _build(
+        self, snapshot: RegistrySnapshot, keys: frozenset[ObjectKey] | None
+    ) -> tuple[WdsChanges, TranslationOutputs]:
+        delta = self._state.reset(snapshot) if keys is None else self._state.update(snapshot, keys)
+        return wds_changes(self._state, delta), self._state.outputs()
 
     async def run(self) -> None:
         """Publish the current snapshot (unless already published), then every change, debounced."""

@@ -34,7 +34,7 @@ from google.protobuf import message
 from sds.ca.authn import AuthenticationError, Authenticator, Caller, authenticate
 from sds.ca.server import PeerLookup, credentials_from_context
 from xds_server.build import EnvoyGenerator, Proxy, ProxyError, resource_name
-from xds_server.publish import Publisher
+from xds_server.publish import Published, Publisher
 from xds_server.translate import Translation
 from ztcore.identity import Identity, IdentityError
 from ztcore.untrusted import clip
@@ -219,11 +219,12 @@ class AdsSource:
             if resources[type_url] or self._cache.resources(type_url, scope):
                 self._cache.set_resources(type_url, resources[type_url], scope=scope)
 
-    async def rebuild(self, translation: Translation) -> None:
+    async def rebuild(self, published: Published) -> None:
         """After a push: rebuild every connected Envoy's resources from the new translation (off the loop)."""
         bindings = list(self._bindings.values())
         if not bindings:
-            return
+            return  # no Envoy: the translation is never even assembled
+        translation = await asyncio.to_thread(lambda: published.translation)
 
         def build_all() -> list[tuple[AdsBinding, dict[str, tuple[Resource, ...]] | None]]:
             out: list[tuple[AdsBinding, dict[str, tuple[Resource, ...]] | None]] = []

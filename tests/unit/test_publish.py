@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from xds_server.publish import Debounce, Publisher, PushTuning, wds_resources
+from xds_server.publish import Debounce, Published, Publisher, PushTuning
 from xds_server.registry.parse import parse_text
 from xds_server.registry.store import Registry, RegistrySnapshot
 from xds_server.translate import TranslateOptions, Translation, translate
@@ -97,40 +97,47 @@ def translated(text: str = MESH) -> Translation:
     return translate(RegistrySnapshot(objects(text)), TranslateOptions())
 
 
-def test_resources_are_named_and_aliased_as_istiod() -> None:
-    out = wds_resources(translated())
-    addresses = {r.name: r for r in out.by_type[typeurls.ADDRESS]}
+async def published(text: str = MESH) -> tuple[Publisher, SnapshotCache]:
+    cache = SnapshotCache()
+    publisher = Publisher(Registry(objects(text)), cache, options=TranslateOptions())
+    await publisher.publish(publisher.registry.current)
+    return publisher, cache
+
+
+async def test_resources_are_named_and_aliased_as_istiod() -> None:
+    _, cache = await published()
+    addresses = dict(cache.resources(typeurls.ADDRESS))
     assert sorted(addresses) == ["Kubernetes//Pod/shop/a", "Kubernetes//Pod/shop/b", "shop/a.shop.svc.cluster.local"]
     assert addresses["Kubernetes//Pod/shop/a"].aliases == ("/10.0.0.1",)
     assert addresses["shop/a.shop.svc.cluster.local"].aliases == ("/10.96.0.1",)
-    assert [r.name for r in out.by_type[typeurls.AUTHORIZATION]] == ["shop/deny-b"]
+    assert list(cache.resources(typeurls.AUTHORIZATION)) == ["shop/deny-b"]
     assert all(r.type_url == typeurls.ADDRESS for r in addresses.values())
-    assert out.reused == 0
 
 
-def test_unchanged_resources_keep_their_version_and_their_bytes() -> None:
-    first = wds_resources(translated())
-    # Same content from a fresh parse and translation: every resource object is reused, nothing re-serialised.
-    again = wds_resources(translated(), first.memo)
-    assert again.reused == len(first.memo)
-    for type_url in (typeurls.ADDRESS, typeurls.AUTHORIZATION):
-        assert [id(r) for r in again.by_type[type_url]] == [id(r) for r in first.by_type[type_url]]
+async def test_a_change_repacks_and_reinstalls_only_what_it_touched() -> None:
+    publisher, cache = await published()
+    before = dict(cache.resources(typeurls.ADDRESS))
+    policies = dict(cache.resources(typeurls.AUTHORIZATION))
     # Pod b moves: only its workload changes version; a and the service keep theirs (and their objects).
-    moved = wds_resources(translated(MESH.replace("podIP: 10.0.0.2", "podIP: 10.0.0.3")), again.memo)
-    before = {r.name: r for r in again.by_type[typeurls.ADDRESS]}
-    after = {r.name: r for r in moved.by_type[typeurls.ADDRESS]}
+    publisher.registry.replace(objects(MESH.replace("podIP: 10.0.0.2", "podIP: 10.0.0.3")))
+    push = await publisher.publish(publisher.registry.current)
+    after = dict(cache.resources(typeurls.ADDRESS))
+    assert push.changed == {typeurls.ADDRESS: {"Kubernetes//Pod/shop/b"}, typeurls.AUTHORIZATION: frozenset()}
+    assert push.rebuilt == 1
     assert after["Kubernetes//Pod/shop/b"].version != before["Kubernetes//Pod/shop/b"].version
     assert after["Kubernetes//Pod/shop/b"].aliases == ("/10.0.0.3",)
     for name in ("Kubernetes//Pod/shop/a", "shop/a.shop.svc.cluster.local"):
-        assert after[name] is before[name]
-    # The memo only keeps what the latest translation has (no growth over time).
-    assert len(moved.memo) == len(first.memo)
+        assert after[name] is before[name]  # not rebuilt, not re-serialised
+    assert dict(cache.resources(typeurls.AUTHORIZATION)) == policies
+    assert cache.get(typeurls.ADDRESS, "/10.0.0.2") is None and cache.get(typeurls.ADDRESS, "/10.0.0.3") is not None
 
 
-def test_versions_are_content_hashes_not_counters() -> None:
-    one = {r.name: r.version for r in wds_resources(translated()).by_type[typeurls.ADDRESS]}
-    two = {r.name: r.version for r in wds_resources(translated()).by_type[typeurls.ADDRESS]}
-    assert one == two
+async def test_versions_are_content_hashes_not_counters() -> None:
+    _, one = await published()
+    _, two = await published()
+    assert {n: r.version for n, r in one.resources(typeurls.ADDRESS).items()} == {
+        n: r.version for n, r in two.resources(typeurls.ADDRESS).items()
+    }
 
 
 # -- the Publisher loop with injected time ---------------------------------------------------------------------
@@ -190,8 +197,8 @@ async def harness() -> AsyncIterator[Harness]:
     pushes: list[tuple[float, Translation]] = []
     pushed = asyncio.Event()
 
-    async def listener(t: Translation) -> None:
-        pushes.append((time.now, t))
+    async def listener(push: Published) -> None:
+        pushes.append((time.now, push.translation))
         pushed.set()
 
     publisher.add_listener(listener)

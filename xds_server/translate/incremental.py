@@ -81,6 +81,39 @@ class Delta:
         return not (self.addresses or self.authorizations or self.messages)
 
 
+class TranslationOutputs:
+    """One update's outputs, frozen (shallow copies: pointers only), readable while the next update runs."""
+
+    __slots__ = ("_authorizations", "_messages", "_options", "_services", "_workloads")
+
+    def __init__(
+        self,
+        options: TranslateOptions,
+        workloads: Mapping[str, Workload],
+        services: Mapping[str, Service],
+        authorizations: Mapping[str, Authorization],
+        messages: Mapping[str, StatusMessage],
+    ) -> None:
+        self._options = options
+        self._workloads = dict(workloads)
+        self._services = dict(services)
+        self._authorizations = dict(authorizations)
+        self._messages = dict(messages)
+
+    def sizes(self) -> tuple[int, int, int]:
+        return len(self._workloads), len(self._services), len(self._authorizations)
+
+    def translation(self) -> Translation:
+        """As `translate()` returns it: sorted tuples."""
+        return Translation(
+            options=self._options,
+            workloads=tuple(self._workloads[k] for k in sorted(self._workloads)),
+            services=tuple(self._services[k] for k in sorted(self._services)),
+            authorizations=tuple(self._authorizations[k] for k in sorted(self._authorizations)),
+            messages=tuple(sorted(self._messages.items())),
+        )
+
+
 @dataclass
 class _Outputs:
     workloads: dict[str, Workload] = field(default_factory=dict)
@@ -128,16 +161,16 @@ class IncrementalTranslation:
     def authorizations(self) -> Mapping[str, Authorization]:
         return self._out.authorizations
 
+    def outputs(self) -> TranslationOutputs:
+        """A frozen copy of the current outputs (cost: one pointer per output)."""
+        return TranslationOutputs(
+            self.options, self._out.workloads, self._out.services, self._out.authorizations, self._messages
+        )
+
     def translation(self) -> Translation:
         """As `translate()` returns it (sorted); built once per update, when asked for."""
         if self._translation is None:
-            self._translation = Translation(
-                options=self.options,
-                workloads=tuple(self._out.workloads[k] for k in sorted(self._out.workloads)),
-                services=tuple(self._out.services[k] for k in sorted(self._out.services)),
-                authorizations=tuple(self._out.authorizations[k] for k in sorted(self._out.authorizations)),
-                messages=tuple(sorted(self._messages.items())),
-            )
+            self._translation = self.outputs().translation()
         return self._translation
 
     # --- updates --------------------------------------------------------------------------------------------
