@@ -17,6 +17,8 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 
 from ztcore.xds import status as st
 from ztcore.xds import typeurls
@@ -315,6 +317,33 @@ def test_sotw_secret_sent_when_it_appears_and_scopes_are_separate() -> None:
     change = Change(SDS, "spiffe://td/ns/a/sa/x", frozenset({"default"}), cache.revision)
     assert [names_of(r) for r in mine.handle_change(change, NOW)] == [["default"]]
     assert other.handle_change(change, NOW) == ()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    hst.lists(
+        hst.tuples(
+            hst.sampled_from(("upsert", "upsert", "remove")),
+            hst.sampled_from("abcd"),
+            hst.sets(hst.sampled_from(("10.0.0.1", "10.0.0.2", "10.0.0.3")), max_size=2),
+            hst.integers(1, 2),
+        ),
+        max_size=30,
+    )
+)
+def test_aliases_resolve_as_a_rebuild_of_the_whole_alias_map_would(steps: list[tuple[str, str, set[str], int]]) -> None:
+    """The alias map is kept up to date per change; it must answer as rebuilding it from every resource (in the
+    order they entered the set, the latest holder of an alias winning) would."""
+    cache = SnapshotCache()
+    for action, name, aliases, timeout in steps:
+        if action == "upsert":
+            cache.upsert(CDS, [cluster(name, timeout * 1000, tuple(sorted(aliases)))])
+        else:
+            cache.remove(CDS, [name])
+        rebuilt = {alias: res.name for res in cache.resources(CDS).values() for alias in res.aliases}
+        for alias in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
+            found = cache.get(CDS, alias)
+            assert (found.name if found else None) == rebuilt.get(alias), (alias, steps)
 
 
 def test_sotw_alias_subscription_and_node_from_first_request() -> None:

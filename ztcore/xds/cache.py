@@ -57,7 +57,10 @@ class FullSet:
 class SnapshotCache:
     def __init__(self) -> None:
         self._data: dict[tuple[str, str], dict[str, Resource]] = {}
-        self._aliases: dict[tuple[str, str], dict[str, str]] = {}
+        # alias -> the names holding it; when several do, the one that entered the set last answers
+        self._aliases: dict[tuple[str, str], dict[str, set[str]]] = {}
+        self._entered: dict[tuple[str, str], dict[str, int]] = {}  # name -> when it entered the set
+        self._entries = 0
         self._versions: dict[tuple[str, str], int] = {}
         self._watchers: dict[int, Watcher] = {}
         self._next_watch = 0
@@ -71,9 +74,10 @@ class SnapshotCache:
         key = (type_url, scope)
         found = self._data.get(key, {}).get(name)
         if found is None:
-            canonical = self._aliases.get(key, {}).get(name)
-            if canonical is not None:
-                found = self._data[key].get(canonical)
+            holders = self._aliases.get(key, {}).get(name)
+            if holders:
+                entered = self._entered[key]
+                found = self._data[key].get(max(holders, key=entered.__getitem__))
         return found
 
     def resources(self, type_url: str, scope: str = GLOBAL_SCOPE) -> Mapping[str, Resource]:
@@ -148,24 +152,46 @@ class SnapshotCache:
             out[res.name] = res
         return out
 
+    @staticmethod
+    def _drop_aliases(aliases: dict[str, set[str]], name: str, held: Iterable[str]) -> None:
+        for alias in held:
+            holders = aliases.get(alias)
+            if holders is not None:
+                holders.discard(name)
+                if not holders:
+                    del aliases[alias]
+
     def _apply(
         self, type_url: str, scope: str, upserts: dict[str, Resource], removals: set[str], origin: float | None
     ) -> frozenset[str]:
         key = (type_url, scope)
         current = self._data.setdefault(key, {})
+        aliases = self._aliases.setdefault(key, {})
+        entered = self._entered.setdefault(key, {})
         changed: set[str] = set()
         for name in removals:
-            if current.pop(name, None) is not None:
+            old = current.pop(name, None)
+            if old is not None:
                 changed.add(name)
+                self._drop_aliases(aliases, name, old.aliases)
+                del entered[name]
         for name, res in upserts.items():
-            if not res.same_as(current.get(name)) or current[name].aliases != res.aliases:
+            old = current.get(name)
+            if not res.same_as(old) or old is None or old.aliases != res.aliases:
                 current[name] = res
                 changed.add(name)
+                if old is None:
+                    self._entries += 1
+                    entered[name] = self._entries
+                elif old.aliases != res.aliases:
+                    self._drop_aliases(aliases, name, old.aliases)
+                if old is None or old.aliases != res.aliases:
+                    for alias in res.aliases:
+                        aliases.setdefault(alias, set()).add(name)
         if not changed:
             return frozenset()
-        self._aliases[key] = {alias: res.name for res in current.values() for alias in res.aliases}
         if not current:
-            del self._data[key]
+            del self._data[key], self._aliases[key], self._entered[key]
         self.revision += 1
         self._versions[key] = self.revision
         change = Change(type_url, scope, frozenset(changed), self.revision, origin)
