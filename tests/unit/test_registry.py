@@ -835,7 +835,8 @@ async def wait_until(condition: Callable[[], bool], limit_s: float = 2.0) -> Non
 async def test_file_source_watches_and_keeps_last_good(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "ns.yaml").write_text(NS.format("one"))
     registry = Registry()
-    source = FileRegistrySource(tmp_path, registry, poll_interval=0.02)
+    # no rescan within the test: every change below is seen through the folder's events (inotify)
+    source = FileRegistrySource(tmp_path, registry, rescan_interval=600)
     first = await source.load_initial()
     assert [n.name for n in first.namespaces()] == ["one"]
     task = asyncio.create_task(source.run())
@@ -869,6 +870,25 @@ async def test_file_source_watches_and_keeps_last_good(tmp_path: Path, caplog: p
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_a_change_reads_only_the_files_that_changed_and_applies_only_their_objects(tmp_path: Path) -> None:
+    for i in range(20):
+        (tmp_path / f"ns-{i:02}.yaml").write_text(NS.format(f"ns-{i}") + "---\n" + NS.format(f"other-{i}"))
+    registry = Registry()
+    source = FileRegistrySource(tmp_path, registry, rescan_interval=600)
+    await source.load_initial()
+    assert source.last_read == 20
+    version = registry.current.version
+    assert not await source.poll_once() and source.last_read == 0  # nothing moved: nothing read
+    (tmp_path / "ns-07.yaml").write_text(NS.format("ns-7") + "---\n" + NS.format("renamed-7"))
+    assert await source.poll_once()
+    assert source.last_read == 1
+    assert registry.changes_since(version) == {("Namespace", "", "other-7"), ("Namespace", "", "renamed-7")}
+    (tmp_path / "ns-08.yaml").unlink()
+    version = registry.current.version
+    assert await source.poll_once() and source.last_read == 0
+    assert registry.changes_since(version) == {("Namespace", "", "ns-8"), ("Namespace", "", "other-8")}
 
 
 # --- incremental snapshots ------------------------------------------------------------------------------------

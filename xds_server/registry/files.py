@@ -1,7 +1,9 @@
 """The folder behind `ztd --config-dir`: load it, and keep the registry in step with it.
 
-The whole folder is reloaded on any change; a folder with any error never replaces the last good snapshot,
-so a half-saved file cannot take policies away from a running mesh.
+The folder is watched (inotify through watchfiles, with a slow rescan behind it for file systems that send no
+events); on a change only the files whose (mtime, size, inode) moved are read and parsed again, and the
+registry gets just the objects they add, change or drop. A folder with any error never replaces the last good
+snapshot, so a half-saved file cannot take policies away from a running mesh.
 """
 
 from __future__ import annotations
@@ -10,18 +12,18 @@ import asyncio
 import errno
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from xds_server.registry.objects import FrozenMap, RegistryObject
-from xds_server.registry.parse import ConfigError, ParseResult, parse_sources
+import watchfiles
+
+from xds_server.registry.objects import FrozenMap, ObjectKey, RegistryObject
+from xds_server.registry.parse import ConfigError, ParseResult, combine, parse_file, parse_sources
 from xds_server.registry.store import Registry, RegistrySnapshot
 
 logger = logging.getLogger(__name__)
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
-
-# (relative path, mtime_ns, size, inode) of every config file: any difference means "reload".
-Fingerprint = tuple[tuple[str, int, int, int], ...]
 
 
 class RegistryLoadError(Exception):
@@ -55,18 +57,6 @@ def config_files(root: str | os.PathLike[str]) -> list[str]:
     return sorted(found)
 
 
-def fingerprint(root: str | os.PathLike[str]) -> Fingerprint:
-    out = []
-    for rel in config_files(root):
-        try:
-            st = os.stat(os.path.join(root, rel))  # follows ConfigMap symlinks to the real file
-        except OSError:
-            out.append((rel, -1, -1, -1))  # vanished or dangling; the reload will report it
-            continue
-        out.append((rel, st.st_mtime_ns, st.st_size, st.st_ino))
-    return tuple(out)
-
-
 def read_dir(root: str | os.PathLike[str]) -> ParseResult:
     """Read and parse every config file under root. Raises FileNotFoundError if root is not a folder."""
     sources: list[tuple[str, str]] = []
@@ -91,25 +81,67 @@ def load_dir(root: str | os.PathLike[str]) -> tuple[list[RegistryObject], list[C
     return list(result.objects), list(result.errors)
 
 
-def _scan(root: str, known: Fingerprint | None) -> tuple[Fingerprint, ParseResult | None]:
-    # Fingerprint before reading: a write that lands during the read changes the next fingerprint,
-    # so it is picked up by the next poll rather than lost.
-    current = fingerprint(root)
-    if current == known:
-        return current, None
-    return current, read_dir(root)
+FileStamp = tuple[int, int, int]  # mtime_ns, size, inode
+
+
+@dataclass(frozen=True, slots=True)
+class _File:
+    stamp: FileStamp
+    parsed: ParseResult
+
+
+@dataclass(frozen=True, slots=True)
+class _Scan:
+    files: dict[str, _File]  # every config file now, by relative path
+    changed: frozenset[str]  # read again (new or modified), or gone
+    read: int  # files read and parsed
+
+
+def _scan(root: str, known: Mapping[str, _File]) -> _Scan:
+    """Stat every config file; read and parse only those whose stamp moved."""
+    files: dict[str, _File] = {}
+    changed: set[str] = set()
+    for rel in config_files(root):
+        path = os.path.join(root, rel)
+        try:
+            st = os.stat(path)  # follows ConfigMap symlinks to the real file
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            stamp = (-1, -1, -1)  # vanished or dangling: read below, which reports it
+        before = known.get(rel)
+        if before is not None and before.stamp == stamp and stamp[0] >= 0:
+            files[rel] = before
+            continue
+        changed.add(rel)
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            error = ConfigError(path, 0, f"cannot read file: {reason}")
+            files[rel] = _File(stamp, ParseResult((), (error,), FrozenMap()))
+            continue
+        files[rel] = _File(stamp, parse_file(text, path))
+    read = len(changed)
+    changed |= set(known) - set(files)
+    return _Scan(files, frozenset(changed), read)
 
 
 class FileRegistrySource:
-    """Feeds a Registry from a folder, polling it for changes (no inotify dependency)."""
+    """Feeds a Registry from a folder: watched for changes, and read again only where files changed."""
 
-    def __init__(self, path: str | os.PathLike[str], registry: Registry, poll_interval: float = 0.5) -> None:
+    def __init__(self, path: str | os.PathLike[str], registry: Registry, rescan_interval: float = 10.0) -> None:
+        """`rescan_interval`: how often the folder is looked at without any event (file systems that send none)."""
         self._path = os.fspath(path)
         self._registry = registry
-        self._poll_interval = poll_interval
-        self._fingerprint: Fingerprint | None = None
+        self._rescan_interval = rescan_interval
+        self._files: dict[str, _File] = {}
+        self._pending: set[str] = set()  # files changed since the registry last took the folder
+        self._provided: dict[ObjectKey, str] = {}  # what the registry holds, and which file it came from
         self._last_errors: tuple[ConfigError, ...] = ()
         self._last_skipped: FrozenMap[str, int] = FrozenMap()
+        self._unreachable = False
+        self.last_read = 0  # files read and parsed by the latest look
 
     @property
     def path(self) -> str:
@@ -128,35 +160,30 @@ class FileRegistrySource:
     async def load_initial(self) -> RegistrySnapshot:
         """Load the folder at startup; raise RegistryLoadError with every error rather than start empty."""
         try:
-            current, result = await asyncio.to_thread(_scan, self._path, None)
+            scan = await asyncio.to_thread(_scan, self._path, {})
         except OSError as e:
             raise RegistryLoadError(f"cannot load registry from {self._path}: {_os_reason(e)}") from e
-        assert result is not None
-        self._fingerprint = current
-        self._last_errors = result.errors
-        self._last_skipped = result.skipped
+        result = self._take(scan)
         if result.errors:
             raise RegistryLoadError(f"{len(result.errors)} error(s) in registry config {self._path}", result.errors)
-        snapshot = self._registry.replace(result.objects)
-        self._log_loaded(snapshot, result)
-        return snapshot
+        return self._install(result)
 
     async def poll_once(self) -> bool:
-        """Reload if the folder changed; True if a new snapshot was installed."""
+        """Look at the folder; True if the registry changed."""
         try:
-            current, result = await asyncio.to_thread(_scan, self._path, self._fingerprint)
+            scan = await asyncio.to_thread(_scan, self._path, self._files)
         except OSError as e:
             error = ConfigError(self._path, 0, f"cannot read registry config: {_os_reason(e)}")
-            if self._last_errors != (error,):  # once per outage, not every poll
+            if not self._unreachable:  # once per outage, not every look
                 logger.warning("%s; keeping registry version %d", error, self._registry.current.version)
+            self._unreachable = True
             self._last_errors = (error,)
-            self._fingerprint = None  # reload as soon as the folder is back
             return False
-        if result is None:
+        self._unreachable = False
+        self.last_read = scan.read
+        if not scan.changed and not self._pending:
             return False
-        self._fingerprint = current
-        self._last_errors = result.errors
-        self._last_skipped = result.skipped
+        result = self._take(scan)
         if result.errors:
             for error in result.errors:
                 logger.warning("%s", error)
@@ -168,31 +195,75 @@ class FileRegistrySource:
             )
             return False
         before = self._registry.current.version
-        snapshot = self._registry.replace(result.objects)
-        self._log_loaded(snapshot, result)
-        return snapshot.version != before
+        return self._install(result).version != before
 
-    async def run(self) -> None:
-        """Load (unless load_initial already did and nothing changed), then watch until cancelled."""
-        while True:
-            try:
-                await self.poll_once()
-            except Exception:
-                # A bug in one reload must not stop the watcher; the last good snapshot stays.
-                logger.exception("registry reload of %s failed", self._path)
-            await asyncio.sleep(self._poll_interval)
+    def _take(self, scan: _Scan) -> ParseResult:
+        self._files = scan.files
+        self.last_read = scan.read
+        self._pending |= scan.changed
+        result = combine(f.parsed for _, f in sorted(scan.files.items()))
+        self._last_errors = result.errors
+        self._last_skipped = result.skipped
+        return result
 
-    def _log_loaded(self, snapshot: RegistrySnapshot, result: ParseResult) -> None:
+    def _install(self, result: ParseResult) -> RegistrySnapshot:
+        """The registry takes what the files changed since it last took the folder: their objects, and the
+        removal of what they no longer hold."""
+        changed = {os.path.join(self._path, rel) for rel in self._pending}
+        located = [loc for loc in result.located if loc.source in changed]
+        now = {loc.obj.key: loc.source for loc in result.located}
+        gone = [key for key, source in self._provided.items() if source in changed and key not in now]
+        snapshot = self._registry.apply([loc.obj for loc in located], gone)
+        self._provided = now
+        self._pending.clear()
         logger.info(
-            "registry version %d from %s: %d objects (digest %s)",
-            snapshot.version,
-            self._path,
-            len(snapshot),
-            snapshot.digest[:12],
-        )
+            "registry version %d from %s: %d objects (%d file(s) read, %d objects in them, %d gone)",
+            snapshot.version, self._path, len(snapshot), len(changed), len(located), len(gone),
+        )  # fmt: skip
         if result.skipped:
             skipped = ", ".join(f"{kind} x{n}" for kind, n in result.skipped.items())
             logger.info("ignored kinds the registry does not read: %s", skipped)
+        return snapshot
+
+    async def run(self) -> None:
+        """Watch the folder until cancelled: an event (or the slow rescan) leads to a look."""
+        wake = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._watch(wake))
+            tg.create_task(self._rescan(wake))
+            while True:
+                await wake.wait()
+                wake.clear()
+                try:
+                    await self.poll_once()
+                except Exception:
+                    # A bug in one reload must not stop the watcher; the last good snapshot stays.
+                    logger.exception("registry reload of %s failed", self._path)
+
+    async def _watch(self, wake: asyncio.Event) -> None:
+        while True:
+            try:
+                # A save is several events in a few ms (write, rename, ConfigMap symlink swaps): gather 30 ms of
+                # them into one look (the publisher's own debounce follows). `yield_on_timeout`: an empty batch
+                # every second, the first of which says the watch is in place, so a look then catches what
+                # changed while it was being set up.
+                watching = False
+                async for events in watchfiles.awatch(
+                    self._path, watch_filter=None, debounce=30, step=10, recursive=True,
+                    rust_timeout=1000, yield_on_timeout=True,
+                ):  # fmt: skip
+                    if events or not watching:
+                        wake.set()
+                    watching = True
+            except (OSError, RuntimeError) as err:
+                # The folder went away (or cannot be watched): the rescan keeps looking; watch again later.
+                logger.debug("watching %s: %s", self._path, err)
+            await asyncio.sleep(self._rescan_interval)
+
+    async def _rescan(self, wake: asyncio.Event) -> None:
+        while True:
+            await asyncio.sleep(self._rescan_interval)
+            wake.set()
 
 
 def _os_reason(e: OSError) -> str:

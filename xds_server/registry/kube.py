@@ -32,7 +32,7 @@ import kubernetes.client
 import kubernetes.config
 from kubernetes.client.exceptions import ApiException
 
-from xds_server.registry.objects import RegistryObject
+from xds_server.registry.objects import ObjectKey, RegistryObject
 from xds_server.registry.parse import parse_object
 from xds_server.registry.store import Registry, RegistrySnapshot
 from ztcore.kubeclient import WatchStream, describe_error
@@ -298,6 +298,7 @@ class KubeRegistrySource:
         self._request_timeout = request_timeout
         self._clock = clock
         self._dirty = asyncio.Event()
+        self._changed: set[ObjectKey] = set()  # since the registry last took the objects
         self._streams: set[WatchStream] = set()
         # Each kind has at most one blocking call (a list or a watch) at a time; twice that leaves room for a
         # watch that was just aborted and is still unwinding while its replacement starts.
@@ -498,14 +499,15 @@ class KubeRegistrySource:
             return
         key = _item_key(obj)
         if etype == "DELETED":
-            if st.objects.pop(key, None) is not None:
-                self._mark_dirty()
+            gone = st.objects.pop(key, None)
+            if gone is not None:
+                self._mark_dirty(gone.key)
             st.rejected.pop(key, None)
         elif etype in ("ADDED", "MODIFIED"):
             parsed = self._parse(st, obj, key)
             if parsed is not None and st.objects.get(key) != parsed:
                 st.objects[key] = parsed
-                self._mark_dirty()
+                self._mark_dirty(parsed.key)
         else:
             raise ValueError(f"unknown watch event type {etype!r}")
         if rv:
@@ -526,18 +528,35 @@ class KubeRegistrySource:
         return obj
 
     def _set_objects(self, st: _KindState, objects: dict[tuple[str, str], RegistryObject]) -> None:
+        """A (re)list: the kind's objects are these now; only the ones that differ count as changed."""
         if objects != st.objects:
-            st.objects = objects
-            self._mark_dirty()
+            old, st.objects = st.objects, objects
+            for key in old.keys() | objects.keys():
+                before, after = old.get(key), objects.get(key)
+                if before != after:
+                    self._mark_dirty((st.spec.kind, *key))
 
     # --- publishing ------------------------------------------------------------------------------------------
 
-    def _mark_dirty(self) -> None:
+    def _mark_dirty(self, key: ObjectKey) -> None:
+        self._changed.add(key)
         self._dirty.set()
 
     def _publish(self) -> RegistrySnapshot:
+        """The registry takes the objects that changed, in proportion to them (a relist costs its size)."""
         self._dirty.clear()
-        return self._registry.replace(obj for st in self._states for obj in st.objects.values())
+        changed, self._changed = self._changed, set()
+        current = {st.spec.kind: st.objects for st in self._states}
+        upserts = []
+        removals = []
+        for key in changed:
+            kind_objects = current.get(key[0])
+            obj = kind_objects.get((key[1], key[2])) if kind_objects is not None else None
+            if obj is None:
+                removals.append(key)
+            else:
+                upserts.append(obj)
+        return self._registry.apply(upserts, removals)
 
     async def _publisher(self) -> None:
         while True:

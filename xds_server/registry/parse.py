@@ -106,11 +106,28 @@ def parse_text(text: str, source: str) -> ParseResult:
 
 def parse_sources(sources: Iterable[tuple[str, str]]) -> ParseResult:
     """Parse several (source, text) pairs as one folder: duplicates are detected across all of them."""
+    return combine([parse_file(text, source) for source, text in sources])
+
+
+def parse_file(text: str, source: str) -> ParseResult:
+    """One file on its own, without the folder-wide checks (see `combine`): a folder source re-parses only
+    the files that changed and combines them with the others' earlier results."""
     located: list[Located] = []
     errors: list[ConfigError] = []
     skipped: Counter[str] = Counter()
-    for source, text in sources:
-        _parse_stream(text, source, located, errors, skipped)
+    _parse_stream(text, source, located, errors, skipped)
+    return ParseResult(tuple(located), tuple(errors), FrozenMap(sorted(skipped.items())))
+
+
+def combine(files: Iterable[ParseResult]) -> ParseResult:
+    """Files of one folder, in order, as one result: duplicate objects and pod IPs across them are errors."""
+    located: list[Located] = []
+    errors: list[ConfigError] = []
+    skipped: Counter[str] = Counter()
+    for f in files:
+        located.extend(f.located)
+        errors.extend(f.errors)
+        skipped.update(dict(f.skipped))
     kept = _drop_conflicts(located, errors)
     return ParseResult(tuple(kept), tuple(errors), FrozenMap(sorted(skipped.items())))
 
