@@ -143,9 +143,6 @@ async def serve(workloads: int, port: int) -> None:
     from ztcore.xds.cache import SnapshotCache
     from ztcore.xds.grpc_adapter import XdsStreams
 
-    def say(*words: object) -> None:
-        print(*words, flush=True)
-
     started = time.perf_counter()
     objects = synthetic_objects(workloads)
     registry = Registry(objects)
@@ -223,9 +220,9 @@ async def serve(workloads: int, port: int) -> None:
             labels["version"] = f"v{generation + 1}"
             meta = dataclasses.replace(pod.meta, labels=type(pod.meta.labels)(sorted(labels.items())))
             objects[index] = dataclasses.replace(pod, meta=meta)
-            t = time.time()
-            registry.replace(objects)
-            say("changed", f"{t:.6f}", f"{time.time() - t:.3f}")
+            t, cpu = time.time(), time.process_time()
+            registry.apply([objects[index]])  # what ztd's folder and Kubernetes sources do with one changed object
+            say("changed", f"{t:.6f}", f"{time.time() - t:.3f}", f"{cpu:.6f}")
         elif cmd[0] == "rss":
             say("rss", *_rss())
         elif cmd[0] == "cpu":
@@ -239,6 +236,118 @@ async def serve(workloads: int, port: int) -> None:
             say("synced", count, len(streams.streams()))
     runner.cancel()
     await server.stop(1)
+
+
+def say(*words: object) -> None:
+    """A line to the bench process (the servers' stdout is its pipe)."""
+    print(*words, flush=True)
+
+
+# -- the floor: a bare grpc.aio fan-out of the same bytes ------------------------------------------------------------
+
+FLOOR = "/bench.Floor/Stream"
+
+
+async def serve_floor() -> None:
+    """A grpc.aio server that does nothing but write N bytes to every open stream on `push` and read the replies:
+    what any Python gRPC control plane pays per client per push, whatever it computes."""
+    streams: list[asyncio.Queue[bytes | None]] = []
+
+    async def stream(request_iterator: Any, context: Any) -> Any:
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        streams.append(queue)
+
+        async def drain() -> None:
+            async for _ in request_iterator:
+                pass
+            queue.put_nowait(None)
+
+        reader = asyncio.create_task(drain())
+        try:
+            while (item := await queue.get()) is not None:
+                yield item
+        finally:
+            reader.cancel()
+            streams.remove(queue)
+
+    identity = lambda b: b  # noqa: E731 - bytes in, bytes out
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Floor", {"Stream": grpc.stream_stream_rpc_method_handler(stream, identity, identity)}
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    bound = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    say("ready", bound)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := (await reader.readline()).decode().strip():
+        cmd = line.split()
+        if cmd[0] == "push":
+            payload = b"x" * int(cmd[1])
+            t, cpu = time.time(), time.process_time()
+            for queue in streams:
+                queue.put_nowait(payload)
+            say("pushed", f"{t:.6f}", len(streams), f"{cpu:.6f}")
+        elif cmd[0] == "cpu":
+            say("cpu", f"{time.process_time():.6f}")
+    await server.stop(1)
+
+
+async def floor(clients: int, size: int, rounds: int) -> dict[str, Any]:
+    """N clients on their own channels, a `size`-byte push to all, each replies; as the xDS measurement."""
+    server = Server(0, "--serve-floor")
+    await server.start()
+    replies: list[list[float]] = [[] for _ in range(clients)]
+    calls: list[Any] = []
+    try:
+        port = int((await server.expect("ready"))[1])
+
+        async def client(i: int) -> None:
+            queue: asyncio.Queue[bytes] = asyncio.Queue()
+            queue.put_nowait(b"hello")
+
+            async def requests() -> Any:
+                while True:
+                    yield await queue.get()
+
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.stream_stream(FLOOR)(requests())
+                calls.append(call)
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+                    async for _ in call:
+                        queue.put_nowait(b"ack-0123456789")  # about an ACK's size
+                        replies[i].append(time.time())
+
+        tasks = [asyncio.create_task(client(i)) for i in range(clients)]
+        await asyncio.sleep(2.0 + clients / 500)  # every stream open
+        latencies: list[float] = []
+        cpu: list[float] = []
+        for _ in range(rounds):
+            before = [len(r) for r in replies]
+            server.send(f"push {size}")
+            pushed_line = await server.expect("pushed")
+            pushed, cpu_at_push = float(pushed_line[1]), float(pushed_line[3])
+            deadline = time.time() + 60
+            while any(len(r) <= b for r, b in zip(replies, before, strict=True)) and time.time() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+            server.send("cpu")
+            cpu.append(float((await server.expect("cpu"))[1]) - cpu_at_push)
+            latencies += [r[b] - pushed for r, b in zip(replies, before, strict=True) if len(r) > b]
+            await asyncio.sleep(0.2)
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return {
+            "floor_message_bytes": size,
+            "floor_push_to_reply_p50_ms": round(pct(latencies, 50) * 1000, 1),
+            "floor_push_to_reply_p99_ms": round(pct(latencies, 99) * 1000, 1),
+            "floor_server_cpu_per_push_ms": round(statistics.median(cpu) * 1000, 1),
+        }
+    finally:
+        server.close()
 
 
 # -- the client side ----------------------------------------------------------------------------------------------
@@ -269,8 +378,9 @@ class Client:
     connected_at: float = 0.0
     synced_at: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
-    # time.time() of each Address response after the initial one (with its ACK sent)
+    # time.time() of each Address response after the initial one (with its ACK sent), and its size
     updates: list[float] = field(default_factory=list)
+    update_bytes: list[int] = field(default_factory=list)
     verified: int | None = None
     error: str = ""
 
@@ -329,6 +439,8 @@ async def run_client(
                         counted()
                 elif resp.type_url == ADDRESS:
                     client.updates.append(now)
+                    if client.index == 0:
+                        client.update_bytes.append(resp.ByteSize())
         except grpc.aio.AioRpcError as err:
             if err.code() != grpc.StatusCode.CANCELLED:
                 client.error = f"{err.code().name}: {err.details()}"
@@ -340,9 +452,9 @@ async def run_client(
 
 
 class Server:
-    def __init__(self, workloads: int) -> None:
+    def __init__(self, workloads: int, mode: str = "--serve") -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve", "--workloads", str(workloads)],
+            [sys.executable, __file__, mode, "--workloads", str(workloads)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -432,15 +544,17 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         result["server_rss_after_sync_mib"], result["server_rss_peak_mib"] = int(rss[1]) / 1024, int(rss[2]) / 1024
 
         push_to_ack: list[float] = []
+        change_to_ack: list[float] = []
         change_to_push: list[float] = []
         server_cpu: list[float] = []
         client_cpu: list[float] = []
         for n in range(args.changes):
             before = [len(c.updates) for c in clients]
             server.send(f"change {n * 7919}")
-            changed = float((await server.expect("changed"))[1])
+            changed_line = await server.expect("changed")
+            changed, cpu_at_change = float(changed_line[1]), float(changed_line[3])
             pushed_line = await server.expect("pushed")
-            pushed, cpu_at_push = float(pushed_line[1]), float(pushed_line[3])
+            pushed = float(pushed_line[1])
             ours = time.process_time()
             change_to_push.append(pushed - changed)
             deadline = time.time() + 60
@@ -450,10 +564,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             client_cpu.append(time.process_time() - ours)
             await asyncio.sleep(0.3)  # the last ACKs reach the server
             server.send("cpu")
-            server_cpu.append(float((await server.expect("cpu"))[1]) - cpu_at_push)
+            server_cpu.append(float((await server.expect("cpu"))[1]) - cpu_at_change)
             for c, b in zip(clients, before, strict=True):
                 if len(c.updates) > b:
                     push_to_ack.append(c.updates[b] - pushed)
+                    change_to_ack.append(c.updates[b] - changed)
             await asyncio.sleep(0.2)
         if push_to_ack:
             result["convergence_push_to_ack_p50_ms"] = round(pct(push_to_ack, 50) * 1000, 1)
@@ -461,16 +576,24 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             result["convergence_push_to_ack_max_ms"] = round(max(push_to_ack) * 1000, 1)
             result["convergence_samples"] = len(push_to_ack)
             result["change_to_push_mean_ms"] = round(statistics.mean(change_to_push) * 1000, 1)
-            result["server_cpu_per_push_ms"] = round(statistics.median(server_cpu) * 1000, 1)
+            result["change_to_ack_p50_ms"] = round(pct(change_to_ack, 50) * 1000, 1)
+            result["change_to_ack_p99_ms"] = round(pct(change_to_ack, 99) * 1000, 1)
+            result["server_cpu_per_change_ms"] = round(statistics.median(server_cpu) * 1000, 1)
             result["client_cpu_per_push_ms"] = round(statistics.median(client_cpu) * 1000, 1)
         server.send("rss")
         rss = await server.expect("rss")
         result["server_rss_after_changes_mib"], result["server_rss_peak_mib"] = int(rss[1]) / 1024, int(rss[2]) / 1024
+        size = clients[0].update_bytes[0] if clients[0].update_bytes else 0
         for call in calls:
             call.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         server.close()
+    if args.changes and size:
+        result.update(await floor(args.clients, size, args.changes))
+        result["server_cpu_per_change_vs_floor"] = round(
+            result["server_cpu_per_change_ms"] / max(result["floor_server_cpu_per_push_ms"], 0.1), 2
+        )
     return result
 
 
@@ -482,8 +605,12 @@ def main() -> int:
     parser.add_argument("--verify-every", type=int, default=100)
     parser.add_argument("--sync-timeout", type=float, default=600)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-floor", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_floor:
+        asyncio.run(serve_floor())
+        return 0
     if args.serve:
         import logging
 
