@@ -104,7 +104,7 @@ def synthetic_objects(workloads: int) -> list[Any]:
     import pickle
     import tempfile
 
-    from xds_server.registry.parse import parse_text
+    from ztcore.mesh.registry.parse import parse_text
 
     cache = Path(tempfile.gettempdir()) / f"ztdpu-bench-xds-{workloads}.pickle"
     source = synthetic_yaml(workloads)
@@ -136,10 +136,10 @@ async def serve(workloads: int, port: int) -> None:
     from xds_server.debug import DebugService
     from xds_server.main import freeze_heap
     from xds_server.publish import Publisher, PushTuning
-    from xds_server.registry.objects import Pod
-    from xds_server.registry.store import Registry
     from xds_server.server import AdsServicer, AdsSource, add_ads_to_server, control_plane_identifier
-    from xds_server.translate import TranslateOptions
+    from ztcore.mesh.registry.objects import Pod
+    from ztcore.mesh.registry.store import Registry
+    from ztcore.mesh.translate import TranslateOptions
     from ztcore.xds.cache import SnapshotCache
     from ztcore.xds.grpc_adapter import XdsStreams
 

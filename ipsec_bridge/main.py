@@ -37,10 +37,10 @@ from ipsec_bridge.xfrm.netlink import XfrmError, XfrmEvents, XfrmSocket
 from ipsec_bridge.xfrm.offload import OffloadProbe, OffloadStatus, probe
 from sds.agent.secrets import AgentMetrics, RotationPolicy, SecretManager
 from sds.client.caclient import CAClient, CAClientOptions, token_identity
-from xds_server.translate import TranslateOptions
 from ztcore import config
 from ztcore.config import Duration, option
 from ztcore.identity import Identity
+from ztcore.mesh.translate import TranslateOptions
 from ztcore.metrics import Registry
 
 log = logging.getLogger("zt-bridge")

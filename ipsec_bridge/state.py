@@ -24,10 +24,10 @@ from google.protobuf import any_pb2
 from ipsec_bridge.vfmap import Assignment, VfMap, assign
 from protos.istio.security import authorization_pb2
 from protos.istio.workload import workload_pb2
-from xds_server.registry.files import FileRegistrySource, RegistryLoadError
-from xds_server.registry.store import Registry
-from xds_server.translate import TranslateOptions, translate
 from ztcore.identity import Identity
+from ztcore.mesh.registry.files import FileRegistrySource, RegistryLoadError
+from ztcore.mesh.registry.store import Registry
+from ztcore.mesh.translate import TranslateOptions, translate
 from ztcore.model.authz import Authorization
 from ztcore.model.workload import NetworkMode, Workload
 from ztcore.rbac import PolicyIndex

@@ -101,7 +101,7 @@ class RunningZtd:
         now: dt.datetime | None = None,
     ) -> str:
         from sds.ca import issuer
-        from xds_server.registry.objects import default_uid
+        from ztcore.mesh.registry.objects import default_uid
 
         ns, sa = account.split("/")
         tokens = issuer.load(self.cfg.state_dir / "issuer", self.cfg.trust_domain)

@@ -38,22 +38,22 @@ from sds.ca.tokenreview import KubeTokenReviewer
 from xds_server.build import load_generator
 from xds_server.debug import DebugService
 from xds_server.publish import Publisher, PublishMetrics, PushTuning
-from xds_server.registry.files import FileRegistrySource, RegistryLoadError
 from xds_server.registry.kube import (
     KubeRegistrySource,
     KubeSourceError,
     RootCertPublisher,
     load_api_client,
 )
-from xds_server.registry.store import Registry
 from xds_server.server import ADS_SERVICE, AdsServicer, AdsSource, add_ads_to_server, control_plane_identifier
-from xds_server.translate import TranslateOptions
 from ztcore import config, tlsfront
 from ztcore.config import Duration, option
 from ztcore.daemon import run_daemon
 from ztcore.fsutil import ensure_private_dir, write_atomic
 from ztcore.kubeclient import describe_error
 from ztcore.lease import LEASE_NAME, KubeLeaseStore, LeaseElector, LeaseTiming
+from ztcore.mesh.registry.files import FileRegistrySource, RegistryLoadError
+from ztcore.mesh.registry.store import Registry
+from ztcore.mesh.translate import TranslateOptions
 from ztcore.metrics import Registry as MetricsRegistry
 from ztcore.xds.cache import SnapshotCache
 from ztcore.xds.grpc_adapter import XdsMetrics, XdsStreams

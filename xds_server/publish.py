@@ -3,7 +3,7 @@
 Every registry change is debounced as istiod does (PILOT_DEBOUNCE_AFTER / PILOT_DEBOUNCE_MAX): the push
 happens once nothing changed for `debounce_after`, or `debounce_max` after the first unpublished change,
 whichever is first. Then only what the changed objects feed is translated again
-(xds_server.translate.incremental, in a worker thread), and only the resources whose content changed are
+(ztcore.mesh.translate.incremental, in a worker thread), and only the resources whose content changed are
 packed and installed:
 
 - `type.googleapis.com/istio.workload.Address`: workloads by uid, services by `<namespace>/<hostname>`, each
@@ -24,10 +24,10 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from xds_server.registry.objects import ObjectKey
-from xds_server.registry.store import Registry, RegistrySnapshot
-from xds_server.translate import TranslateOptions, Translation, translate
-from xds_server.translate.incremental import Delta, IncrementalTranslation, TranslationOutputs
+from ztcore.mesh.registry.objects import ObjectKey
+from ztcore.mesh.registry.store import Registry, RegistrySnapshot
+from ztcore.mesh.translate import TranslateOptions, Translation, translate
+from ztcore.mesh.translate.incremental import Delta, IncrementalTranslation, TranslationOutputs
 from ztcore.metrics import Registry as MetricsRegistry
 from ztcore.model.authz import Authorization
 from ztcore.model.workload import Service, Workload

@@ -35,8 +35,8 @@ from sds.ca.authn import AuthenticationError, Authenticator, Caller, authenticat
 from sds.ca.server import PeerLookup, credentials_from_context
 from xds_server.build import EnvoyGenerator, Proxy, ProxyError, resource_name
 from xds_server.publish import Published, Publisher
-from xds_server.translate import Translation
 from ztcore.identity import Identity, IdentityError
+from ztcore.mesh.translate import Translation
 from ztcore.untrusted import clip
 from ztcore.xds import typeurls
 from ztcore.xds.cache import GLOBAL_SCOPE, SnapshotCache

@@ -23,9 +23,9 @@ from google.protobuf import any_pb2
 
 from tests.e2e.ads_client import ADDRESS, AUTHORIZATION, ZtunnelClient, decode, sotw_exchange, ztunnel, ztunnel_node
 from tests.helpers import RunningZtd, running_ztd
-from xds_server.registry.files import read_dir
-from xds_server.registry.store import RegistrySnapshot
-from xds_server.translate import TranslateOptions, translate
+from ztcore.mesh.registry.files import read_dir
+from ztcore.mesh.registry.store import RegistrySnapshot
+from ztcore.mesh.translate import TranslateOptions, translate
 from ztcore.xds import typeurls
 from ztcore.xds.resources import content_version
 

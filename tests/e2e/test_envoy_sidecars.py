@@ -29,9 +29,9 @@ from tests.support.agent import agent_for
 from xds_server.build.bootstrap import node, static_bootstrap
 from xds_server.build.envoy import build_for_proxy
 from xds_server.build.proxy import Proxy
-from xds_server.registry.parse import parse_text
-from xds_server.registry.store import RegistrySnapshot
-from xds_server.translate import translate
+from ztcore.mesh.registry.parse import parse_text
+from ztcore.mesh.registry.store import RegistrySnapshot
+from ztcore.mesh.translate import translate
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ import pytest
 from tests.helpers import RunningZtd, running_ztd
 from tests.support.kube import KubeApi, KubeCluster
 from tests.support.kube import kube_cluster_fixture as kube_cluster
-from xds_server.registry.store import Registry, RegistrySnapshot
+from ztcore.mesh.registry.store import Registry, RegistrySnapshot
 
 __all__ = ["kube_cluster"]
 

@@ -21,8 +21,8 @@ from xds_server.registry.kube import (
     custom_objects,
     load_api_client,
 )
-from xds_server.registry.objects import AuthorizationPolicy, PeerAuthentication
-from xds_server.registry.store import Registry, RegistrySnapshot
+from ztcore.mesh.registry.objects import AuthorizationPolicy, PeerAuthentication
+from ztcore.mesh.registry.store import Registry, RegistrySnapshot
 
 LATENCY_BOUND = 1.0
 

@@ -20,7 +20,7 @@ from xds_server.registry.kube import (
     load_api_client,
     plan_root_configmaps,
 )
-from xds_server.registry.store import Registry
+from ztcore.mesh.registry.store import Registry
 
 
 async def read_root(kube: KubeApi, ns: str) -> Any:

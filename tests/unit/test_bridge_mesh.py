@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ipsec_bridge.pairs import IPAddress, PodPair, pod_pairs
 from ipsec_bridge.state import LocalConfigSource, StateStore, ViewSettings
-from xds_server.translate import TranslateOptions
+from ztcore.mesh.translate import TranslateOptions
 
 NODE_A_IP, NODE_B_IP = "192.168.50.1", "192.168.50.2"
 PODS = {

@@ -31,10 +31,10 @@ from xds_server.build import ProxyError, load_generator, resource_name
 from xds_server.build.bootstrap import inline
 from xds_server.build.envoy import SharedConfig, build_for_proxy, to_resources
 from xds_server.build.proxy import Proxy
-from xds_server.registry.files import read_dir
-from xds_server.registry.parse import parse_text
-from xds_server.registry.store import RegistrySnapshot
-from xds_server.translate import TranslateOptions, Translation, translate
+from ztcore.mesh.registry.files import read_dir
+from ztcore.mesh.registry.parse import parse_text
+from ztcore.mesh.registry.store import RegistrySnapshot
+from ztcore.mesh.translate import TranslateOptions, Translation, translate
 from ztcore.xds import typeurls
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,9 +19,9 @@ import pytest
 
 from xds_server.main import freeze_heap, sweep_heap
 from xds_server.publish import Publisher
-from xds_server.registry.files import FileRegistrySource
-from xds_server.registry.store import Registry
-from xds_server.translate import TranslateOptions
+from ztcore.mesh.registry.files import FileRegistrySource
+from ztcore.mesh.registry.store import Registry
+from ztcore.mesh.translate import TranslateOptions
 from ztcore.xds.cache import SnapshotCache
 
 PODS = 300

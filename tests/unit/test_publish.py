@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from xds_server.publish import Debounce, Published, Publisher, PushTuning
-from xds_server.registry.parse import parse_text
-from xds_server.registry.store import Registry, RegistrySnapshot
-from xds_server.translate import TranslateOptions, Translation, translate
+from ztcore.mesh.registry.parse import parse_text
+from ztcore.mesh.registry.store import Registry, RegistrySnapshot
+from ztcore.mesh.translate import TranslateOptions, Translation, translate
 from ztcore.xds import typeurls
 from ztcore.xds.cache import SnapshotCache
 

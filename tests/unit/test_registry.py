@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xds_server.registry.files import FileRegistrySource, RegistryLoadError, load_dir, read_dir
-from xds_server.registry.objects import (
+from ztcore.mesh.registry.files import FileRegistrySource, RegistryLoadError, load_dir, read_dir
+from ztcore.mesh.registry.objects import (
     AuthorizationPolicy,
     Condition,
     ContainerPort,
@@ -40,8 +40,8 @@ from xds_server.registry.objects import (
     Source,
     default_uid,
 )
-from xds_server.registry.parse import parse_documents, parse_sources, parse_text
-from xds_server.registry.store import Registry, RegistrySnapshot
+from ztcore.mesh.registry.parse import parse_documents, parse_sources, parse_text
+from ztcore.mesh.registry.store import Registry, RegistrySnapshot
 from ztcore.registry import PodDirectory, PodRef
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "mesh"

@@ -15,10 +15,10 @@ import yaml
 
 from protos.istio.security import authorization_pb2
 from protos.istio.workload import workload_pb2
-from xds_server.registry.files import read_dir
-from xds_server.registry.parse import parse_text
-from xds_server.registry.store import RegistrySnapshot
-from xds_server.translate import TranslateOptions, Translation, translate
+from ztcore.mesh.registry.files import read_dir
+from ztcore.mesh.registry.parse import parse_text
+from ztcore.mesh.registry.store import RegistrySnapshot
+from ztcore.mesh.translate import TranslateOptions, Translation, translate
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden"

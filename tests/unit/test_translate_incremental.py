@@ -16,7 +16,7 @@ from typing import Any
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from xds_server.registry.objects import (
+from ztcore.mesh.registry.objects import (
     AuthorizationPolicy,
     ContainerPort,
     Endpoint,
@@ -35,9 +35,9 @@ from xds_server.registry.objects import (
     ServicePort,
     Source,
 )
-from xds_server.registry.store import Registry
-from xds_server.translate import TranslateOptions, Translation, translate
-from xds_server.translate.incremental import IncrementalTranslation
+from ztcore.mesh.registry.store import Registry
+from ztcore.mesh.translate import TranslateOptions, Translation, translate
+from ztcore.mesh.translate.incremental import IncrementalTranslation
 
 ROOT = "istio-system"
 NAMESPACES = (ROOT, "a", "b")

@@ -9,9 +9,10 @@ import textwrap
 
 import pytest
 
-from xds_server.registry.objects import AuthorizationPolicy, FrozenMap, ObjectMeta, PeerAuthentication
-from xds_server.registry.parse import parse_text
-from xds_server.translate.policies import (
+from ztcore.identity import Identity
+from ztcore.mesh.registry.objects import AuthorizationPolicy, FrozenMap, ObjectMeta, PeerAuthentication
+from ztcore.mesh.registry.parse import parse_text
+from ztcore.mesh.translate.policies import (
     STATIC_STRICT_POLICY_NAME,
     convert_authorization_policy,
     convert_peer_authentications,
@@ -19,7 +20,6 @@ from xds_server.translate.policies import (
     peer_authentications_for_workload,
     workload_peer_authentication_keys,
 )
-from ztcore.identity import Identity
 from ztcore.model.authz import Action, Group, Match, Rules, Scope
 from ztcore.model.workload import Workload
 from ztcore.rbac import Connection, evaluate

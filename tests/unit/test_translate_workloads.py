@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from protos.istio.workload import workload_pb2
-from xds_server.registry.files import read_dir
-from xds_server.registry.objects import ObjectMeta, Service, ServicePort
-from xds_server.registry.store import RegistrySnapshot
-from xds_server.translate import TranslateOptions, translate
-from xds_server.translate.workloads import WorkloadSettings, app_protocol, build_service
+from ztcore.mesh.registry.files import read_dir
+from ztcore.mesh.registry.objects import ObjectMeta, Service, ServicePort
+from ztcore.mesh.registry.store import RegistrySnapshot
+from ztcore.mesh.translate import TranslateOptions, translate
+from ztcore.mesh.translate.workloads import WorkloadSettings, app_protocol, build_service
 from ztcore.model.workload import AppProtocol, Workload
 from ztcore.model.workload import Service as WdsService
 

@@ -25,7 +25,7 @@ from typing import Protocol, cast
 from google.protobuf import message
 
 from xds_server.build.proxy import Proxy, ProxyError
-from xds_server.translate import Translation
+from ztcore.mesh.translate import Translation
 
 ENVOY_MODULE = "xds_server.build.envoy"
 

@@ -35,7 +35,7 @@ from xds_server.build.listeners import inbound_listener, outbound_http_listener,
 from xds_server.build.mesh import MeshIndex
 from xds_server.build.proxy import SIDECAR, Proxy, ProxyError
 from xds_server.build.routes import outbound_route_config
-from xds_server.translate import Translation
+from ztcore.mesh.translate import Translation
 from ztcore.xds import typeurls
 from ztcore.xds.resources import Resource
 

@@ -14,7 +14,7 @@ from types import MappingProxyType
 
 from xds_server.build.common import Protocol, outbound_cluster_name
 from xds_server.build.proxy import Proxy
-from xds_server.translate import Translation
+from ztcore.mesh.translate import Translation
 from ztcore.model.workload import Port, Service, Workload, WorkloadStatus
 
 

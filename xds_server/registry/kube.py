@@ -32,10 +32,10 @@ import kubernetes.client
 import kubernetes.config
 from kubernetes.client.exceptions import ApiException
 
-from xds_server.registry.objects import ObjectKey, RegistryObject
-from xds_server.registry.parse import parse_object
-from xds_server.registry.store import Registry, RegistrySnapshot
 from ztcore.kubeclient import WatchStream, describe_error
+from ztcore.mesh.registry.objects import ObjectKey, RegistryObject
+from ztcore.mesh.registry.parse import parse_object
+from ztcore.mesh.registry.store import Registry, RegistrySnapshot
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ from typing import Any, Protocol
 
 import yaml
 
-from xds_server.registry.files import read_dir
-from xds_server.registry.store import RegistrySnapshot
-from xds_server.translate import TranslateOptions, Translation, translate
 from ztcore.config import option
 from ztcore.identity import Identity, IdentityError
+from ztcore.mesh.registry.files import read_dir
+from ztcore.mesh.registry.store import RegistrySnapshot
+from ztcore.mesh.translate import TranslateOptions, Translation, translate
 from ztcore.model.authz import Authorization, IPAddress
 from ztcore.model.workload import TunnelProtocol, Workload
 from ztcore.rbac import Connection, Decision, PolicyIndex, evaluate

@@ -7,9 +7,9 @@ import datetime as dt
 from pathlib import Path
 
 from sds.ca import issuer
-from xds_server.registry.files import RegistryLoadError, load_dir
-from xds_server.registry.objects import Pod, default_uid
 from ztcore.config import Duration, option
+from ztcore.mesh.registry.files import RegistryLoadError, load_dir
+from ztcore.mesh.registry.objects import Pod, default_uid
 from ztctl.errors import CliError
 
 

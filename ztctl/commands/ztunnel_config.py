@@ -27,8 +27,8 @@ from google.protobuf import json_format
 
 from protos.istio.security import authorization_pb2
 from protos.istio.workload import workload_pb2
-from xds_server.translate import TranslateOptions, Translation
 from ztcore.config import option
+from ztcore.mesh.translate import TranslateOptions, Translation
 from ztcore.model.authz import Action, Authorization, Scope
 from ztcore.model.workload import Service, TunnelProtocol, Workload, WorkloadStatus
 from ztcore.xds import typeurls

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from xds_server.registry.objects import AuthorizationPolicy, Condition, Operation, PeerAuthentication, Rule, Source
+from ztcore.mesh.registry.objects import AuthorizationPolicy, Condition, Operation, PeerAuthentication, Rule, Source
 from ztcore.model.authz import (
     Action,
     Authorization,

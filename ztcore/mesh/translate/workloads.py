@@ -25,8 +25,8 @@ import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from xds_server.registry.objects import EndpointSlice, Namespace, Node, Pod, ServicePort
-from xds_server.registry.objects import Service as KubeService
+from ztcore.mesh.registry.objects import EndpointSlice, Namespace, Node, Pod, ServicePort
+from ztcore.mesh.registry.objects import Service as KubeService
 from ztcore.model.authz import IPAddress
 from ztcore.model.workload import (
     AppProtocol,

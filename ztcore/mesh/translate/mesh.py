@@ -8,17 +8,17 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from xds_server.registry.objects import EndpointSlice, Node, ObjectKey, PeerAuthentication
-from xds_server.registry.objects import Service as KubeService
-from xds_server.registry.store import RegistrySnapshot
-from xds_server.translate.policies import (
+from ztcore.mesh.registry.objects import EndpointSlice, Node, ObjectKey, PeerAuthentication
+from ztcore.mesh.registry.objects import Service as KubeService
+from ztcore.mesh.registry.store import RegistrySnapshot
+from ztcore.mesh.translate.policies import (
     StatusMessage,
     convert_authorization_policy,
     convert_peer_authentications,
     peer_authentications_for_workload,
     workload_peer_authentication_keys,
 )
-from xds_server.translate.workloads import (
+from ztcore.mesh.translate.workloads import (
     NamespaceServices,
     SelectorPolicy,
     WorkloadSettings,

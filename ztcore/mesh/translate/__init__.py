@@ -3,7 +3,7 @@
 No IO and no clock: every function here is a function of a registry snapshot and `TranslateOptions`.
 """
 
-from xds_server.translate.mesh import TranslateOptions, Translation, translate
-from xds_server.translate.policies import StatusMessage
+from ztcore.mesh.translate.mesh import TranslateOptions, Translation, translate
+from ztcore.mesh.translate.policies import StatusMessage
 
 __all__ = ["StatusMessage", "TranslateOptions", "Translation", "translate"]

@@ -9,7 +9,7 @@ from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Iterable
 from typing import TypeVar
 
-from xds_server.registry.objects import (
+from ztcore.mesh.registry.objects import (
     REGISTRY_KINDS,
     AuthorizationPolicy,
     EndpointSlice,

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from xds_server.registry.objects import (
+from ztcore.mesh.registry.objects import (
     AuthorizationPolicy,
     EndpointSlice,
     Namespace,
@@ -34,17 +34,17 @@ from xds_server.registry.objects import (
     PeerAuthentication,
     Pod,
 )
-from xds_server.registry.objects import Service as KubeService
-from xds_server.registry.store import RegistrySnapshot
-from xds_server.translate.mesh import TranslateOptions, Translation
-from xds_server.translate.policies import (
+from ztcore.mesh.registry.objects import Service as KubeService
+from ztcore.mesh.registry.store import RegistrySnapshot
+from ztcore.mesh.translate.mesh import TranslateOptions, Translation
+from ztcore.mesh.translate.policies import (
     StatusMessage,
     convert_authorization_policy,
     convert_peer_authentications,
     peer_authentications_for_workload,
     workload_peer_authentication_keys,
 )
-from xds_server.translate.workloads import (
+from ztcore.mesh.translate.workloads import (
     NamespaceServices,
     SelectorPolicy,
     build_endpoint_slice_workloads,

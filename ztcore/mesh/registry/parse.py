@@ -17,7 +17,7 @@ from typing import NoReturn, TypeAlias
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from xds_server.registry.objects import (
+from ztcore.mesh.registry.objects import (
     AuthorizationPolicy,
     Condition,
     ContainerPort,
@@ -43,7 +43,7 @@ from xds_server.registry.objects import (
     Source,
     default_uid,
 )
-from xds_server.registry.objects import Node as KubeNode
+from ztcore.mesh.registry.objects import Node as KubeNode
 
 AUTHZ_ACTIONS = ("ALLOW", "DENY", "AUDIT", "CUSTOM")
 MTLS_MODES = ("UNSET", "DISABLE", "PERMISSIVE", "STRICT")

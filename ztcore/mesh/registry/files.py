@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import watchfiles
 
-from xds_server.registry.objects import FrozenMap, ObjectKey, RegistryObject
-from xds_server.registry.parse import ConfigError, ParseResult, combine, parse_file, parse_sources
-from xds_server.registry.store import Registry, RegistrySnapshot
+from ztcore.mesh.registry.objects import FrozenMap, ObjectKey, RegistryObject
+from ztcore.mesh.registry.parse import ConfigError, ParseResult, combine, parse_file, parse_sources
+from ztcore.mesh.registry.store import Registry, RegistrySnapshot
 
 logger = logging.getLogger(__name__)
 
