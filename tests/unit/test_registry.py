@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ztcore.mesh.registry.files import FileRegistrySource, RegistryLoadError, load_dir, read_dir
@@ -941,3 +941,68 @@ def test_an_applied_change_indexes_like_a_snapshot_built_from_scratch(steps: lis
         expected = {k for k in before.keys() | current.keys() if before.get_key(k) != current.get_key(k)}
         assert registry.changes_since(version) == expected
         assert before.version == version  # the previous snapshot is untouched
+
+
+# --- the folder, file by file ---------------------------------------------------------------------------------
+
+_DOC = st.sampled_from(
+    [NS.format("a"), NS.format("b")]
+    + [
+        f"apiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: a}}\nstatus: {{podIP: 10.0.0.{ip}}}\n"
+        for i in range(3)
+        for ip in range(3)
+    ]
+    + ["apiVersion: v1\nkind: Pod\nmetadata: {name: p0, namespace: a}\nspec: {hostNetwork: true}\n"]
+    + ["apiVersion: v1\nkind: Pod\nmetadata: {name: bad, namespace: a}\nspec: {nodeName: [1]}\n"]
+)
+_FOLDER_STEPS = st.lists(
+    st.tuples(st.sampled_from(("f0.yaml", "f1.yaml", "f2.yaml")), st.none() | st.lists(_DOC, max_size=3)),
+    min_size=1,
+    max_size=12,
+)
+
+
+_POD = "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: a}}\nstatus: {{podIP: 10.0.0.{}}}\n"
+
+
+@settings(max_examples=150, deadline=None)
+@given(_FOLDER_STEPS)
+# an object moves to another file through a moment where both hold it
+@example([("f1.yaml", [NS.format("a")]), ("f0.yaml", [])])
+# a second pod takes an IP, then the first lets go of it
+@example(
+    [("f1.yaml", [_POD.format("p1", 0)]), ("f0.yaml", [_POD.format("p0", 0)]), ("f1.yaml", [_POD.format("p1", 1)])]
+)
+def test_the_folder_source_ends_where_a_fresh_read_of_the_folder_does(
+    steps: list[tuple[str, list[str] | None]],
+) -> None:
+    """Files written and deleted at random (duplicate objects across and within files, pods claiming one IP,
+    objects moving between files, invalid documents): after each look, the registry holds exactly what a
+    fresh read of the folder holds, or, when the folder has errors, what it held before, with the same
+    errors a fresh read reports."""
+    import tempfile
+
+    from ztcore.fsutil import write_atomic
+
+    async def run() -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            root = Path(folder)
+            write_atomic(root / "f0.yaml", NS.format("a").encode())
+            registry = Registry()
+            source = FileRegistrySource(root, registry, rescan_interval=600)
+            await source.load_initial()
+            for name, docs in steps:
+                if docs is None:
+                    (root / name).unlink(missing_ok=True)
+                else:
+                    write_atomic(root / name, "---\n".join(docs).encode())
+                before = registry.current
+                await source.poll_once()
+                fresh = read_dir(root)
+                assert source.last_errors == fresh.errors
+                if fresh.errors:
+                    assert registry.current is before
+                else:
+                    assert registry.current.objects() == RegistrySnapshot(fresh.objects).objects()
+
+    asyncio.run(run())

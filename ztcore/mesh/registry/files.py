@@ -12,13 +12,15 @@ import asyncio
 import errno
 import logging
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import watchfiles
 
 from ztcore.mesh.registry.objects import FrozenMap, ObjectKey, RegistryObject
-from ztcore.mesh.registry.parse import ConfigError, ParseResult, combine, parse_file, parse_sources
+from ztcore.mesh.registry.parse import ConfigError, ParseResult, claimed_ips, combine, parse_file, parse_sources
 from ztcore.mesh.registry.store import Registry, RegistrySnapshot
 
 logger = logging.getLogger(__name__)
@@ -127,6 +129,52 @@ def _scan(root: str, known: Mapping[str, _File]) -> _Scan:
     return _Scan(files, frozenset(changed), read)
 
 
+class _FolderIndex:
+    """How many documents across the folder define each object key and claim each pod IP, kept up to date
+    file by file: a change costs the changed files, and the folder is free of conflicts exactly when no key
+    or IP is counted twice (then nothing needs the folder-wide pass of `combine`)."""
+
+    def __init__(self) -> None:
+        self.keys: Counter[ObjectKey] = Counter()
+        self._ips: Counter[str] = Counter()
+        self._by_file: dict[str, tuple[list[ObjectKey], list[str]]] = {}
+        self._erroneous: set[str] = set()  # files with parse errors of their own
+        self._clashes = 0  # keys and IPs counted more than once
+
+    @property
+    def clean(self) -> bool:
+        return not self._clashes and not self._erroneous
+
+    def replace(self, rel: str, parsed: ParseResult | None) -> None:
+        """File `rel` now holds `parsed` (None: it is gone)."""
+        keys, ips = self._by_file.pop(rel, ([], []))
+        for key in keys:
+            self._count(self.keys, key, -1)
+        for ip in ips:
+            self._count(self._ips, ip, -1)
+        self._erroneous.discard(rel)
+        if parsed is None:
+            return
+        keys = [loc.obj.key for loc in parsed.located]
+        ips = [ip for loc in parsed.located for ip in claimed_ips(loc.obj)]
+        for key in keys:
+            self._count(self.keys, key, 1)
+        for ip in ips:
+            self._count(self._ips, ip, 1)
+        self._by_file[rel] = (keys, ips)
+        if parsed.errors:
+            self._erroneous.add(rel)
+
+    def _count(self, counter: Counter[Any], item: Any, delta: int) -> None:
+        before = counter[item]
+        after = before + delta
+        if after > 0:
+            counter[item] = after
+        else:
+            del counter[item]
+        self._clashes += (after > 1) - (before > 1)
+
+
 class FileRegistrySource:
     """Feeds a Registry from a folder: watched for changes, and read again only where files changed."""
 
@@ -137,7 +185,8 @@ class FileRegistrySource:
         self._rescan_interval = rescan_interval
         self._files: dict[str, _File] = {}
         self._pending: set[str] = set()  # files changed since the registry last took the folder
-        self._provided: dict[ObjectKey, str] = {}  # what the registry holds, and which file it came from
+        self._index = _FolderIndex()
+        self._provided: dict[str, list[ObjectKey]] = {}  # file -> the keys the registry took from it
         self._last_errors: tuple[ConfigError, ...] = ()
         self._last_skipped: FrozenMap[str, int] = FrozenMap()
         self._unreachable = False
@@ -163,10 +212,10 @@ class FileRegistrySource:
             scan = await asyncio.to_thread(_scan, self._path, {})
         except OSError as e:
             raise RegistryLoadError(f"cannot load registry from {self._path}: {_os_reason(e)}") from e
-        result = self._take(scan)
-        if result.errors:
-            raise RegistryLoadError(f"{len(result.errors)} error(s) in registry config {self._path}", result.errors)
-        return self._install(result)
+        errors = self._take(scan)
+        if errors:
+            raise RegistryLoadError(f"{len(errors)} error(s) in registry config {self._path}", errors)
+        return self._install()
 
     async def poll_once(self) -> bool:
         """Look at the folder; True if the registry changed."""
@@ -183,45 +232,59 @@ class FileRegistrySource:
         self.last_read = scan.read
         if not scan.changed and not self._pending:
             return False
-        result = self._take(scan)
-        if result.errors:
-            for error in result.errors:
+        errors = self._take(scan)
+        if errors:
+            for error in errors:
                 logger.warning("%s", error)
             logger.warning(
                 "registry config %s has %d error(s); keeping registry version %d",
                 self._path,
-                len(result.errors),
+                len(errors),
                 self._registry.current.version,
             )
             return False
         before = self._registry.current.version
-        return self._install(result).version != before
+        return self._install().version != before
 
-    def _take(self, scan: _Scan) -> ParseResult:
+    def _take(self, scan: _Scan) -> tuple[ConfigError, ...]:
+        """Take in the scan's changed files; the folder's errors (none: the registry may take the changes)."""
         self._files = scan.files
         self.last_read = scan.read
         self._pending |= scan.changed
-        result = combine(f.parsed for _, f in sorted(scan.files.items()))
-        self._last_errors = result.errors
-        self._last_skipped = result.skipped
-        return result
+        for rel in scan.changed:
+            found = scan.files.get(rel)
+            self._index.replace(rel, found.parsed if found is not None else None)
+        skipped: Counter[str] = Counter()
+        for f in scan.files.values():
+            skipped.update(dict(f.parsed.skipped))
+        self._last_skipped = FrozenMap(sorted(skipped.items()))
+        if self._index.clean:
+            self._last_errors = ()
+        else:
+            # Only a broken folder pays for the folder-wide pass: it names each conflict's first definition.
+            self._last_errors = combine(f.parsed for _, f in sorted(scan.files.items())).errors
+        return self._last_errors
 
-    def _install(self, result: ParseResult) -> RegistrySnapshot:
+    def _install(self) -> RegistrySnapshot:
         """The registry takes what the files changed since it last took the folder: their objects, and the
-        removal of what they no longer hold."""
-        changed = {os.path.join(self._path, rel) for rel in self._pending}
-        located = [loc for loc in result.located if loc.source in changed]
-        now = {loc.obj.key: loc.source for loc in result.located}
-        gone = [key for key, source in self._provided.items() if source in changed and key not in now]
-        snapshot = self._registry.apply([loc.obj for loc in located], gone)
-        self._provided = now
-        self._pending.clear()
+        removal of what they held and no file holds now (costs the changed files, not the folder)."""
+        objects: list[RegistryObject] = []
+        gone: list[ObjectKey] = []
+        for rel in self._pending:
+            found = self._files.get(rel)
+            held = [loc.obj for loc in found.parsed.located] if found is not None else []
+            objects += held
+            gone += [key for key in self._provided.pop(rel, ()) if key not in self._index.keys]
+            if found is not None:
+                self._provided[rel] = [obj.key for obj in held]
+        snapshot = self._registry.apply(objects, gone)
         logger.info(
             "registry version %d from %s: %d objects (%d file(s) read, %d objects in them, %d gone)",
-            snapshot.version, self._path, len(snapshot), len(changed), len(located), len(gone),
+            snapshot.version, self._path, len(snapshot), len(self._pending), len(objects), len(gone),
         )  # fmt: skip
-        if result.skipped:
-            skipped = ", ".join(f"{kind} x{n}" for kind, n in result.skipped.items())
+        self._pending.clear()
+        if self._last_skipped:
+            skipped = ", ".join(f"{kind} x{n}" for kind, n in self._last_skipped.items())
             logger.info("ignored kinds the registry does not read: %s", skipped)
         return snapshot
 

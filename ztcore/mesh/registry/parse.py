@@ -183,6 +183,11 @@ def _drop_conflicts(located: list[Located], errors: list[ConfigError]) -> list[L
     return kept
 
 
+def claimed_ips(obj: RegistryObject) -> frozenset[str]:
+    """The pod IPs this object holds exclusively (none for other kinds): two objects may not share one."""
+    return frozenset(obj.pod_ips) if isinstance(obj, Pod) and _owns_ip(obj) else frozenset()
+
+
 def _owns_ip(pod: Pod) -> bool:
     # Host-network pods share the node's IP, and finished pods have released theirs.
     return not pod.host_network and pod.phase not in ("Succeeded", "Failed")
