@@ -40,12 +40,22 @@ class FullSet:
     stream that sends them all (a wildcard subscriber's first response): the name -> version map and the
     joined Delta wire entries. `versions` is a plain dict that nobody may modify."""
 
-    __slots__ = ("_wire", "resources", "versions")
+    __slots__ = ("_given", "_sorted", "_wire", "versions")
 
     def __init__(self, resources: Iterable[Resource]) -> None:
-        self.resources = tuple(sorted(resources, key=lambda r: r.name))
-        self.versions: dict[str, str] = {r.name: r.version for r in self.resources}
+        self._given = tuple(resources)
+        self.versions: dict[str, str] = {r.name: r.version for r in self._given}
+        self._sorted: tuple[Resource, ...] | None = None
         self._wire: bytes | None = None
+
+    @property
+    def resources(self) -> tuple[Resource, ...]:
+        """Sorted by name, on first use: after a push, streams ask for `versions` only (their ACKs), and only
+        a newly connecting client needs the ordered set."""
+        if self._sorted is None:
+            self._sorted = tuple(sorted(self._given, key=lambda r: r.name))
+            self._given = ()
+        return self._sorted
 
     @property
     def delta_wire(self) -> bytes:
@@ -240,12 +250,16 @@ class CacheView:
         return merged
 
     def version(self, type_url: str) -> str:
+        if len(self.scopes) == 1:  # the common view (a ztunnel's): asked once per push by each of its streams
+            return str(self._cache.version(type_url, self.scopes[0]))
         return str(max(self._cache.version(type_url, s) for s in self.scopes))
 
     def sees(self, change: Change) -> bool:
         return change.scope in self.scopes
 
     def full_set(self, type_url: str) -> FullSet | None:
+        if len(self.scopes) == 1:
+            return self._cache.full_set(type_url, self.scopes[0])
         holding = [scope for scope in self.scopes if self._cache.resources(type_url, scope)]
         if len(holding) > 1:
             return None

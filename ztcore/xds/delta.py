@@ -32,39 +32,34 @@ from envoy.service.discovery.v3 import discovery_pb2
 from ztcore.untrusted import clip
 from ztcore.xds import status as st
 from ztcore.xds.cache import Change, FullSet, ResourceView
-from ztcore.xds.resources import Resource
-from ztcore.xds.sotw import NACK_DETAIL_LIMIT, NonceFactory, StreamBase, random_nonce
+from ztcore.xds.resources import Resource, length_delimited
+from ztcore.xds.sotw import NACK_DETAIL_LIMIT, NonceFactory, StreamBase
 from ztcore.xds.status import EMPTY_VERSIONS, VersionMap
 from ztcore.xds.typeurls import WILDCARD
 
 
 class EncodedDeltaResponse:
-    """A DeltaDiscoveryResponse kept as bytes: the header fields encoded once, then each resource's
-    pre-serialised entry (`Resource.delta_wire`). Protobuf parsers accept fields in any order, so the
-    concatenation is a valid message. gRPC sends `SerializeToString()`; reading a field decodes a copy."""
+    """A DeltaDiscoveryResponse kept as bytes: the stream's header fields (version, type, control plane: encoded
+    once per version; nonce and removals per response), then each resource's pre-serialised entry
+    (`Resource.delta_wire`). Protobuf parsers accept fields in any order, so the concatenation is a valid
+    message. gRPC sends `SerializeToString()`; reading any other field decodes a copy."""
 
-    __slots__ = ("_body", "_header", "_message", "_resources")
+    __slots__ = ("_body", "_head", "_message", "_resources", "nonce", "type_url")
 
     def __init__(
-        self, header: discovery_pb2.DeltaDiscoveryResponse, resources: Sequence[Resource], body: bytes | None = None
+        self, head: bytes, type_url: str, nonce: str, resources: Sequence[Resource], body: bytes | None = None
     ) -> None:
         """`body`: the resources' joined wire entries when already at hand (a shared FullSet)."""
-        self._header = header
+        self._head = head
+        self.type_url = type_url
+        self.nonce = nonce
         self._resources = resources
         self._body = body
         self._message: discovery_pb2.DeltaDiscoveryResponse | None = None
 
     def SerializeToString(self) -> bytes:  # the protobuf method gRPC serializers call
         body = self._body if self._body is not None else b"".join(r.delta_wire for r in self._resources)
-        return bytes(self._header.SerializeToString() + body)
-
-    @property
-    def type_url(self) -> str:
-        return str(self._header.type_url)
-
-    @property
-    def nonce(self) -> str:
-        return str(self._header.nonce)
+        return self._head + body
 
     @property
     def resource_count(self) -> int:
@@ -85,12 +80,18 @@ class DeltaStream(StreamBase):
         self,
         view: ResourceView,
         *,
-        nonces: NonceFactory = random_nonce,
+        nonces: NonceFactory | None = None,
         control_plane: str = "",
         encode: bool = False,
     ) -> None:
         super().__init__(view, nonces=nonces, control_plane=control_plane)
         self._encode = encode
+        # control_plane (field 7) as encoded bytes: the same in every response of the stream
+        self._control_plane_wire = (
+            discovery_pb2.DeltaDiscoveryResponse(control_plane=self._control_plane).SerializeToString()
+            if self._control_plane is not None
+            else b""
+        )
 
     def handle_request(self, req: discovery_pb2.DeltaDiscoveryRequest, now: dt.datetime) -> st.Step:
         type_url = req.type_url
@@ -136,6 +137,14 @@ class DeltaStream(StreamBase):
             wildcard = became_wildcard = True
         sent = VersionMap.of(dict(req.initial_resource_versions)) if first else VersionMap.of(w.sent)
 
+        if (
+            not first
+            and req.response_nonce
+            and req.response_nonce == w.nonce_sent
+            and not req.resource_names_subscribe
+            and not req.resource_names_unsubscribe
+        ):
+            return self._ack(w, req.response_nonce, now)  # the common request: a plain ACK of the latest push
         is_ack = bool(req.response_nonce) and req.response_nonce == w.nonce_sent and not first
         stale = bool(req.response_nonce) and not is_ack and not first
         state = st.evolve(
@@ -220,6 +229,24 @@ class DeltaStream(StreamBase):
             detail=f"nonce {clip(req.response_nonce, 64)}, last sent {w.nonce_sent}" if stale else "",
         )
 
+    def _ack(self, w: st.WatchState, nonce: str, now: dt.datetime) -> st.Step:
+        """What the general path does for an ACK that changes no subscription, without its set algebra."""
+        shared = self._view.full_set(w.type_url) if w.wildcard else None
+        acked = VersionMap.of(w.acked).updated(
+            w.pending, w.pending_removed, rebase=shared.versions if shared is not None else None
+        )
+        self._watches[w.type_url] = st.evolve(
+            w,
+            nonce_acked=nonce,
+            last_acked=now,
+            last_error="",
+            version_acked=w.version_sent,
+            acked=acked,
+            pending=EMPTY_VERSIONS,
+            pending_removed=frozenset(),
+        )
+        return st.Step(st.ACK, w.type_url)
+
     def handle_change(self, change: Change, now: dt.datetime) -> tuple[Any, ...]:
         w = self._watches.get(change.type_url)
         if w is None or not self._view.sees(change):
@@ -250,18 +277,27 @@ class DeltaStream(StreamBase):
         w = self._watches[type_url]
         nonce = self._nonces()
         version = self._view.version(type_url)
-        resp = discovery_pb2.DeltaDiscoveryResponse(system_version_info=version, type_url=type_url, nonce=nonce)
-        if self._control_plane is not None:
-            resp.control_plane.CopyFrom(self._control_plane)
         removed = sorted(removed)
-        resp.removed_resources.extend(removed)
         ordered = full.resources if full is not None else [to_send[name] for name in sorted(to_send)]
         out: Any
         if self._encode:
-            out = EncodedDeltaResponse(resp, ordered, full.delta_wire if full is not None else None)
+            # system_version_info (1), type_url (4), control_plane (7), nonce (5), removed_resources (6)
+            head = (
+                length_delimited(1, version.encode())
+                + length_delimited(4, type_url.encode())
+                + self._control_plane_wire
+                + length_delimited(5, nonce.encode())
+            )
+            if removed:
+                head += b"".join(length_delimited(6, name.encode()) for name in removed)
+            out = EncodedDeltaResponse(head, type_url, nonce, ordered, full.delta_wire if full is not None else None)
         else:
-            resp.resources.extend(r.delta for r in ordered)
-            out = resp
+            out = discovery_pb2.DeltaDiscoveryResponse(
+                system_version_info=version, type_url=type_url, nonce=nonce, removed_resources=removed
+            )
+            if self._control_plane is not None:
+                out.control_plane.CopyFrom(self._control_plane)
+            out.resources.extend(r.delta for r in ordered)
         # Never modified once made: the maps below may adopt it as their (possibly shared) base.
         versions = full.versions if full is not None else {res.name: res.version for res in ordered}
         # A wildcard stream tracks the cache closely: let its maps fold onto the cache's shared versions.

@@ -25,7 +25,7 @@ from ztcore.untrusted import clip
 from ztcore.xds import status as st
 from ztcore.xds.cache import Change, SnapshotCache
 from ztcore.xds.delta import DeltaStream
-from ztcore.xds.sotw import NonceFactory, SotwStream, random_nonce
+from ztcore.xds.sotw import SotwStream
 from ztcore.xds.typeurls import short_name
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,6 @@ class XdsStreams:
         *,
         metrics: XdsMetrics | None = None,
         clock: Callable[[], dt.datetime] = _utcnow,
-        nonces: NonceFactory = random_nonce,
         control_plane: str = "",
         encoded_delta: bool = False,
     ) -> None:
@@ -167,7 +166,6 @@ class XdsStreams:
         self._source = source
         self._metrics = metrics
         self._clock = clock
-        self._nonces = nonces
         self._control_plane = control_plane
         self._encoded_delta = encoded_delta
         self._ids = itertools.count(1)
@@ -197,11 +195,9 @@ class XdsStreams:
         view = self._cache.view(binding.scopes)
         machine: _Machine
         if protocol == "sotw":
-            machine = SotwStream(view, nonces=self._nonces, control_plane=self._control_plane)
+            machine = SotwStream(view, control_plane=self._control_plane)
         else:
-            machine = DeltaStream(
-                view, nonces=self._nonces, control_plane=self._control_plane, encode=self._encoded_delta
-            )
+            machine = DeltaStream(view, control_plane=self._control_plane, encode=self._encoded_delta)
         queue: asyncio.Queue[object] = asyncio.Queue()
         queue.put_nowait(first)
 
@@ -292,7 +288,7 @@ class XdsStreams:
             log.debug("xDS %s stale request from %s: %s", kind, info.id, step.detail)
             if self._metrics is not None:
                 self._metrics.expired_nonce.inc(type=kind.lower())
-        else:
+        elif log.isEnabledFor(logging.DEBUG):  # an ACK per stream per push: do not even build the arguments
             log.debug(
                 "xDS %s %s from %s (+%s -%s)",
                 kind,

@@ -11,6 +11,8 @@ from google.protobuf import any_pb2, message
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:  # tags and short strings: every nonce and most names
+        return bytes((value,))
     out = bytearray()
     while True:
         byte = value & 0x7F

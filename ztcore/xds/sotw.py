@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 
@@ -33,8 +34,13 @@ NACK_DETAIL_LIMIT = 1024
 NonceFactory = Callable[[], str]
 
 
-def random_nonce() -> str:
-    return secrets.token_hex(8)
+def nonce_sequence() -> NonceFactory:
+    """One stream's nonces: a random prefix drawn once, then a counter. Unique on the stream (a stale ACK never
+    matches a later response) and across streams, without a urandom call per response (1,000 streams x every
+    push)."""
+    prefix = secrets.token_hex(8)
+    counter = itertools.count(1)
+    return lambda: f"{prefix}-{next(counter)}"
 
 
 def merged(base: Mapping[str, str], extra: Mapping[str, str]) -> Mapping[str, str]:
@@ -46,9 +52,10 @@ def merged(base: Mapping[str, str], extra: Mapping[str, str]) -> Mapping[str, st
 class StreamBase:
     """What both protocol variants keep per stream: the cache view, nonces, and one WatchState per type."""
 
-    def __init__(self, view: ResourceView, *, nonces: NonceFactory = random_nonce, control_plane: str = "") -> None:
+    def __init__(self, view: ResourceView, *, nonces: NonceFactory | None = None, control_plane: str = "") -> None:
+        """`nonces`: the stream's nonce source (default: its own `nonce_sequence()`)."""
         self._view = view
-        self._nonces = nonces
+        self._nonces = nonces if nonces is not None else nonce_sequence()
         self._control_plane = base_pb2.ControlPlane(identifier=control_plane) if control_plane else None
         self._watches: dict[str, st.WatchState] = {}
         self.node: base_pb2.Node | None = None
