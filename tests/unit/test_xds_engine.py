@@ -446,6 +446,45 @@ def test_delta_should_respond(case: DeltaCase) -> None:
     case.check(stream.watch_state(CDS))
 
 
+@pytest.mark.parametrize("case", DELTA_CASES, ids=lambda c: c.name)
+def test_a_plain_ack_handled_apart_ends_where_the_ordered_path_does(case: DeltaCase) -> None:
+    """The stream reader handles plain ACKs without queueing them: same state and event as handle_request,
+    and every other request is left untouched for the ordered path."""
+    cache = _delta_cache()
+    ordered = DeltaStream(cache.view([]), nonces=counter_nonces())
+    fast = DeltaStream(cache.view([]), nonces=counter_nonces())
+    steps = list(case.steps)
+    # then a push and its ACK, so that every case ends with one plain ACK
+    steps_after = [lambda w: delta_req(CDS, nonce=w.nonce_sent if w is not None else "")]
+    taken = 0
+    for i, make in enumerate(steps + steps_after):
+        if i == len(steps):
+            cache.upsert(CDS, [cluster("a", 9000)])
+            change = Change(CDS, "", frozenset({"a"}), cache.revision)
+            assert [r.nonce for r in ordered.handle_change(change, NOW)] == [
+                r.nonce for r in fast.handle_change(change, NOW)
+            ]
+        req = make(ordered.watch_state(CDS))
+        expected = ordered.handle_request(req, NOW)
+        before = fast.watch_state(CDS)
+        got = fast.handle_plain_ack(req, NOW)
+        if got is None:
+            assert fast.watch_state(CDS) is before  # untouched
+            got = fast.handle_request(req, NOW)
+        else:
+            taken += 1
+            assert expected.event == st.ACK and expected.responses == () and not expected.subscribed
+        assert (got.event, got.subscribed, got.unsubscribed) == (
+            expected.event,
+            expected.subscribed,
+            expected.unsubscribed,
+        )
+        assert fast.watch_state(CDS) == ordered.watch_state(CDS)
+    watched = ordered.watch_state(CDS)
+    if watched is not None and (watched.wildcard or "a" in watched.names):
+        assert taken >= 1  # the final ACK of the push took the plain path
+
+
 def test_delta_pushes_changes_and_removals_only_to_interested_streams() -> None:
     cache = _delta_cache()
     wild = DeltaStream(cache.view([]), nonces=counter_nonces())

@@ -229,6 +229,20 @@ class DeltaStream(StreamBase):
             detail=f"nonce {clip(req.response_nonce, 64)}, last sent {w.nonce_sent}" if stale else "",
         )
 
+    def handle_plain_ack(self, req: discovery_pb2.DeltaDiscoveryRequest, now: dt.datetime) -> st.Step | None:
+        w = self._watches.get(req.type_url)
+        if (
+            w is None
+            or not req.response_nonce
+            or req.response_nonce != w.nonce_sent
+            or req.resource_names_subscribe
+            or req.resource_names_unsubscribe
+            or req.HasField("error_detail")
+            or (self.node is None and req.HasField("node"))
+        ):
+            return None
+        return self._ack(w, req.response_nonce, now)
+
     def _ack(self, w: st.WatchState, nonce: str, now: dt.datetime) -> st.Step:
         """What the general path does for an ACK that changes no subscription, without its set algebra."""
         shared = self._view.full_set(w.type_url) if w.wildcard else None

@@ -72,6 +72,10 @@ class _Machine(Protocol):
 
     def handle_change(self, change: Change, now: dt.datetime) -> tuple[Any, ...]: ...
 
+    def handle_plain_ack(self, req: Any, now: dt.datetime) -> st.Step | None:
+        """The request handled if it is an ACK that needs no answer and no source call; else None (untouched)."""
+        ...
+
     def statuses(self) -> dict[str, st.WatchState]: ...
 
 
@@ -215,7 +219,7 @@ class XdsStreams:
         error: SourceError | None = None
         try:
             async with asyncio.TaskGroup() as tg:
-                reader = tg.create_task(self._read(requests, queue))
+                reader = tg.create_task(self._read(requests, queue, info, machine))
                 error = await self._serve(info, machine, binding, queue, context)
                 reader.cancel()
         finally:
@@ -228,11 +232,18 @@ class XdsStreams:
         if error is not None:
             await context.abort(error.code, error.message)
 
-    @staticmethod
-    async def _read(requests: AsyncIterator[Any], queue: asyncio.Queue[object]) -> None:
+    async def _read(
+        self, requests: AsyncIterator[Any], queue: asyncio.Queue[object], info: StreamInfo, machine: _Machine
+    ) -> None:
         try:
             async for req in requests:
-                queue.put_nowait(req)
+                # An ACK with nothing queued ahead of it is handled here: it needs no write, and skipping the
+                # queue saves a task switch per client per push. Anything else keeps its place in line.
+                step = machine.handle_plain_ack(req, self._clock()) if queue.empty() else None
+                if step is None:
+                    queue.put_nowait(req)
+                else:
+                    self._log_step(info, step)
         finally:
             queue.put_nowait(_EOF)
 

@@ -68,6 +68,10 @@ class StreamBase:
 
 
 class SotwStream(StreamBase):
+    def handle_plain_ack(self, req: discovery_pb2.DiscoveryRequest, now: dt.datetime) -> st.Step | None:
+        """SotW ACKs may be answered (warming, names added): they all take the ordered path."""
+        return None
+
     def force_next_response(self, type_url: str) -> None:
         """Answer the next ACK of this type even if nothing changed (Envoy waits for it while warming)."""
         w = self._watches.get(type_url)
