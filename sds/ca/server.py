@@ -128,9 +128,15 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):
             raise
         except Exception:
             # A bug must not leak a traceback or exception text to the caller; the log has it.
-            log.exception("CA request from %s failed unexpectedly", context.peer())
+            log.exception("CA request from %s failed unexpectedly", self._peer(context))
             self._metrics.csr_sign_err.inc()
             await _deny(context, grpc.StatusCode.INTERNAL, "internal error")
+
+    def _peer(self, context: grpc.aio.ServicerContext) -> str:
+        """The client's address: on the secure port the one the TLS front saw, not the front's relay."""
+        relayed = context.peer() or "unknown"
+        tls = self._tls_peers(relayed) if self._tls_peers is not None else None
+        return tls.address if tls is not None else relayed
 
     async def _create(
         self, request: ca_pb2.IstioCertificateRequest, context: grpc.aio.ServicerContext
