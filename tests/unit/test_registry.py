@@ -173,8 +173,29 @@ KIND_CASES = [
                 ServicePort(9000, 9000),
                 ServicePort(53, 5353, "dns", "UDP"),
             ),
+            ip_families=("IPv4", "IPv6"),  # defaulted from the cluster IPs, as the API server does
         ),
         id="service-ports-clusterIPs",
+    ),
+    pytest.param(
+        """
+        apiVersion: v1
+        kind: Service
+        metadata: {name: v6, namespace: shop}
+        spec: {clusterIP: "fd00:96::2", ipFamilies: [IPv6], ipFamilyPolicy: SingleStack}
+        """,
+        Service(meta("v6", "shop", "Service"), cluster_ips=("fd00:96::2",), ip_families=("IPv6",)),
+        id="service-ipFamilies-given",
+    ),
+    pytest.param(
+        """
+        apiVersion: v1
+        kind: Service
+        metadata: {name: ext, namespace: shop}
+        spec: {type: ExternalName, externalName: example.com}
+        """,
+        Service(meta("ext", "shop", "Service"), type="ExternalName"),
+        id="service-externalname-has-no-families",
     ),
     pytest.param(
         """
@@ -183,7 +204,7 @@ KIND_CASES = [
         metadata: {name: headless, namespace: shop}
         spec: {clusterIP: None, selector: {app: db}}
         """,
-        Service(meta("headless", "shop", "Service"), selector=FrozenMap({"app": "db"})),
+        Service(meta("headless", "shop", "Service"), selector=FrozenMap({"app": "db"}), ip_families=("IPv4",)),
         id="service-headless",
     ),
     pytest.param(
@@ -549,6 +570,10 @@ ERROR_CASES = [
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n"
         "  selector: {matchLabels: {app: a}}\n  targetRef: {kind: Service, name: a}\n",
         "bad.yaml:9: AuthorizationPolicy default/p: spec.selector: only one of selector or targetRef(s) can be set",
+    ),
+    (
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  ipFamilies: [IPv4, ipv6]\n",
+        "bad.yaml:9: Service default/s: spec.ipFamilies[1]: must be IPv4 or IPv6, got 'ipv6'",
     ),
     (
         "apiVersion: security.istio.io/v2\nkind: AuthorizationPolicy\nmetadata: {name: p}\n",

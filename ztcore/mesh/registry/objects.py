@@ -188,6 +188,8 @@ class Service(_Object):
     cluster_ips: tuple[str, ...] = ()  # headless ("None") services have none
     ports: tuple[ServicePort, ...] = ()
     type: str = "ClusterIP"
+    # spec.ipFamilies ("IPv4", "IPv6"), defaulted as an IPv4 single-stack API server does when a file omits it
+    ip_families: tuple[str, ...] = ()
 
     def hostname(self, domain_suffix: str = "cluster.local") -> str:
         return f"{self.meta.name}.{self.meta.namespace}.svc.{domain_suffix}"

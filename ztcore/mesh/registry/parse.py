@@ -50,6 +50,7 @@ MTLS_MODES = ("UNSET", "DISABLE", "PERMISSIVE", "STRICT")
 POD_PHASES = ("Pending", "Running", "Succeeded", "Failed", "Unknown")
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 ADDRESS_TYPES = ("IPv4", "IPv6", "FQDN")
+IP_FAMILIES = ("IPv4", "IPv6")
 ISTIO_SECURITY_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 
 # Alias expansion can blow a small file up exponentially ("billion laughs"); no real manifest is this big.
@@ -636,13 +637,29 @@ def _service(r: _Reader, meta: ObjectMeta) -> Service:
             target = _port(raw_target, p.at("targetPort"))
         protocol = p.choice("protocol", PROTOCOLS, "TCP")
         ports.append(ServicePort(port, target, p.string("name"), protocol, p.string("appProtocol") or None))
+    kind = spec.string("type", "ClusterIP")
+    families = tuple(spec.strs("ipFamilies"))
+    for i, family in enumerate(families):
+        if family not in IP_FAMILIES:
+            path = (*spec.at("ipFamilies"), i)
+            raise _Invalid(path, f"{_fmt_path(path)}: must be IPv4 or IPv6, got {family!r}")
+    if len(set(families)) != len(families):
+        spec.fail("ipFamilies", "lists a family twice")
+    if spec.get("ipFamilies") is None and kind != "ExternalName":
+        # What the API server fills in: the families of the given cluster IPs, else the cluster's (IPv4 here).
+        families = tuple(dict.fromkeys(_family(ip) for ip in cluster_ips)) or ("IPv4",)
     return Service(
         meta,
         selector=spec.str_map("selector"),
         cluster_ips=tuple(cluster_ips),
         ports=tuple(ports),
-        type=spec.string("type", "ClusterIP"),
+        type=kind,
+        ip_families=families,
     )
+
+
+def _family(ip: str) -> str:
+    return "IPv4" if ipaddress.ip_address(ip).version == 4 else "IPv6"
 
 
 def _endpoint_slice(r: _Reader, meta: ObjectMeta) -> EndpointSlice:

@@ -30,6 +30,7 @@ from ztcore.mesh.registry.objects import Service as KubeService
 from ztcore.model.authz import IPAddress
 from ztcore.model.workload import (
     AppProtocol,
+    IPFamilies,
     Locality,
     NetworkAddress,
     NetworkMode,
@@ -135,9 +136,19 @@ def build_service(svc: KubeService, settings: WorkloadSettings) -> Service | Non
         hostname=service_hostname(svc, settings.domain_suffix),
         addresses=addresses,
         ports=ports,
+        ip_families=_ip_families(svc.ip_families),
         # A Kubernetes Service is always the canonical owner of its hostname.
         canonical=True,
     )
+
+
+def _ip_families(families: Sequence[str]) -> IPFamilies:
+    """spec.ipFamilies as istiod reports it: both -> DUAL, one -> that family only, none -> AUTOMATIC."""
+    if len(families) == 2:
+        return IPFamilies.DUAL
+    if len(families) == 1:
+        return IPFamilies.IPV4_ONLY if families[0] == "IPv4" else IPFamilies.IPV6_ONLY
+    return IPFamilies.AUTOMATIC
 
 
 # --- pods ---------------------------------------------------------------------------------------------------
