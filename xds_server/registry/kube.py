@@ -7,7 +7,9 @@ bookmarks); one that expires (410 Gone) is replaced by a fresh list, so whatever
 lost. Other errors retry with jittered exponential backoff.
 
 Objects go through the same parser as the YAML folder (parse.parse_object), so both sources build the same
-model, and every change replaces the Registry's snapshot (coalesced over a short debounce).
+model, and every change replaces the Registry's snapshot. A change after a quiet spell reaches the registry at
+once: the publisher's debounce (istiod's 100 ms) is the one wait between a watch event and a push. Under a burst
+(a rollout) the snapshots are spaced `min_interval` apart, so their cost stays bounded.
 
 The `kubernetes` client is blocking; every call runs on this source's own threads (one per kind, so eight
 long watches never starve the event loop's default executor), and a watch's lines reach the loop through
@@ -21,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -277,7 +280,7 @@ class KubeRegistrySource:
         registry: Registry,
         *,
         kinds: Iterable[KindSpec] = KINDS,
-        debounce: float = 0.05,
+        min_interval: float = 0.02,
         watch_timeout: float = 300.0,
         initial_backoff: float = 0.2,
         max_backoff: float = 10.0,
@@ -289,7 +292,8 @@ class KubeRegistrySource:
         self._api = api
         self._registry = registry
         self._states = [_KindState(spec) for spec in kinds]
-        self._debounce = debounce
+        self._min_interval = min_interval
+        self._published_at = -math.inf
         self._watch_timeout = watch_timeout
         self._initial_backoff = initial_backoff
         self._max_backoff = max_backoff
@@ -561,8 +565,11 @@ class KubeRegistrySource:
     async def _publisher(self) -> None:
         while True:
             await self._dirty.wait()
-            # Coalesce a burst (a relist, a rollout) into one snapshot.
-            await asyncio.sleep(self._debounce)
+            # No fixed wait: a 50 ms debounce here, before the publisher's own, added 50 ms to every change
+            # (measured beside istiod). Events already queued still go into one snapshot, and a burst is applied
+            # at most every `min_interval` (one pod is ~0.6 ms of registry work at 10,000 pods).
+            await asyncio.sleep(max(0.0, self._published_at + self._min_interval - self._clock()))
+            self._published_at = self._clock()
             before = self._registry.current.version
             snapshot = self._publish()
             if snapshot.version != before:
