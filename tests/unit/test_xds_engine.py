@@ -346,6 +346,43 @@ def test_aliases_resolve_as_a_rebuild_of_the_whole_alias_map_would(steps: list[t
             assert (found.name if found else None) == rebuilt.get(alias), (alias, steps)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    hst.lists(
+        hst.tuples(
+            hst.sampled_from(("upsert", "upsert", "remove", "replace")),
+            hst.sets(hst.sampled_from("abcde"), min_size=1, max_size=3),
+            hst.integers(1, 3),
+            hst.sampled_from((GLOBAL_SCOPE, "node-1")),
+            hst.booleans(),
+        ),
+        max_size=30,
+    )
+)
+def test_a_full_set_derived_from_the_last_one_equals_one_built_from_every_resource(
+    steps: list[tuple[str, set[str], int, str, bool]],
+) -> None:
+    """After a change, a type's FullSet is the previous one patched with the changed names (not rebuilt from every
+    resource); asked for after any run of changes, in any scope, it must hold what the cache holds."""
+    cache = SnapshotCache()
+    for action, names, timeout, scope, look in steps:
+        batch = [cluster(name, timeout * 1000) for name in sorted(names)]
+        if action == "upsert":
+            cache.upsert(CDS, batch, scope=scope)
+        elif action == "replace":
+            cache.set_resources(CDS, batch, scope=scope)
+        else:
+            cache.remove(CDS, names, scope=scope)
+        if look:  # not after every change: a derivation may span several
+            for s in (GLOBAL_SCOPE, "node-1"):
+                full = cache.full_set(CDS, s)
+                held = cache.resources(CDS, s)
+                assert full.versions == {name: res.version for name, res in held.items()}, steps
+                assert [r.name for r in full.resources] == sorted(held), steps
+                assert full.delta_wire == b"".join(held[name].delta_wire for name in sorted(held)), steps
+                assert cache.full_set(CDS, s) is full  # memoised until the next change
+
+
 def test_sotw_alias_subscription_and_node_from_first_request() -> None:
     cache = SnapshotCache()
     cache.upsert(EDS, [Resource.pack("a", endpoint_pb2.ClusterLoadAssignment(cluster_name="a"), aliases=["alias-a"])])
