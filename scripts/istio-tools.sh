@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Builds the pinned real Istio binaries (pilot-agent, istioctl) that the interop tests run against our servers.
 # They live in a cache outside the work tree so a fresh clone (CI) reuses them; a binary is built only when missing.
-#   scripts/istio-tools.sh            build what is missing; prints one line per tool built, nothing otherwise
-#   scripts/istio-tools.sh --bin-dir  print the folder the binaries go to (builds nothing)
+#   scripts/istio-tools.sh                  build what is missing; prints one line per tool built, nothing otherwise
+#   scripts/istio-tools.sh pilot-discovery  the same, and also istiod's binary (opt-in: only bench/vs_istiod.py uses it)
+#   scripts/istio-tools.sh --bin-dir        print the folder the binaries go to (builds nothing)
 # Layout: ${ZTDPU_CACHE:-~/.cache/ztdpu}/tools/istio-<pin>/{bin/pilot-agent,bin/istioctl,share/envoy_bootstrap_tmpl.json}
+#   (+ bin/pilot-discovery when asked for)
 # Env: ZTDPU_CACHE; GOPROXY, GOMODCACHE, GOCACHE as the go command reads them.
 set -euo pipefail
 
@@ -27,10 +29,15 @@ if [ "${1:-}" = "--bin-dir" ]; then
   echo "$bin_dir"
   exit 0
 fi
-if [ $# -gt 0 ]; then
-  echo "usage: $0 [--bin-dir]" >&2
-  exit 2
-fi
+for extra in "$@"; do
+  case "$extra" in
+    pilot-discovery) TOOLS+=("pilot-discovery $MODULE/pilot/cmd/pilot-discovery") ;;
+    *)
+      echo "usage: $0 [--bin-dir | pilot-discovery]" >&2
+      exit 2
+      ;;
+  esac
+done
 
 complete() {
   local tool
