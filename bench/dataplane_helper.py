@@ -45,8 +45,8 @@ def certs(out: Path) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from sds.ca import keyring, signer
-    from sds.client.caclient import private_key_pem
     from ztcore.identity import Identity
+    from ztcore.identity.caclient import private_key_pem
 
     now = dt.datetime.now(dt.UTC)
     out.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -28,12 +28,12 @@ from cryptography import x509
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sds.agent.secrets import SecretEvent
-from sds.client.caclient import CAClient, CAClientOptions, build_csr, generate_key
 from tests.helpers import bearer, free_port, key_pem, make_csr, new_key, request, running_ztd, write_yaml
 from tests.support import envoy as ev
 from tests.support.agent import CART, FRONTEND, MESH, agent_for
 from ztcore.identity import Identity
+from ztcore.identity.caclient import CAClient, CAClientOptions, build_csr, generate_key
+from ztcore.identity.manager import SecretEvent
 
 
 def percentile(values: list[float], p: float) -> float:

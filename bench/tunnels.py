@@ -49,8 +49,8 @@ from ipsec_bridge.netns import Netns  # noqa: E402
 from ipsec_bridge.sa_manager import BRIDGE_MARK, Endpoints, GenerationInstaller, SaManager, SaSettings  # noqa: E402
 from ipsec_bridge.xfrm.netlink import XfrmSocket  # noqa: E402
 from sds.ca import keyring, signer  # noqa: E402
-from sds.client.caclient import private_key_pem  # noqa: E402
 from ztcore.identity import Identity  # noqa: E402
+from ztcore.identity.caclient import private_key_pem  # noqa: E402
 
 NODE_A, NODE_B = IPv4Address("192.168.60.1"), IPv4Address("192.168.60.2")
 PORT = 15009

@@ -1,5 +1,5 @@
 """The bridge's certificates: one SVID per identity of its node's pods (CreateCertificate with
-ImpersonatedIdentity, through sds.agent.secrets.SecretManager: renewed at half life, kept when a renewal
+ImpersonatedIdentity, through ztcore.identity.manager.SecretManager: renewed at half life, kept when a renewal
 fails) and, for --tunnel-scope node, its own. TLS contexts are built once per certificate, off the loop.
 """
 
@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable
 from OpenSSL import SSL
 
 from ipsec_bridge.handshake import Credential, HandshakeError, tls_context
-from sds.agent.secrets import SecretEvent, SecretManager
 from ztcore.identity import Identity
+from ztcore.identity.manager import SecretEvent, SecretManager
 
 log = logging.getLogger(__name__)
 

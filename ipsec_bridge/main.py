@@ -8,6 +8,7 @@ manager, the handshake listener and the admin port, and owns their lifetimes in 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import ipaddress
@@ -17,7 +18,6 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
@@ -33,13 +33,13 @@ from ipsec_bridge.vfmap import VfMapError, VfMapFile
 from ipsec_bridge.xds_client import DeltaXdsClient, XdsClientOptions
 from ipsec_bridge.xfrm import messages as xm
 from ipsec_bridge.xfrm.consts import XfrmGroup
-from ipsec_bridge.xfrm.netlink import XfrmError, XfrmEvents, XfrmSocket
-from ipsec_bridge.xfrm.offload import OffloadProbe, OffloadStatus, probe
-from sds.agent.secrets import AgentMetrics, RotationPolicy, SecretManager
-from sds.client.caclient import CAClient, CAClientOptions, token_identity
+from ipsec_bridge.xfrm.netlink import XfrmError, XfrmEvents, XfrmSocket, probe_offload
+from ipsec_bridge.xfrm.offload import OffloadProbe, OffloadStatus
 from ztcore import config
 from ztcore.config import Duration, option
 from ztcore.identity import Identity
+from ztcore.identity.caclient import CAClient, CAClientOptions, token_identity
+from ztcore.identity.manager import AgentMetrics, RotationPolicy, SecretManager
 from ztcore.mesh.translate import TranslateOptions
 from ztcore.metrics import Registry
 
@@ -174,19 +174,23 @@ class Bridge:
         except (NetnsError, XfrmError) as err:
             netns.close()
             raise BridgeError(str(err)) from None
-        closers: list[Any] = [xfrm.close, netns.close]
-        try:
-            await self._run(stop, netns, xfrm, view_settings, closers)
-        finally:
-            self.ready.clear()
-            for close in reversed(closers):
-                result = close()
-                if asyncio.iscoroutine(result):
-                    await result
-            log.info("zt-bridge stopped")
+        # Everything opened from here on is closed in reverse order, each close even when an earlier one raised.
+        async with contextlib.AsyncExitStack() as closers:
+            closers.callback(log.info, "zt-bridge stopped")
+            closers.callback(xfrm.close)
+            closers.callback(netns.close)
+            try:
+                await self._run(stop, netns, xfrm, view_settings, closers)
+            finally:
+                self.ready.clear()
 
     async def _run(
-        self, stop: asyncio.Event, netns: Netns, xfrm: XfrmSocket, view_settings: ViewSettings, closers: list[Any]
+        self,
+        stop: asyncio.Event,
+        netns: Netns,
+        xfrm: XfrmSocket,
+        view_settings: ViewSettings,
+        closers: contextlib.AsyncExitStack,
     ) -> None:
         cfg = self.cfg
         ifindex = 0
@@ -208,7 +212,7 @@ class Bridge:
                 offload_ifindex=ifindex,
             ),
         )
-        closers.append(sa.close)
+        closers.callback(sa.close)
         try:
             # the block goes in before anything else can happen; a previous run's tunnels are adopted or removed
             adoption = await sa.start(TunnelScope(cfg.tunnel_scope), cfg.settings().node_address)
@@ -265,7 +269,7 @@ class Bridge:
                 plaintext=cfg.ca_plaintext,
             )
         )
-        closers.append(ca.close)
+        closers.push_async_callback(ca.close)
         scope = TunnelScope(cfg.tunnel_scope)
         secrets = SecretManager(
             ca,
@@ -287,9 +291,9 @@ class Bridge:
             server.close()
             await server.wait_closed()
 
-        closers.append(close_server)
+        closers.push_async_callback(close_server)
         events = await XfrmEvents.open((XfrmGroup.EXPIRE,), netns=cfg.netns or None)
-        closers.append(events.close)
+        closers.callback(events.close)
         if cfg.admin_port:
             admin = Admin(
                 manager,
@@ -302,7 +306,7 @@ class Bridge:
             )
             runner = web.AppRunner(admin.app(), access_log=None)
             await runner.setup()
-            closers.append(runner.cleanup)
+            closers.push_async_callback(runner.cleanup)
             try:
                 await web.TCPSite(runner, cfg.admin_address, cfg.admin_port).start()
             except OSError as err:
@@ -333,12 +337,12 @@ class Bridge:
             aead = xm.Aead(os.urandom(self.cfg.key_bits // 8), os.urandom(4))
             return sa.outbound_sa(ends, 0xFFFFFF01, aead, sa.next_reqid(), esn=sa.settings.esn)
 
-        self.offload = await probe(xfrm, throwaway(), self.cfg.offload_dev, self.cfg.offload)
+        self.offload = await probe_offload(xfrm, throwaway(), self.cfg.offload_dev, self.cfg.offload)
         if self.offload.esn_refused:
             # A driver without ESN offload takes the same SAs with 32-bit sequence numbers: this node then keys
             # its tunnels without ESN (the handshake tells each peer, whose SAs for the tunnel follow).
             sa.settings = dataclasses.replace(sa.settings, esn=False)
-            self.offload = await probe(xfrm, throwaway(), self.cfg.offload_dev, self.cfg.offload)
+            self.offload = await probe_offload(xfrm, throwaway(), self.cfg.offload_dev, self.cfg.offload)
         level = logging.ERROR if not self.offload.usable else logging.INFO
         if self.offload.status is OffloadStatus.FALLBACK:
             level = logging.WARNING

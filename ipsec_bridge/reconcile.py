@@ -53,6 +53,7 @@ from ipsec_bridge.state import NodeView, StateStore
 from ipsec_bridge.xfrm import messages as m
 from ipsec_bridge.xfrm.netlink import EventsLost, XfrmError, XfrmEvents
 from ipsec_bridge.xfrm.offload import OffloadStatus
+from ztcore.backoff import Backoff
 from ztcore.identity import Identity
 from ztcore.metrics import Registry
 
@@ -566,8 +567,10 @@ class TunnelManager:
         code = _code(err)
         self.metrics.handshakes.inc(role=role, result=code)
         t.failures += 1
-        delay = min(self.settings.retry_initial * 2 ** (t.failures - 1), self.settings.retry_max)
-        t.next_attempt = time.monotonic() + delay * self._rng.uniform(0.8, 1.0)
+        delay = Backoff(self.settings.retry_initial, self.settings.retry_max, jitter=(0.8, 1.0)).jittered(
+            t.failures, self._rng
+        )
+        t.next_attempt = time.monotonic() + delay
         t.last_error = f"{code}: {err}"
         log.warning("handshake (%s) for %s failed: %s; retry in %.1fs", role, _describe(t.spec), t.last_error, delay)
 
@@ -906,7 +909,7 @@ class TunnelManager:
 
     def _nudge_interval(self, t: Tunnel) -> float:
         s = self.settings
-        return float(min(max(s.retry_initial, 1.0) * 2 ** max(t.nudges - 1, 0), s.retry_max))
+        return Backoff(min(max(s.retry_initial, 1.0), s.retry_max), s.retry_max).delay(max(t.nudges, 1))
 
     # --- views for the admin endpoint --------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, struct_pb2
 from google.rpc import code_pb2, status_pb2  # type: ignore[import-untyped]
 
+from ztcore.backoff import Backoff, Streak
 from ztcore.xds import typeurls
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class DeltaXdsClient:
 
     async def run(self) -> None:
         """Stream until cancelled; reconnect with backoff after every failure."""
-        backoff = self.options.backoff_initial
+        retry = Streak(Backoff(self.options.backoff_initial, self.options.backoff_max, jitter=(0.5, 1.0)), self._rng)
         while True:
             got_response = False
             try:
@@ -146,13 +147,12 @@ class DeltaXdsClient:
                 self.status.last_error = f"{err.code().name}: {err.details()}"
             self.status.connected = False
             if got_response:
-                backoff = self.options.backoff_initial
-            delay = backoff * self._rng.uniform(0.5, 1.0)
+                retry.reset()
+            delay = retry.next()
             log.warning(
                 "xDS stream to %s: %s; reconnecting in %.2fs", self.options.address, self.status.last_error, delay
             )
             await asyncio.sleep(delay)
-            backoff = min(backoff * 2, self.options.backoff_max)
 
     async def _stream(self) -> bool:
         """One stream; True if it got at least one response."""

@@ -35,8 +35,8 @@ from google.protobuf import any_pb2, json_format, struct_pb2, timestamp_pb2
 
 from protos.istio.security import authorization_pb2  # noqa: F401 - registers the type for JSON dumps
 from protos.istio.workload import workload_pb2  # noqa: F401 - registers the type for JSON dumps
-from sds.ca.authn import Caller
 from xds_server.server import AdsSource
+from ztcore.authn import Caller
 from ztcore.identity import Identity, IdentityError
 from ztcore.untrusted import clip
 from ztcore.xds import status as st

@@ -30,22 +30,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos.istio.v1.auth import ca_pb2, ca_pb2_grpc
-from sds.ca import authn, issuer, keyring, signer
+from sds.ca import issuer, keyring, signer
 from sds.ca.kubesecret import KubeCASource
 from sds.ca.nodeauthz import NodeAuthorizer, parse_trusted_accounts
-from sds.ca.server import CAMetrics, CertificateService, PeerLookup
+from sds.ca.rootconfigmap import RootCertPublisher
+from sds.ca.server import CAMetrics, CertificateService
 from sds.ca.tokenreview import KubeTokenReviewer
 from xds_server.build import load_generator
 from xds_server.debug import DebugService
 from xds_server.publish import Publisher, PublishMetrics, PushTuning
-from xds_server.registry.kube import (
-    KubeRegistrySource,
-    KubeSourceError,
-    RootCertPublisher,
-    load_api_client,
-)
+from xds_server.registry.kube import KubeRegistrySource, KubeSourceError, load_api_client
 from xds_server.server import ADS_SERVICE, AdsServicer, AdsSource, add_ads_to_server, control_plane_identifier
-from ztcore import config, tlsfront
+from ztcore import authn, config, tlsfront
 from ztcore.config import Duration, option
 from ztcore.daemon import run_daemon
 from ztcore.fsutil import ensure_private_dir, write_atomic
@@ -318,7 +314,7 @@ class Ztd:
             max_ttl=dt.timedelta(seconds=cfg.max_workload_cert_ttl),
         )
 
-        def ca_service(tls_peers: PeerLookup | None) -> CertificateService:
+        def ca_service(tls_peers: authn.PeerLookup | None) -> CertificateService:
             return CertificateService(
                 material=lambda: self.material,
                 authenticators=authenticators,

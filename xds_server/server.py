@@ -31,10 +31,9 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import message
 
-from sds.ca.authn import AuthenticationError, Authenticator, Caller, authenticate
-from sds.ca.server import PeerLookup, credentials_from_context
 from xds_server.build import EnvoyGenerator, Proxy, ProxyError, resource_name
 from xds_server.publish import Published, Publisher
+from ztcore.authn import AuthenticationError, Authenticator, Caller, PeerLookup, authenticate, credentials_from_context
 from ztcore.identity import Identity, IdentityError
 from ztcore.mesh.translate import Translation
 from ztcore.untrusted import clip

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from ztcore import config
-from ztctl.commands import authz, ca, proxy_config, proxy_status, token, tunnels, ztunnel_config
+from ztctl.commands import authz, ca, ca_issue, proxy_config, proxy_status, token, tunnels, ztunnel_config
 from ztctl.errors import CliError
 
 # (words, options dataclass, handler, help)
@@ -20,8 +20,8 @@ COMMANDS: list[Command] = [
     (("ca", "root"), ca.CaRootOptions, ca.root, "print the CA's root bundle"),
     (
         ("x", "ca", "issue"),
-        ca.CaIssueOptions,
-        ca.issue,
+        ca_issue.CaIssueOptions,
+        ca_issue.issue,
         "request a workload certificate from the CA (CreateCertificate) and write key, chain and root",
     ),
     (

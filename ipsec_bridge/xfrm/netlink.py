@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ctypes
 import errno
 import os
@@ -33,7 +34,7 @@ from ipsec_bridge.xfrm.consts import (
     NlmsgType,
     XfrmGroup,
 )
-from ipsec_bridge.xfrm.offload import OffloadStatus, offload_status
+from ipsec_bridge.xfrm.offload import OffloadProbe, OffloadStatus, offload_status
 
 _CLONE_NEWNET = 0x40000000
 _RECV_SIZE = 1 << 16  # the kernel sizes dump batches to at most 32 KiB; one datagram always fits
@@ -433,3 +434,16 @@ class XfrmEvents:
                     continue
                 self._queue.append(m.decode_event(msg))
         return self._queue.popleft()
+
+
+async def probe_offload(xfrm: XfrmSocket, sa: m.SecurityAssociation, device: str, mode: str) -> OffloadProbe:
+    """Install `sa` (built like a tunnel's SA, on documentation addresses), read back its offload, delete it."""
+    try:
+        status = await xfrm.install_sa(sa)
+    except XfrmError as err:
+        # xfrm_dev_state_add(): "Device doesn't support offload with ESN"
+        esn_refused = sa.esn and err.errno == errno.EINVAL and "ESN" in (err.kernel_message or "")
+        return OffloadProbe(mode, device, None, str(err), sa.esn, esn_refused)
+    with contextlib.suppress(XfrmError):
+        await xfrm.delete_sa(sa.id())
+    return OffloadProbe(mode, device, status, esn=sa.esn)

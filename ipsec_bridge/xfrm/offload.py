@@ -7,16 +7,10 @@ the request), except on kernels older than 6.2, which do not know packet mode fo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
-import errno
-from typing import TYPE_CHECKING
 
-from ipsec_bridge.xfrm.messages import Offload, SecurityAssociation
-
-if TYPE_CHECKING:
-    from ipsec_bridge.xfrm.netlink import XfrmSocket
+from ipsec_bridge.xfrm.messages import Offload
 
 
 class OffloadStatus(enum.StrEnum):
@@ -66,18 +60,3 @@ class OffloadProbe:
                        "packet limit ends before they could wrap") if not self.esn else ""  # fmt: skip
         takes = f"the device takes the SAs ({self.status.value} offload)"
         return f"--offload {self.mode} on {self.device}: {takes}{without_esn}"
-
-
-async def probe(xfrm: XfrmSocket, sa: SecurityAssociation, device: str, mode: str) -> OffloadProbe:
-    """Install `sa` (built like a tunnel's SA, on documentation addresses), read back its offload, delete it."""
-    from ipsec_bridge.xfrm.netlink import XfrmError
-
-    try:
-        status = await xfrm.install_sa(sa)
-    except XfrmError as err:
-        # xfrm_dev_state_add(): "Device doesn't support offload with ESN"
-        esn_refused = sa.esn and err.errno == errno.EINVAL and "ESN" in (err.kernel_message or "")
-        return OffloadProbe(mode, device, None, str(err), sa.esn, esn_refused)
-    with contextlib.suppress(XfrmError):
-        await xfrm.delete_sa(sa.id())
-    return OffloadProbe(mode, device, status, esn=sa.esn)

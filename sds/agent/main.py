@@ -21,13 +21,13 @@ from cryptography import x509
 
 from sds.agent.files import Contents, FileWatcher
 from sds.agent.sds_source import SdsSource
-from sds.agent.secrets import AgentMetrics, RotationPolicy, SecretManager
 from sds.agent.server import SdsServer, SdsServerError, socket_path
-from sds.client.caclient import KEY_TYPES, CAClient, CAClientOptions, token_identity
 from ztcore import config
 from ztcore.config import Duration, option
 from ztcore.daemon import run_daemon
 from ztcore.identity import Identity, IdentityError
+from ztcore.identity.caclient import KEY_TYPES, CAClient, CAClientOptions, token_identity
+from ztcore.identity.manager import AgentMetrics, RotationPolicy, SecretManager
 from ztcore.metrics import Registry
 from ztcore.xds.cache import SnapshotCache
 from ztcore.xds.grpc_adapter import XdsMetrics, XdsStreams

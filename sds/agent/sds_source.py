@@ -21,8 +21,8 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 
 from sds.agent.files import Contents, FileWatcher
-from sds.agent.secrets import SecretEvent, SecretManager, WorkloadCert
 from ztcore.identity import Identity, IdentityError
+from ztcore.identity.manager import SecretEvent, SecretManager, WorkloadCert
 from ztcore.xds import typeurls
 from ztcore.xds.cache import GLOBAL_SCOPE, SnapshotCache
 from ztcore.xds.grpc_adapter import SourceError

@@ -35,6 +35,7 @@ from kubernetes.client.exceptions import ApiException
 
 from sds.ca import keyring
 from sds.ca.keyring import CAError, CAMaterial
+from ztcore.backoff import Backoff
 from ztcore.kubeclient import WatchStream, describe_error
 from ztcore.lease import LEASE_NAME
 
@@ -166,6 +167,8 @@ class KubeCASource:
         self._wait_timeout = wait_timeout
         self._poll = poll
         self._retry = retry
+        # doubling five times at most, and never past 30 s
+        self._backoff = Backoff(min(retry, 30.0), min(retry * 32, 30.0), jitter=(0.8, 1.2))
         self._request_timeout = request_timeout
         self._watch_timeout = watch_timeout
         self.on_change = on_change
@@ -403,7 +406,7 @@ class KubeCASource:
                 failures += 1
                 level = logging.WARNING if failures == 1 else logging.DEBUG
                 log.log(level, "watching Secret %s/%s failed: %s", self.namespace, name, describe_error(err))
-                await asyncio.sleep(min(self._retry * 2 ** min(failures - 1, 5), 30.0) * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
+                await asyncio.sleep(self._backoff.jittered(failures))
 
     async def _watch(self, name: str, rv: str) -> str:
         """One watch call from `rv` until the server ends it; returns the last resourceVersion seen."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sds.ca.authn import Caller
+from ztcore.authn import Caller
 from ztcore.identity import Identity, IdentityError
 from ztcore.registry import PodDirectory
 

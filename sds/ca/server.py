@@ -17,11 +17,10 @@ from google.protobuf import struct_pb2
 
 from protos.istio.v1.auth import ca_pb2, ca_pb2_grpc
 from sds.ca import signer
-from sds.ca.authn import AuthenticationError, Authenticator, Credentials, authenticate
 from sds.ca.keyring import CAMaterial
 from sds.ca.nodeauthz import ImpersonationDenied, NodeAuthorizer
+from ztcore.authn import AuthenticationError, Authenticator, PeerLookup, authenticate, credentials_from_context
 from ztcore.metrics import Registry
-from ztcore.tlsfront import TlsPeer
 
 log = logging.getLogger(__name__)
 
@@ -75,22 +74,6 @@ class CAMetrics:
 
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-PeerLookup = Callable[[str], TlsPeer | None]
-
-
-def credentials_from_context(context: grpc.aio.ServicerContext, tls_peers: PeerLookup | None) -> Credentials | None:
-    """Metadata plus, behind the TLS front, the verified client certificate. None: the connection claims
-    to be behind the front but is not (someone dialled the internal port directly)."""
-    metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-    peer = context.peer() or ""
-    if tls_peers is None:
-        return Credentials(metadata=metadata, peer=peer)
-    tls = tls_peers(peer)
-    if tls is None:
-        return None
-    return Credentials(metadata=metadata, peer_cert_pem=tls.cert_pem, peer=tls.address)
 
 
 async def _deny(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:

@@ -14,7 +14,7 @@ from typing import Any
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
-from sds.ca.authn import TokenReviewStatus
+from ztcore.authn import TokenReviewStatus
 
 
 class TokenReviewError(Exception):
@@ -57,7 +57,7 @@ def review_status(body: Mapping[str, Any], audiences: Sequence[str]) -> TokenRev
 
 
 class KubeTokenReviewer:
-    """Implements sds.ca.authn.TokenReviewer with a `kubernetes.client.ApiClient` (blocking: run on a thread)."""
+    """Implements ztcore.authn.TokenReviewer with a `kubernetes.client.ApiClient` (blocking: run on a thread)."""
 
     def __init__(self, api: Any, *, timeout: float = 10.0) -> None:
         self._api = api

@@ -23,7 +23,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 
-from sds.agent.secrets import SecretEvent
 from tests.helpers import (
     RunningZtd,
     bearer,
@@ -49,6 +48,7 @@ from tests.support.agent import (
 )
 from xds_server.main import Ztd, ZtdConfig
 from ztcore.identity import Identity
+from ztcore.identity.manager import SecretEvent
 from ztcore.xds import status as st
 
 

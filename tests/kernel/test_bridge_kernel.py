@@ -862,8 +862,8 @@ class Guest:
         from ipsec_bridge import handshake as hs
         from ipsec_bridge.keys import KeyScope
         from ipsec_bridge.netns import Netns
-        from sds.client.caclient import CAClient, CAClientOptions, build_csr, generate_key, private_key_pem
         from ztcore.identity import Identity
+        from ztcore.identity.caclient import CAClient, CAClientOptions, build_csr, generate_key, private_key_pem
 
         debug = Identity("cluster.local", "shop", "debug")
         ca = CAClient(CAClientOptions(address="127.0.0.1:15012", root_cert=self.ztd_cfg.published_root,

@@ -9,12 +9,12 @@ import grpc
 import pytest
 from cryptography import x509
 
-from sds.ca.authn import caller_from_review
 from sds.ca.tokenreview import KubeTokenReviewer
 from tests.helpers import RunningZtd, bearer, make_csr, new_key, request
 from tests.kube.conftest import wait_registry
 from tests.support.kube import KubeApi, KubeCluster
 from xds_server.registry.kube import load_api_client
+from ztcore.authn import caller_from_review
 
 AUTHN_FAILURE = "request authenticate failure"
 IMPERSONATION_FAILURE = "request impersonation authentication failure"

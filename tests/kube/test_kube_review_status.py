@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from sds.ca.authn import AuthenticationError, caller_from_review
 from sds.ca.tokenreview import review_status
+from ztcore.authn import AuthenticationError, caller_from_review
 
 POD_REVIEW: dict[str, Any] = {
     "apiVersion": "authentication.k8s.io/v1",

@@ -9,17 +9,11 @@ from typing import Any
 
 import pytest
 
+from sds.ca.rootconfigmap import ROOT_CONFIGMAP, RootCertPublisher, RootConfigMapChange, plan_root_configmaps
 from tests.helpers import RunningZtd
 from tests.kube.conftest import wait_registry
 from tests.support.kube import KubeApi, KubeCluster
-from xds_server.registry.kube import (
-    ROOT_CONFIGMAP,
-    KubeRegistrySource,
-    RootCertPublisher,
-    RootConfigMapChange,
-    load_api_client,
-    plan_root_configmaps,
-)
+from xds_server.registry.kube import KubeRegistrySource, load_api_client
 from ztcore.mesh.registry.store import Registry
 
 

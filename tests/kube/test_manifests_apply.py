@@ -21,12 +21,13 @@ import pytest
 import yaml
 
 from sds.ca.kubesecret import SECRET_NAMES
+from sds.ca.rootconfigmap import ROOT_CONFIGMAP
 from tests.helpers import running_ztd
 from tests.kube.conftest import wait_registry
 from tests.kube.test_kube_ca import create_certificate, identity, uri_sans
 from tests.kube.test_kube_root import eventually, holds, read_root
 from tests.support.kube import SA_ISSUER, KubeApi, KubeCluster, RestResponse, rest, token_kubeconfig
-from xds_server.registry.kube import KINDS, ROOT_CONFIGMAP
+from xds_server.registry.kube import KINDS
 from ztcore.lease import LEASE_NAME
 
 REPO = Path(__file__).resolve().parents[2]

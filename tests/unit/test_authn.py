@@ -12,7 +12,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from sds.ca import authn, issuer
+from sds.ca import issuer
+from ztcore import authn
 from ztcore.registry import PodRef
 
 TD = "cluster.local"

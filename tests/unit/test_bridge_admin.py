@@ -40,9 +40,9 @@ from ipsec_bridge.vfmap import VfMapFile
 from ipsec_bridge.xfrm import messages as m
 from ipsec_bridge.xfrm.netlink import XfrmError
 from ipsec_bridge.xfrm.offload import OffloadProbe, OffloadStatus
-from sds.agent.secrets import RotationPolicy, SecretManager
-from sds.client.caclient import CAClient, CAClientOptions
 from tests.unit.test_bridge_mesh import load_view, write_mesh
+from ztcore.identity.caclient import CAClient, CAClientOptions
+from ztcore.identity.manager import RotationPolicy, SecretManager
 from ztcore.metrics import Registry
 from ztctl import cli
 

@@ -28,11 +28,11 @@ from ipsec_bridge import handshake as hs
 from ipsec_bridge.certs import Certificates
 from ipsec_bridge.keys import KeyScope
 from ipsec_bridge.xfrm.messages import Aead
-from sds.agent.secrets import RotationPolicy, SecretManager
-from sds.client.caclient import CAClient, CAClientOptions
 from tests.helpers import running_ztd
 from tests.unit.test_bridge_mesh import PODS, identity, write_mesh
 from ztcore.identity import Identity
+from ztcore.identity.caclient import CAClient, CAClientOptions
+from ztcore.identity.manager import RotationPolicy, SecretManager
 
 BRIDGE = Identity("cluster.local", "istio-system", "ztunnel")
 

@@ -23,9 +23,10 @@ import yaml
 from ipsec_bridge.admin import Admin
 from ipsec_bridge.main import BridgeConfig
 from sds.ca.kubesecret import SECRET_NAMES
+from sds.ca.rootconfigmap import ROOT_CONFIGMAP, ROOT_CONFIGMAP_KEY
 from tests.helpers import running_ztd
 from xds_server.main import ISTIOD_DNS_NAMES, ZtdConfig
-from xds_server.registry.kube import IN_CLUSTER, KINDS, ROOT_CONFIGMAP, ROOT_CONFIGMAP_KEY
+from xds_server.registry.kube import IN_CLUSTER, KINDS
 from ztcore import config
 from ztcore.lease import LEASE_NAME
 from ztcore.metrics import Registry as MetricsRegistry

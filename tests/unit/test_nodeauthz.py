@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sds.ca.authn import Caller
 from sds.ca.nodeauthz import ImpersonationDenied, NodeAuthorizer, parse_trusted_accounts
+from ztcore.authn import Caller
 from ztcore.registry import PodRef
 
 PODS = {

@@ -9,8 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as hs
 
-from sds.agent.secrets import RotationPolicy, jittered_ratio, next_backoff, rotate_delay
-from sds.client.caclient import (
+from tests.helpers import make_csr, new_key
+from ztcore.backoff import Backoff
+from ztcore.identity import Identity
+from ztcore.identity.caclient import (
     CAClientError,
     CAClientOptions,
     SanMismatch,
@@ -19,8 +21,7 @@ from sds.client.caclient import (
     token_identity,
     verify_identity,
 )
-from tests.helpers import make_csr, new_key
-from ztcore.identity import Identity
+from ztcore.identity.manager import RotationPolicy, jittered_ratio, rotate_delay
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
 H = dt.timedelta(hours=1)
@@ -67,10 +68,7 @@ def test_jitter_goes_both_ways_around_half_life() -> None:
 
 def test_backoff_doubles_from_half_a_second_to_150s() -> None:
     policy = RotationPolicy()
-    steps, current = [], policy.backoff_initial
-    for _ in range(12):
-        steps.append(current)
-        current = next_backoff(current, policy)
+    steps = [Backoff(policy.backoff_initial, policy.backoff_max).delay(n) for n in range(1, 13)]
     assert steps[:5] == [0.5, 1, 2, 4, 8]
     assert steps[-1] == 150 and max(steps) == 150
 

@@ -17,8 +17,8 @@ from sds.agent.sds_source import (
     parse_name,
     rootca_resource,
 )
-from sds.agent.secrets import WorkloadCert
 from ztcore.identity import Identity
+from ztcore.identity.manager import WorkloadCert
 from ztcore.xds import typeurls
 
 DEFAULT_ID = Identity("cluster.local", "istio-system", "ztunnel")

@@ -35,6 +35,7 @@ import kubernetes.client
 import kubernetes.config
 from kubernetes.client.exceptions import ApiException
 
+from ztcore.backoff import Backoff, Streak
 from ztcore.kubeclient import WatchStream, describe_error
 from ztcore.mesh.registry.objects import ObjectKey, RegistryObject
 from ztcore.mesh.registry.parse import parse_object
@@ -252,25 +253,6 @@ class _KindState:
     rejected: dict[tuple[str, str], str] = field(default_factory=dict)  # last rejected resourceVersion
 
 
-class _Backoff:
-    def __init__(self, initial: float, maximum: float) -> None:
-        self.initial = initial
-        self.maximum = maximum
-        self.current = initial
-        self.failures = 0  # since the last success, for the log
-
-    def next(self, *, failure: bool = True) -> float:
-        self.failures += failure
-        delay = self.current
-        self.current = min(self.current * 2, self.maximum)
-        return delay * random.uniform(0.8, 1.2)  # noqa: S311 - jitter spreads retries, it guards no secret
-
-    def reset(self) -> int:
-        """Back to the initial delay; returns how many failures the streak had."""
-        failures, self.failures, self.current = self.failures, 0, self.initial
-        return failures
-
-
 class KubeRegistrySource:
     """Feeds a Registry from an API server. `load_initial()` once (optional), then `run()` until cancelled."""
 
@@ -340,7 +322,7 @@ class KubeRegistrySource:
         deadline = self._clock() + give_up_after
 
         async def first_list(st: _KindState) -> None:
-            backoff = _Backoff(self._initial_backoff, self._max_backoff)
+            backoff = Streak(Backoff(self._initial_backoff, self._max_backoff, jitter=(0.8, 1.2)))
             while True:
                 try:
                     await self._relist(st)
@@ -402,7 +384,7 @@ class KubeRegistrySource:
     # --- per kind --------------------------------------------------------------------------------------------
 
     async def _run_kind(self, st: _KindState) -> None:
-        backoff = _Backoff(self._initial_backoff, self._max_backoff)
+        backoff = Streak(Backoff(self._initial_backoff, self._max_backoff, jitter=(0.8, 1.2)))
         while True:
             try:
                 if st.rv is None:
@@ -452,7 +434,7 @@ class KubeRegistrySource:
         st.rv = rv
         st.synced = True
 
-    async def _watch(self, st: _KindState, backoff: _Backoff) -> None:
+    async def _watch(self, st: _KindState, backoff: Streak) -> None:
         """One watch call, from st.rv, until the server ends it (normally after timeoutSeconds)."""
         assert st.rv is not None
         stream = WatchStream(asyncio.get_running_loop())
@@ -483,7 +465,7 @@ class KubeRegistrySource:
             self._streams.discard(stream)
             fut.add_done_callback(_discard_result)
 
-    def _recovered(self, st: _KindState, backoff: _Backoff) -> None:
+    def _recovered(self, st: _KindState, backoff: Streak) -> None:
         failures = backoff.reset()
         if failures:
             log.info("watching %s again after %d failed attempt(s)", st.spec.plural, failures)
@@ -585,168 +567,3 @@ def _discard_result(fut: asyncio.Future[Any]) -> None:
     # The thread reports through the queue; its future only needs collecting.
     if not fut.cancelled():
         fut.exception()
-
-
-# --- root publication ------------------------------------------------------------------------------------------
-
-ROOT_CONFIGMAP = "istio-ca-root-cert"
-ROOT_CONFIGMAP_KEY = "root-cert.pem"
-ROOT_CONFIGMAP_LABELS: Mapping[str, str] = {"istio.io/config": "true"}
-
-
-@dataclass(frozen=True, slots=True)
-class RootConfigMapChange:
-    namespace: str
-    create: bool  # else patch the existing one
-
-
-def plan_root_configmaps(
-    namespaces: Iterable[str], existing: Mapping[str, Mapping[str, Any]], root_pem: str
-) -> list[RootConfigMapChange]:
-    """Which namespaces need their istio-ca-root-cert ConfigMap created or corrected. Pure.
-
-    `existing` maps a namespace to its ConfigMap as JSON. A ConfigMap is right when it holds the root bundle
-    under root-cert.pem and carries the istio.io/config label; other keys and labels are left alone.
-    """
-    changes = []
-    for ns in sorted(set(namespaces)):
-        cm = existing.get(ns)
-        if cm is None:
-            changes.append(RootConfigMapChange(ns, create=True))
-            continue
-        data = cm.get("data") or {}
-        labels = (cm.get("metadata") or {}).get("labels") or {}
-        if data.get(ROOT_CONFIGMAP_KEY) != root_pem or any(
-            labels.get(k) != v for k, v in ROOT_CONFIGMAP_LABELS.items()
-        ):
-            changes.append(RootConfigMapChange(ns, create=False))
-    return changes
-
-
-def _root_configmap_body(root_pem: str) -> dict[str, Any]:
-    return {
-        "metadata": {"name": ROOT_CONFIGMAP, "labels": dict(ROOT_CONFIGMAP_LABELS)},
-        "data": {ROOT_CONFIGMAP_KEY: root_pem},
-    }
-
-
-def _root_configmap(root_pem: str) -> Any:
-    meta = kubernetes.client.V1ObjectMeta(name=ROOT_CONFIGMAP, labels=dict(ROOT_CONFIGMAP_LABELS))
-    return kubernetes.client.V1ConfigMap(metadata=meta, data={ROOT_CONFIGMAP_KEY: root_pem})
-
-
-class RootCertPublisher:
-    """Keeps an istio-ca-root-cert ConfigMap with the CA's root bundle in every namespace (as istiod does).
-
-    A pass lists those ConfigMaps (one call, by field selector) and writes only the missing or wrong ones. It
-    runs when the registry's namespaces change, when `root_changed()` is called, and every `resync` seconds,
-    which also repairs a ConfigMap someone edited or deleted.
-    """
-
-    def __init__(
-        self,
-        api: Any,
-        registry: Registry,
-        root_pem: Callable[[], str],
-        *,
-        resync: float = 60.0,
-        retry: float = 5.0,
-        request_timeout: float = 30.0,
-    ) -> None:
-        self._api = api
-        self._registry = registry
-        self._root_pem = root_pem
-        self._resync = resync
-        self._retry = retry
-        self._request_timeout = request_timeout
-        self._wake = asyncio.Event()
-        self.passes = 0
-        self.writes = 0
-
-    def root_changed(self) -> None:
-        self._wake.set()
-
-    def _existing(self) -> dict[str, dict[str, Any]]:
-        core = kubernetes.client.CoreV1Api(self._api)
-        resp: Any = core.list_config_map_for_all_namespaces(
-            field_selector=f"metadata.name={ROOT_CONFIGMAP}",
-            _preload_content=False,
-            _request_timeout=self._request_timeout,
-        )
-        try:
-            body = json.loads(resp.data)
-        finally:
-            resp.release_conn()
-        return {str(item["metadata"]["namespace"]): item for item in body.get("items") or ()}
-
-    def _apply(self, changes: list[RootConfigMapChange], root_pem: str) -> list[str]:
-        core = kubernetes.client.CoreV1Api(self._api)
-        patch = _root_configmap_body(root_pem)
-        timeout = self._request_timeout
-        failures = []
-        for change in changes:
-            try:
-                if change.create:
-                    try:
-                        core.create_namespaced_config_map(
-                            change.namespace, _root_configmap(root_pem), _request_timeout=timeout
-                        )
-                    except ApiException as err:
-                        if err.status != 409:
-                            raise
-                        # Created meanwhile (another writer): correct it instead.
-                        core.patch_namespaced_config_map(
-                            ROOT_CONFIGMAP, change.namespace, patch, _request_timeout=timeout
-                        )
-                else:
-                    core.patch_namespaced_config_map(ROOT_CONFIGMAP, change.namespace, patch, _request_timeout=timeout)
-                self.writes += 1
-            except ApiException as err:
-                # A namespace being deleted refuses new objects (403/404); the next pass will not list it.
-                failures.append(f"{change.namespace}: {describe_error(err)}")
-        return failures
-
-    def _pass(self, namespaces: list[str], root_pem: str) -> tuple[list[RootConfigMapChange], list[str]]:
-        changes = plan_root_configmaps(namespaces, self._existing(), root_pem)
-        return changes, self._apply(changes, root_pem)
-
-    async def run(self) -> None:
-        while True:
-            snapshot = self._registry.current
-            namespaces = frozenset(n.name for n in snapshot.namespaces())
-            delay = self._resync
-            try:
-                changes, failures = await asyncio.to_thread(self._pass, sorted(namespaces), self._root_pem())
-                self.passes += 1
-                if changes:
-                    log.info(
-                        "root cert ConfigMap %s written in %d namespace(s)%s",
-                        ROOT_CONFIGMAP,
-                        len(changes) - len(failures),
-                        f"; failed: {'; '.join(failures)}" if failures else "",
-                    )
-            except Exception as err:
-                reason = describe_error(err)
-                log.warning("publishing %s failed: %s; retrying in %.0fs", ROOT_CONFIGMAP, reason, self._retry)
-                delay = self._retry
-            await self._sleep_until_needed(snapshot.version, namespaces, delay)
-
-    async def _sleep_until_needed(self, version: int, namespaces: frozenset[str], delay: float) -> None:
-        """Until the set of namespaces differs from the one just handled, the root changes, or `delay` passes."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay):
-                while True:
-                    changed = asyncio.ensure_future(self._registry.wait_for_change(version))
-                    woken = asyncio.ensure_future(self._wake.wait())
-                    try:
-                        await asyncio.wait({changed, woken}, return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        changed.cancel()
-                        woken.cancel()
-                    if self._wake.is_set():
-                        self._wake.clear()
-                        return
-                    snapshot = self._registry.current
-                    version = snapshot.version
-                    if frozenset(n.name for n in snapshot.namespaces()) != namespaces:
-                        return

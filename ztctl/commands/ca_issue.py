@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+import dataclasses
+from pathlib import Path
 
 import grpc
 from cryptography import x509
@@ -13,11 +14,26 @@ from cryptography.x509.oid import NameOID
 from google.protobuf import struct_pb2
 
 from protos.istio.v1.auth import ca_pb2, ca_pb2_grpc
+from ztcore.config import Duration, option
 from ztcore.fsutil import ensure_private_dir, write_atomic
 from ztctl.errors import CliError
 
-if TYPE_CHECKING:
-    from ztctl.commands.ca import CaIssueOptions
+
+@dataclasses.dataclass(frozen=True)
+class CaIssueOptions:
+    ENV_PREFIX = "ZTCTL"
+
+    token: str = option("", "bearer token (see `ztctl token create`); or --token-file")
+    token_file: Path | None = option(None, "file holding the bearer token")
+    address: str = option("127.0.0.1:15012", "CA address (TLS)", env="CA_ADDR")
+    server_name: str = option("istiod.istio-system.svc", "name the CA's serving certificate is checked against")
+    state_dir: Path = option(Path(".ztd"), "ztd's state folder, for the root bundle", env="ZTD_STATE_DIR")
+    root_cert: Path | None = option(None, "root bundle to trust [default: <state-dir>/root-cert.pem]")
+    impersonate: str = option("", "ImpersonatedIdentity to request (node agents only)")
+    ttl: Duration = option(Duration(0), "requested lifetime; 0 = the CA's default")
+    key_type: str = option("ecdsa-p256", "workload key type", choices=("ecdsa-p256", "ecdsa-p384", "rsa-2048"))
+    out_dir: Path | None = option(None, "write key.pem (0600), cert-chain.pem and root-cert.pem here")
+    timeout: Duration = option(Duration(10), "how long to wait for the CA")
 
 
 def _key(kind: str) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
@@ -50,7 +66,7 @@ async def _call(opts: CaIssueOptions, root: bytes, req: ca_pb2.IstioCertificateR
     return list(resp.cert_chain)
 
 
-def run(opts: CaIssueOptions) -> int:
+def issue(opts: CaIssueOptions) -> int:
     token = _token(opts)
     root_path = opts.root_cert or opts.state_dir / "root-cert.pem"
     try:

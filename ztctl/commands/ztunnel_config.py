@@ -32,6 +32,7 @@ from ztcore.mesh.translate import TranslateOptions, Translation
 from ztcore.model.authz import Action, Authorization, Scope
 from ztcore.model.workload import Service, TunnelProtocol, Workload, WorkloadStatus
 from ztcore.xds import typeurls
+from ztctl.commands.configdir import ConfigDirSource
 from ztctl.commands.proxy_config import tabulate
 from ztctl.commands.xdsconn import XdsOptions, XdsTarget, delta_initial, node
 from ztctl.errors import CliError
@@ -168,8 +169,6 @@ def render_dump(kind: str, view: WdsView, output: str) -> str:
 
 
 def offline(opts: ZtunnelConfigOptions) -> WdsView:
-    from ztctl.commands.authz import ConfigDirSource  # the same loading and error lines as `x authz check`
-
     assert opts.config_dir is not None
     options = TranslateOptions(
         cluster_id=opts.cluster_id, trust_domain=opts.trust_domain, root_namespace=opts.root_namespace

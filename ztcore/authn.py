@@ -1,4 +1,4 @@
-"""Who is calling the CA. Istio's order: client certificate, then JWT bearer tokens.
+"""Who is calling the CA or xDS. Istio's order: client certificate, then JWT bearer tokens.
 
 Every authenticator returns a `Caller`, returns None when the request carries no credential of its kind,
 or raises `AuthenticationError` with a reason for the server log. The reason never reaches the client:
@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import grpc
 import jwt
 from cryptography import x509
 
 from ztcore.identity import Identity, IdentityError
 from ztcore.registry import PodDirectory
+from ztcore.tlsfront import TlsPeer
 
 log = logging.getLogger(__name__)
 
@@ -431,3 +433,21 @@ async def authenticate(authenticators: Sequence[Authenticator], creds: Credentia
     if not reasons:
         reasons.append("no client certificate and no bearer token")
     raise AuthenticationError("; ".join(reasons))
+
+
+# --- credentials from a gRPC call -------------------------------------------------------------------------
+
+PeerLookup = Callable[[str], TlsPeer | None]
+
+
+def credentials_from_context(context: grpc.aio.ServicerContext, tls_peers: PeerLookup | None) -> Credentials | None:
+    """Metadata plus, behind the TLS front, the verified client certificate. None: the connection claims
+    to be behind the front but is not (someone dialled the internal port directly)."""
+    metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+    peer = context.peer() or ""
+    if tls_peers is None:
+        return Credentials(metadata=metadata, peer=peer)
+    tls = tls_peers(peer)
+    if tls is None:
+        return None
+    return Credentials(metadata=metadata, peer_cert_pem=tls.cert_pem, peer=tls.address)

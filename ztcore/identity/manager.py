@@ -25,7 +25,9 @@ from typing import Protocol
 
 from cryptography import x509
 
-from sds.client.caclient import (
+from ztcore.backoff import Backoff
+from ztcore.identity import Identity
+from ztcore.identity.caclient import (
     KEY_TYPES,
     CAClientError,
     PrivateKey,
@@ -34,7 +36,6 @@ from sds.client.caclient import (
     private_key_pem,
     verify_identity,
 )
-from ztcore.identity import Identity
 from ztcore.metrics import Registry
 
 log = logging.getLogger(__name__)
@@ -71,10 +72,6 @@ def rotate_delay(created: dt.datetime, expire: dt.datetime, now: dt.datetime, gr
     """How long until renewal: expire - ratio * (expire - created) - now, never negative. Pure."""
     grace = (expire - created) * grace_ratio
     return max(expire - grace - now, dt.timedelta(0))
-
-
-def next_backoff(current: float, policy: RotationPolicy) -> float:
-    return min(current * 2, policy.backoff_max)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +256,7 @@ class SecretManager:
         slot.wake.clear()
 
     async def _worker(self, slot: _Slot) -> None:
-        backoff = self.policy.backoff_initial
+        backoff = Backoff(self.policy.backoff_initial, self.policy.backoff_max)
         while True:
             if slot.cert is not None and self._idle(slot):
                 break
@@ -271,13 +268,12 @@ class SecretManager:
                 keeping = (
                     f"keeping the current one until {slot.cert.not_after.isoformat()}" if slot.cert else "none yet"
                 )
+                retry_in = backoff.delay(slot.failures)
                 log.warning(
-                    "certificate for %s not issued (%s); retry in %.1fs, %s", slot.identity, err, backoff, keeping
+                    "certificate for %s not issued (%s); retry in %.1fs, %s", slot.identity, err, retry_in, keeping
                 )
-                await self._sleep(slot, backoff)
-                backoff = next_backoff(backoff, self.policy)
+                await self._sleep(slot, retry_in)
                 continue
-            backoff = self.policy.backoff_initial
             slot.failures = 0
             slot.cert = cert
             # Roots first: a peer should trust a new root before anyone presents a leaf signed by it.
