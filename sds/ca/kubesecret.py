@@ -181,6 +181,8 @@ class KubeCASource:
         self.swaps = 0
         self.created = False  # this replica created istio-ca-secret
         self.rotations = 0  # roots this replica re-issued as leader
+        self.rotation_checks = 0  # leader passes over the root's expiry (each may rotate it)
+        self.refusals = 0  # Secret versions refused as CA material
         self._changed = asyncio.Event()
         self._handles: set[WatchStream] = set()
         self._executor: ThreadPoolExecutor | None = None
@@ -462,6 +464,7 @@ class KubeCASource:
             material = material_from_secret(self._secret(chosen), self._clock())
         except CAError as err:
             self._rejected = fp
+            self.refusals += 1
             log.warning("refusing the new CA material: %s; still signing with %s", err, self.material.source)
             return
         self._use(chosen, material)
@@ -529,6 +532,7 @@ class KubeCASource:
                         )
                 except Exception as err:
                     log.warning("root rotation failed: %s", describe_error(err))
+            self.rotation_checks += 1
             await asyncio.sleep(check_interval)
 
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import io
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from tests.e2e.test_envoy_sidecars import SIDECARS, App, Ports, Sidecar, applica
 from tests.helpers import RunningZtd, running_ztd, write_yaml
 from tests.support import envoy as ev
 from tests.support.agent import agent_for
+from tests.support.wait import eventually
 from xds_server.build.bootstrap import ads_bootstrap, node
 from ztcore.xds import status as st
 from ztcore.xds import typeurls
@@ -77,17 +77,6 @@ async def mesh(tmp_path: Path, *, delta: bool) -> AsyncIterator[Mesh]:
             envoys[s.pod] = envoy
         await asyncio.gather(*(wait_for_secrets(e) for e in envoys.values()))
         yield Mesh(ztd, p, app, envoys, config_dir)
-
-
-async def eventually(check: Callable[[], bool | Awaitable[bool]], what: str, within: float = 15.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while loop.time() < deadline:
-        result = check()
-        if await result if inspect.isawaitable(result) else result:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def stream_of(ztd: RunningZtd, sidecar: Sidecar) -> Any:
@@ -141,7 +130,7 @@ async def test_sidecars_configured_over_ads(tmp_path: Path, delta: bool) -> None
                 return await get(http, front, p.svc_cart, CART_HOST) == (200, "hello from cart\n")
             return False
 
-        await eventually(answered, "a request through both sidecars")
+        await eventually(answered, within=15, what="a request through both sidecars")
         assert m.app.requests and "URI=spiffe://cluster.local/ns/shop/sa/frontend" in m.app.requests[-1]["xfcc"]
         for s in (FRONTEND, CART):
             assert {t: w.status for t, w in stream_of(m.ztd, s).statuses().items()} == {
@@ -153,7 +142,9 @@ async def test_sidecars_configured_over_ads(tmp_path: Path, delta: bool) -> None
 
         # 2. A resource Envoy rejects: NACKed, ERROR in proxy-status, the last good config still serving.
         inject_invalid_cluster(m.ztd, FRONTEND)
-        await eventually(lambda: cds_status(m.ztd, FRONTEND) == st.ERROR, "Envoy's NACK of the bad cluster")
+        await eventually(
+            lambda: cds_status(m.ztd, FRONTEND) == st.ERROR, within=15, what="Envoy's NACK of the bad cluster"
+        )
         watch = stream_of(m.ztd, FRONTEND).statuses()[typeurls.CLUSTER]
         assert "Expected positive duration" in watch.last_error  # Envoy's reason, recorded by ztd
         code, table = await asyncio.to_thread(proxy_status, m.ztd)
@@ -178,10 +169,12 @@ async def test_sidecars_configured_over_ads(tmp_path: Path, delta: bool) -> None
             _, text = await client.admin_get("/clusters")
             return f"{cluster}::127.0.0.5:{p.cart_http}::" in text
 
-        await eventually(new_endpoint, "the new pod in the frontend's EDS")
+        await eventually(new_endpoint, within=15, what="the new pod in the frontend's EDS")
         _, text = await client.admin_get("/clusters")
         assert f"{cluster}::127.0.0.3:{p.cart_http}::" in text
         assert client.pid == pid and client.process.returncode is None
-        await eventually(lambda: cds_status(m.ztd, FRONTEND) == st.SYNCED, "the NACK cleared by a good push")
+        await eventually(
+            lambda: cds_status(m.ztd, FRONTEND) == st.SYNCED, within=15, what="the NACK cleared by a good push"
+        )
         code, table = await asyncio.to_thread(proxy_status, m.ztd)
         assert table["frontend-1.shop"]["CDS"] == "SYNCED"

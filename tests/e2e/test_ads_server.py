@@ -23,9 +23,11 @@ from google.protobuf import message, struct_pb2
 from tests.e2e.ads_client import ADDRESS, AUTHORIZATION, sotw_exchange, ztunnel, ztunnel_node
 from tests.e2e.test_ads_ztunnel import EXAMPLES, syncz_over_xds
 from tests.helpers import RunningZtd, bearer, make_csr, new_key, request, running_ztd
+from tests.support.wait import eventually
 from xds_server import main as ztd_main
 from xds_server.build import Proxy
 from ztcore.mesh.translate import Translation
+from ztcore.xds import status as st
 from ztcore.xds import typeurls
 
 MESH_ZTUNNEL = "istio-system/ztunnel"
@@ -219,7 +221,15 @@ async def test_envoy_streams_get_their_own_resources(
                                                           version_info=lds.version_info))  # fmt: skip
         b_queue.put_nowait(discovery_pb2.DiscoveryRequest(type_url=typeurls.CLUSTER, response_nonce=b_resp.nonce,
                                                           version_info=b_resp.version_info))  # fmt: skip
-        await asyncio.sleep(0.2)
+        acks = {"frontend-1.shop": (typeurls.CLUSTER, typeurls.LISTENER), "ledger-1.payments": (typeurls.CLUSTER,)}
+
+        def acked() -> bool:
+            held = {stream.node.id.split("~")[2]: stream.statuses() for stream in z.ztd.xds_streams.streams()}
+            return all(
+                t in held.get(node, {}) and held[node][t].status == st.SYNCED for node, ts in acks.items() for t in ts
+            )
+
+        await eventually(acked, within=5, what="both proxies' ACKs recorded")
         # A registry change rebuilds every proxy; SotW CDS carries the full set again.
         shop = mesh / "20-shop.yaml"
         shop.write_text(shop.read_text().replace("name: cart\n  namespace: shop", "name: basket\n  namespace: shop"))
@@ -239,8 +249,11 @@ async def test_envoy_streams_get_their_own_resources(
         for q, call in ((a_queue, a), (b_queue, b)):
             q.put_nowait(None)
             call.cancel()
-        await asyncio.sleep(0.2)
-        assert not [scope for scope, res in z.ztd.xds_cache._data.items() if scope[1]], "closed proxies' resources stay"
+        await eventually(
+            lambda: not [scope for scope in z.ztd.xds_cache._data if scope[1]],
+            within=5,
+            what="closed proxies' scopes gone",
+        )
 
 
 async def test_envoy_builder_refusal_is_the_streams_error(zt: RunningZtd) -> None:

@@ -46,6 +46,7 @@ from tests.support.agent import (
     short_dir,
     uri_sans,
 )
+from tests.support.wait import eventually
 from xds_server.main import Ztd, ZtdConfig
 from ztcore.identity import Identity
 from ztcore.identity.manager import SecretEvent
@@ -73,14 +74,6 @@ def sync_state(agent, identity: str, name: str) -> st.WatchState:
         if w is not None and who == identity and name in w.names:
             return w
     raise AssertionError(f"no stream of {identity} watches {name}")
-
-
-async def eventually(predicate, within: float = 10.0) -> None:
-    for _ in range(int(within / 0.02)):
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"not true within {within}s")
 
 
 async def test_default_and_rootca_for_the_streams_identity(zt: RunningZtd) -> None:

@@ -29,6 +29,7 @@ from sds.ca import keyring
 from tests.helpers import RunningZtd, bearer, free_port, key_pem, make_csr, new_key, request, running_ztd, write_yaml
 from tests.support import envoy as ev
 from tests.support.agent import CART, FRONTEND, MESH, OTHER, agent_for, short_dir
+from tests.support.wait import eventually
 from ztcore.identity import Identity
 from ztcore.xds import status as st
 from ztctl.commands import proxy_config
@@ -177,14 +178,6 @@ async def held(envoy: ev.EnvoyProcess, name: str) -> list[x509.Certificate]:
     return _certs(await envoy.secrets(), name)
 
 
-async def wait_for(check, within: float = 15.0, what: str = "") -> None:
-    for _ in range(int(within / 0.05)):
-        if await check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def ssl_errors(envoy: ev.EnvoyProcess, port: int) -> dict[str, int]:
     stats = await envoy.stats(f"listener.127.0.0.1_{port}.ssl")
     return {k.rsplit(".", 1)[-1]: v for k, v in stats.items()}
@@ -279,13 +272,13 @@ async def test_root_rotation_with_overlap_never_fails_a_handshake(tmp_path: Path
 
         # 1. The new root joins the bundle; leaves still come from the old root.
         ztd.material = keyring.CAMaterial(old.signing_cert, old.signing_key, old.chain, (old_root, new_root), "both")
-        await wait_for(lambda: bundles_are([old_root, new_root]), what="both roots in every sidecar")
+        await eventually(lambda: bundles_are([old_root, new_root]), within=15, what="both roots in every sidecar")
         # 2. The CA signs with the new root: leaves move as they renew.
         ztd.material = keyring.CAMaterial(new.signing_cert, new.signing_key, (), (old_root, new_root), "new signs")
-        await wait_for(lambda: leaves_signed_by(new_root), what="leaves from the new root")
+        await eventually(lambda: leaves_signed_by(new_root), within=15, what="leaves from the new root")
         # 3. The old root leaves the bundle.
         ztd.material = keyring.CAMaterial(new.signing_cert, new.signing_key, (), (new_root,), "new only")
-        await wait_for(lambda: bundles_are([new_root]), what="only the new root")
+        await eventually(lambda: bundles_are([new_root]), within=15, what="only the new root")
         await asyncio.sleep(1.0)  # and traffic goes on with the new root alone
         await traffic.stop()
         print(f"root rotation: {traffic.ok} requests, {len(traffic.failures)} failed")
@@ -319,7 +312,7 @@ async def test_invalid_file_secret_is_nacked_and_the_previous_one_kept(tmp_path:
             async def rejected() -> bool:
                 return file_stream_state(m.agent, name).status == st.ERROR
 
-            await wait_for(rejected, what="Envoy's NACK")
+            await eventually(rejected, within=15, what="Envoy's NACK")
             state = file_stream_state(m.agent, name)
             assert state.acked[name] == good_version and state.sent[name] != good_version
             assert state.last_error, "Envoy's reason is recorded"
@@ -332,7 +325,7 @@ async def test_invalid_file_secret_is_nacked_and_the_previous_one_kept(tmp_path:
             async def fixed() -> bool:
                 return file_stream_state(m.agent, name).status == st.SYNCED
 
-            await wait_for(fixed, what="the ACK of the fixed pair")
+            await eventually(fixed, within=15, what="the ACK of the fixed pair")
             serial_fixed, _ = await probe(m.file_port, roots, *caller, workdir=m.workdir / "probes")
             assert serial_fixed == x509.load_pem_x509_certificate(second[0]).serial_number
     finally:

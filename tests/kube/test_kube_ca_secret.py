@@ -23,8 +23,8 @@ from sds.ca.keyring import CAError, key_pem
 from sds.ca.kubesecret import CA_SECRET, CA_SECRET_TYPE, CACERTS_SECRET, ca_secret_body, material_from_secret
 from tests.cacerts import make_cacerts
 from tests.helpers import RunningZtd, bearer, make_csr, new_key, request, running_ztd
-from tests.kube.test_kube_root import eventually
 from tests.support.kube import KubeApi, KubeCluster
+from tests.support.wait import eventually
 from ztcore.lease import LEASE_NAME
 
 FAST_LEASE = {"lease_duration": 3.0, "lease_renew_deadline": 2.0, "lease_retry_period": 0.3}
@@ -174,7 +174,7 @@ async def test_a_changed_cacerts_secret_is_picked_up_live(
         bad = secret_data(tmp_path / "two")
         bad["ca-key.pem"] = secret_data(tmp_path / "one")["ca-key.pem"]
         await put_cacerts(kube, ns, bad)
-        await asyncio.sleep(1.0)
+        await eventually(lambda: kube_ca.refusals == 1, within=5, what="the broken update seen and refused")
         chains_to(await issue(ztd, root2_pem), root2)
         assert kube_ca.swaps == 2
         # The root ConfigMap in every namespace follows the swap (this replica is the Lease holder).
@@ -278,7 +278,10 @@ async def test_leader_rotates_an_expiring_self_signed_root_with_the_same_key(
         new_pem = keyring.pem(new_root).encode()
         await eventually(lambda: _published(ztd, new_pem), within=5)
         chains_to(await issue(ztd, new_pem), new_root)
-        # Once: the new root is far from its grace period.
-        await asyncio.sleep(1.0)
-        assert ztd.ztd.kube_ca is not None and ztd.ztd.kube_ca.rotations == 1
+        # Once: the new root is far from its grace period (two more passes over it rotate nothing).
+        kube_ca = ztd.ztd.kube_ca
+        assert kube_ca is not None
+        checked = kube_ca.rotation_checks
+        await eventually(lambda: kube_ca.rotation_checks >= checked + 2, within=5, what="two more rotation checks")
+        assert kube_ca.rotations == 1
         assert (await read_secret(kube, ns, CA_SECRET)).metadata.resource_version == secret.metadata.resource_version

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 from typing import Any
-
-import pytest
 
 from sds.ca.rootconfigmap import ROOT_CONFIGMAP, RootCertPublisher, RootConfigMapChange, plan_root_configmaps
 from tests.helpers import RunningZtd
 from tests.kube.conftest import wait_registry
 from tests.support.kube import KubeApi, KubeCluster
+from tests.support.wait import eventually
 from xds_server.registry.kube import KubeRegistrySource, load_api_client
 from ztcore.mesh.registry.store import Registry
 
@@ -26,16 +24,6 @@ async def read_root(kube: KubeApi, ns: str) -> Any:
         if err.status == 404:
             return None
         raise
-
-
-async def eventually(check: Callable[[], Any], within: float) -> None:
-    """Polls an async check until it returns truthy; the API server has no 'wait for my write' call."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not await check():
-        if loop.time() > deadline:
-            pytest.fail(f"condition not met within {within}s")
-        await asyncio.sleep(0.1)
 
 
 def holds(cm: Any, root: str) -> bool:

@@ -8,13 +8,13 @@ import json
 import os
 import textwrap
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from tests.support.wait import eventually
 from ztcore.mesh.registry.files import FileRegistrySource, RegistryLoadError, load_dir, read_dir
 from ztcore.mesh.registry.objects import (
     AuthorizationPolicy,
@@ -851,12 +851,6 @@ async def test_load_initial_raises_with_every_error(tmp_path: Path) -> None:
         await FileRegistrySource(tmp_path / "missing", Registry()).load_initial()
 
 
-async def wait_until(condition: Callable[[], bool], limit_s: float = 2.0) -> None:
-    async with asyncio.timeout(limit_s):
-        while not condition():  # noqa: ASYNC110 - last_errors has no event to wait on
-            await asyncio.sleep(0.01)
-
-
 async def test_file_source_watches_and_keeps_last_good(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "ns.yaml").write_text(NS.format("one"))
     registry = Registry()
@@ -873,7 +867,7 @@ async def test_file_source_watches_and_keeps_last_good(tmp_path: Path, caplog: p
 
         # A broken file: last good snapshot stays, errors are exposed and logged as file:line.
         (tmp_path / "pod.yaml").write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus:\n  podIP: x\n")
-        await wait_until(lambda: bool(source.last_errors))
+        await eventually(lambda: source.last_errors, within=2.0, what="the reload's errors", every=0.01)
         broken = f"{tmp_path / 'pod.yaml'}:5: Pod default/p: status.podIP: 'x' is not an IP address"
         assert [str(e) for e in source.last_errors] == [broken]
         assert registry.current is second
