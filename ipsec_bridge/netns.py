@@ -28,17 +28,22 @@ def netns_path(netns: str) -> str:
     return netns if "/" in netns else os.path.join("/run/netns", netns)
 
 
+def setns_fd(fd: int) -> None:
+    """Move the calling thread into the network namespace `fd` refers to (os.setns from Python 3.12, libc before)."""
+    setns = getattr(os, "setns", None)
+    if setns is not None:
+        setns(fd, _CLONE_NEWNET)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def _enter(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        setns = getattr(os, "setns", None)  # Python >= 3.12
-        if setns is not None:
-            setns(fd, _CLONE_NEWNET)
-            return
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(fd, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
+        setns_fd(fd)
     finally:
         os.close(fd)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
 import errno
 import os
 import socket
@@ -22,6 +21,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from ipsec_bridge.netns import netns_path, setns_fd
 from ipsec_bridge.xfrm import messages as m
 from ipsec_bridge.xfrm.consts import (
     AF_NETLINK,
@@ -36,7 +36,6 @@ from ipsec_bridge.xfrm.consts import (
 )
 from ipsec_bridge.xfrm.offload import OffloadProbe, OffloadStatus, offload_status
 
-_CLONE_NEWNET = 0x40000000
 _RECV_SIZE = 1 << 16  # the kernel sizes dump batches to at most 32 KiB; one datagram always fits
 _SOCKET_BUFFER = 1 << 20
 _MAX_BATCH_BYTES = 1 << 16
@@ -82,21 +81,6 @@ class EventsLost:
 # socket creation (blocking: call through asyncio.to_thread)
 
 
-def _netns_path(netns: str) -> str:
-    return netns if "/" in netns else os.path.join("/run/netns", netns)
-
-
-def _setns(fd: int) -> None:
-    setns = getattr(os, "setns", None)  # Python >= 3.12
-    if setns is not None:
-        setns(fd, _CLONE_NEWNET)
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
 def _make_socket(groups: Iterable[int], nonblocking: bool) -> socket.socket:
     try:
         sock = socket.socket(AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_XFRM)
@@ -123,7 +107,7 @@ def open_socket(netns: str | None = None, groups: Iterable[int] = (), nonblockin
     groups = list(groups)
     if netns is None:
         return _make_socket(groups, nonblocking)
-    path = _netns_path(netns)
+    path = netns_path(netns)
     box: list[socket.socket] = []
     failure: list[BaseException] = []
 
@@ -131,7 +115,7 @@ def open_socket(netns: str | None = None, groups: Iterable[int] = (), nonblockin
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                _setns(fd)
+                setns_fd(fd)
             finally:
                 os.close(fd)
             box.append(_make_socket(groups, nonblocking))
