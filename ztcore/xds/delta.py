@@ -151,20 +151,7 @@ class DeltaStream(StreamBase):
             w, names=frozenset(names), wildcard=wildcard, explicit=w.explicit or bool(subscribe or unsubscribe)
         )
         if is_ack:
-            shared = self._view.full_set(type_url) if w.wildcard else None
-            acked = VersionMap.of(w.acked).updated(
-                w.pending, w.pending_removed, rebase=shared.versions if shared is not None else None
-            )
-            state = st.evolve(
-                state,
-                nonce_acked=req.response_nonce,
-                last_acked=now,
-                last_error="",
-                version_acked=w.version_sent,
-                acked=acked,
-                pending=EMPTY_VERSIONS,
-                pending_removed=frozenset(),
-            )
+            state = self._acked(w, state, req.response_nonce, now)
 
         to_send: dict[str, Resource] = {}
         removed: set[str] = set()
@@ -245,12 +232,17 @@ class DeltaStream(StreamBase):
 
     def _ack(self, w: st.WatchState, nonce: str, now: dt.datetime) -> st.Step:
         """What the general path does for an ACK that changes no subscription, without its set algebra."""
+        self._watches[w.type_url] = self._acked(w, w, nonce, now)
+        return st.Step(st.ACK, w.type_url)
+
+    def _acked(self, w: st.WatchState, base: st.WatchState, nonce: str, now: dt.datetime) -> st.WatchState:
+        """`base` with what `w` had pending recorded as ACKed (both paths of an ACK end here)."""
         shared = self._view.full_set(w.type_url) if w.wildcard else None
         acked = VersionMap.of(w.acked).updated(
             w.pending, w.pending_removed, rebase=shared.versions if shared is not None else None
         )
-        self._watches[w.type_url] = st.evolve(
-            w,
+        return st.evolve(
+            base,
             nonce_acked=nonce,
             last_acked=now,
             last_error="",
@@ -259,7 +251,6 @@ class DeltaStream(StreamBase):
             pending=EMPTY_VERSIONS,
             pending_removed=frozenset(),
         )
-        return st.Step(st.ACK, w.type_url)
 
     def handle_change(self, change: Change, now: dt.datetime) -> tuple[Any, ...]:
         w = self._watches.get(change.type_url)
