@@ -1,5 +1,6 @@
 """Pieces every Kubernetes client of ours shares (the registry's watches, the CA's Secret watches): a one-line
-rendering of API errors, and the hand-off of a blocking watch running on its own thread to the event loop."""
+rendering of API errors, reading a raw (`_preload_content=False`) answer, and the hand-off of a blocking watch
+running on its own thread to the event loop."""
 
 from __future__ import annotations
 
@@ -25,6 +26,15 @@ def describe_error(err: BaseException) -> str:
         return f"HTTP {err.status} {err.reason or ''}".rstrip() + (f": {message}" if message else "")
     text = str(err) or type(err).__name__
     return f"{type(err).__name__}: {text}" if text != type(err).__name__ else text
+
+
+def json_body(resp: Any) -> Any:
+    """The JSON of a raw answer (`_preload_content=False`: no model objects built), its connection handed back to
+    the pool whatever happens. ValueError if it is not JSON."""
+    try:
+        return json.loads(resp.data)
+    finally:
+        resp.release_conn()
 
 
 class WatchStream:

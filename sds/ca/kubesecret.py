@@ -36,7 +36,7 @@ from kubernetes.client.exceptions import ApiException
 from sds.ca import keyring
 from sds.ca.keyring import CAError, CAMaterial
 from ztcore.backoff import Backoff
-from ztcore.kubeclient import WatchStream, describe_error
+from ztcore.kubeclient import WatchStream, describe_error, json_body
 from ztcore.lease import LEASE_NAME
 
 log = logging.getLogger(__name__)
@@ -207,10 +207,7 @@ class KubeCASource:
             if err.status == 404:
                 return None
             raise
-        try:
-            return dict(json.loads(resp.data))
-        finally:
-            resp.release_conn()
+        return dict(json_body(resp))
 
     def _create(self, body: dict[str, Any]) -> bool:
         """True if we created it; False if it already existed (409)."""
@@ -255,10 +252,7 @@ class KubeCASource:
             _preload_content=False,
             _request_timeout=self._request_timeout,
         )
-        try:
-            body = json.loads(resp.data)
-        finally:
-            resp.release_conn()
+        body = json_body(resp)
         items = body.get("items") or []
         obj = dict(items[0]) if items else None
         if obj is not None:

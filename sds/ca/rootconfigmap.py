@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
-from ztcore.kubeclient import describe_error
+from ztcore.kubeclient import describe_error, json_body
 from ztcore.mesh.registry.store import Registry
 
 log = logging.getLogger(__name__)
@@ -107,10 +106,7 @@ class RootCertPublisher:
             _preload_content=False,
             _request_timeout=self._request_timeout,
         )
-        try:
-            body = json.loads(resp.data)
-        finally:
-            resp.release_conn()
+        body = json_body(resp)
         return {str(item["metadata"]["namespace"]): item for item in body.get("items") or ()}
 
     def _apply(self, changes: list[RootConfigMapChange], root_pem: str) -> list[str]:

@@ -15,6 +15,7 @@ import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
 from ztcore.authn import TokenReviewStatus
+from ztcore.kubeclient import json_body
 
 
 class TokenReviewError(Exception):
@@ -77,10 +78,7 @@ class KubeTokenReviewer:
             resp: Any = kubernetes.client.AuthenticationV1Api(self._api).create_token_review(
                 body, _preload_content=False, _request_timeout=self._timeout
             )
-            try:
-                data = json.loads(resp.data)
-            finally:
-                resp.release_conn()
+            data = json_body(resp)
         except ApiException as err:
             raise TokenReviewError(f"HTTP {err.status} {err.reason or ''}".rstrip() + _status_message(err)) from None
         except ValueError as err:

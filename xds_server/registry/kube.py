@@ -36,7 +36,7 @@ import kubernetes.config
 from kubernetes.client.exceptions import ApiException
 
 from ztcore.backoff import Backoff, Streak
-from ztcore.kubeclient import WatchStream, describe_error
+from ztcore.kubeclient import WatchStream, describe_error, json_body
 from ztcore.mesh.registry.objects import ObjectKey, RegistryObject
 from ztcore.mesh.registry.parse import parse_object
 from ztcore.mesh.registry.store import Registry, RegistrySnapshot
@@ -166,10 +166,7 @@ def _list_version(
         if token:
             kw["_continue"] = token
         resp = spec.call(api, api_version, kw)
-        try:
-            body = json.loads(resp.data)
-        finally:
-            resp.release_conn()
+        body = json_body(resp)
         for item in body.get("items") or ():
             # List items of built-in kinds carry no apiVersion/kind; the parser dispatches on them.
             item.setdefault("apiVersion", api_version)
