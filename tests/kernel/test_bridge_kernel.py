@@ -758,7 +758,8 @@ class Guest:
 
         # 1. packet offload refused: every tunnel of node-b fails with the kernel's reason, nothing goes through
         rows_b = await self.wait_rows("b", lambda r: len(r) == 3 and all(x["state"] == "failing" for x in r.values()))
-        rows_a = await self.rows("a")
+        # node-a's side fails once its own attempt (or node-b's) has been refused: wait for that, not one read
+        rows_a = await self.wait_rows("a", lambda r: bool(r) and all(x["state"] == "failing" for x in r.values()))
         keyed_b = [i for i in await self.our_sas("nodeB") if i.sa.aead is not None]
         cap = Capture("nodeA", "eth0", "/run/off.pcap")
         await cap.start()
