@@ -757,7 +757,13 @@ class Guest:
         seconds = {"bridges_ready": round(time.monotonic() - t0, 1)}
 
         # 1. packet offload refused: every tunnel of node-b fails with the kernel's reason, nothing goes through
-        rows_b = await self.wait_rows("b", lambda r: len(r) == 3 and all(x["state"] == "failing" for x in r.values()))
+        # node-b may try before node-a has its workload state ("no workload state yet"): that refusal is
+        # transient, so wait for the retry that meets node-a's settled answer
+        def b_settled(r: dict[str, dict[str, Any]]) -> bool:
+            return (len(r) == 3 and all(x["state"] == "failing" for x in r.values())
+                    and not any("no workload state yet" in x.get("last_error", "") for x in r.values()))  # fmt: skip
+
+        rows_b = await self.wait_rows("b", b_settled)
         # node-a's side fails once its own attempt (or node-b's) has been refused: wait for that, not one read
         rows_a = await self.wait_rows("a", lambda r: bool(r) and all(x["state"] == "failing" for x in r.values()))
         keyed_b = [i for i in await self.our_sas("nodeB") if i.sa.aead is not None]
