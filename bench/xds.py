@@ -218,6 +218,7 @@ async def serve(workloads: int, port: int, source_kind: str) -> None:
 
     from xds_server.build import no_resources
     from xds_server.debug import DebugService
+    from xds_server.envoy_configs import EnvoyConfigs
     from xds_server.main import HEAP_SWEEP_INTERVAL, freeze_heap, sweep_heap
     from xds_server.publish import Publisher, PushTuning
     from xds_server.server import AdsServicer, AdsSource, add_ads_to_server, control_plane_identifier
@@ -266,7 +267,7 @@ async def serve(workloads: int, port: int, source_kind: str) -> None:
         gc.freeze()
 
     publisher.add_listener(on_push)
-    source = AdsSource(cache, publisher, no_resources)
+    source = AdsSource(EnvoyConfigs(cache, publisher, no_resources))
     streams = XdsStreams(cache, source, control_plane=control_plane_identifier("bench", "0"), encoded_delta=True)
     debug = DebugService(streams, source, cache, cluster_id="Kubernetes", control_plane="")
     servicer = AdsServicer(

@@ -38,6 +38,7 @@ from sds.ca.server import CAMetrics, CertificateService
 from sds.ca.tokenreview import KubeTokenReviewer
 from xds_server.build import load_generator
 from xds_server.debug import DebugService
+from xds_server.envoy_configs import EnvoyConfigs
 from xds_server.publish import Publisher, PublishMetrics, PushTuning
 from xds_server.registry.kube import KubeRegistrySource, KubeSourceError, load_api_client
 from xds_server.server import ADS_SERVICE, AdsServicer, AdsSource, add_ads_to_server, control_plane_identifier
@@ -255,15 +256,37 @@ class Ztd:
         self.elector: LeaseElector | None = None
         self.kube_ca: KubeCASource | None = None
         self.root_publisher: RootCertPublisher | None = None
+        # The CA side, built by _setup once the registry (and in Kubernetes mode the CA Secrets) is loaded.
+        self.material: keyring.CAMaterial | None = None
+        self.authenticators: list[authn.Authenticator] = []
+        self.ca_metrics: CAMetrics | None = None
+        self.serving: ServingCert | None = None
+        self.front: tlsfront.TlsFront | None = None
+        self.ca_secure: CertificateService | None = None
+        self.ca_plain: CertificateService | None = None
+        # The xDS side, built by _xds after _setup.
+        self.xds_cache: SnapshotCache | None = None
+        self.publisher: Publisher | None = None
+        self.envoy_configs: EnvoyConfigs | None = None
+        self.ads_source: AdsSource | None = None
+        self.xds_streams: XdsStreams | None = None
+        self.debug: DebugService | None = None
+        self.ads_secure: AdsServicer | None = None
+        self.ads_plain: AdsServicer | None = None
+
+    def _current_material(self) -> keyring.CAMaterial:
+        if self.material is None:
+            raise RuntimeError("the CA material is not loaded yet")
+        return self.material
 
     def _setup(self) -> None:
         cfg = self.cfg
         now = _utcnow()
         ensure_private_dir(cfg.state_dir)
         if self.kube_ca is not None:
-            self.material = self.kube_ca.material
+            material = self.kube_ca.material
         else:
-            self.material = keyring.load_or_create(
+            material = keyring.load_or_create(
                 cfg.cacerts_dir,
                 cfg.state_dir / "ca",
                 algorithm=cfg.ca_key_algorithm,
@@ -271,7 +294,8 @@ class Ztd:
                 self_signed_ttl=dt.timedelta(seconds=cfg.self_signed_ca_cert_ttl),
                 now=now,
             )
-        write_atomic(cfg.published_root, self.material.root_bundle_pem.encode())
+        self.material = material
+        write_atomic(cfg.published_root, material.root_bundle_pem.encode())
         log.info("root bundle published at %s", cfg.published_root)
         authenticators: list[authn.Authenticator] = [authn.ClientCertAuthenticator()]
         if cfg.local_issuer:
@@ -308,7 +332,7 @@ class Ztd:
         trusted = parse_trusted_accounts(cfg.ca_trusted_node_accounts)
         directory = self.registry if self.registry is not None else _EmptyDirectory()
         node_authorizer = NodeAuthorizer(trusted, directory) if trusted else None
-        self.ca_metrics = CAMetrics(self.metrics, lambda: self.material, _utcnow)
+        self.ca_metrics = ca_metrics = CAMetrics(self.metrics, self._current_material, _utcnow)
         policy = signer.SignPolicy(
             default_ttl=dt.timedelta(seconds=cfg.default_workload_cert_ttl),
             max_ttl=dt.timedelta(seconds=cfg.max_workload_cert_ttl),
@@ -316,11 +340,11 @@ class Ztd:
 
         def ca_service(tls_peers: authn.PeerLookup | None) -> CertificateService:
             return CertificateService(
-                material=lambda: self.material,
+                material=self._current_material,
                 authenticators=authenticators,
                 node_authorizer=node_authorizer,
                 policy=policy,
-                metrics=self.ca_metrics,
+                metrics=ca_metrics,
                 tls_peers=tls_peers,
             )
 
@@ -328,47 +352,53 @@ class Ztd:
         with contextlib.suppress(ValueError):
             if not ipaddress.ip_address(cfg.listen_address).is_unspecified:
                 names.append(cfg.listen_address)
-        self.serving = ServingCert(names, lambda: self.material)
-        self.front = tlsfront.TlsFront(cfg.listen_address, cfg.secure_port, 0, self.serving.context)
-        self.ca_secure = ca_service(self.front.peer)
+        self.serving = serving = ServingCert(names, self._current_material)
+        self.front = front = tlsfront.TlsFront(cfg.listen_address, cfg.secure_port, 0, serving.context)
+        self.ca_secure = ca_service(front.peer)
         self.ca_plain = ca_service(None)
 
     def _xds(self) -> None:
-        """The ADS side: registry → publisher → cache → streams, on both gRPC servers, plus debug."""
-        cfg = self.cfg
-        self.xds_cache = SnapshotCache()
-        self.publisher = Publisher(
+        """The ADS side: registry → publisher → cache → streams, on both gRPC servers, plus debug. The publish
+        side (publisher, and EnvoyConfigs running the Envoy generator) fills the cache; the servicers only serve
+        it."""
+        cfg, front = self.cfg, self.front
+        assert front is not None, "_setup runs first"
+        self.xds_cache = cache = SnapshotCache()
+        self.publisher = publisher = Publisher(
             self.registry if self.registry is not None else Registry(),
-            self.xds_cache,
+            cache,
             options=TranslateOptions(cluster_id=cfg.cluster_id, trust_domain=cfg.trust_domain),
             tuning=PushTuning(cfg.debounce_after, cfg.debounce_max),
             metrics=PublishMetrics(self.metrics),
         )
-        self.ads_source = AdsSource(self.xds_cache, self.publisher, load_generator())
-        self.publisher.add_listener(freeze_heap)
+        # Registers its rebuild as the publisher's first listener, before freeze_heap: Envoy resources built
+        # after a push are long-lived too.
+        self.envoy_configs = EnvoyConfigs(cache, publisher, load_generator())
+        self.ads_source = source = AdsSource(self.envoy_configs)
+        publisher.add_listener(freeze_heap)
         control_plane = control_plane_identifier(cfg.identity, importlib.metadata.version("ztdpu"))
-        self.xds_streams = XdsStreams(
-            self.xds_cache,
-            self.ads_source,
+        self.xds_streams = streams = XdsStreams(
+            cache,
+            source,
             metrics=XdsMetrics(self.metrics),
             control_plane=control_plane,
             encoded_delta=True,  # add_ads_to_server's serializer sends the pre-serialised resources as they are
         )
-        self.debug = DebugService(
-            self.xds_streams, self.ads_source, self.xds_cache, cluster_id=cfg.cluster_id, control_plane=control_plane
+        self.debug = debug = DebugService(
+            streams, source, cache, cluster_id=cfg.cluster_id, control_plane=control_plane
         )
         throttle = asyncio.Semaphore(cfg.push_throttle)  # shared by both ports, as istiod's one push queue
         self.ads_secure, self.ads_plain = (
             AdsServicer(
-                self.xds_streams,
-                self.ads_source,
-                self.debug,
+                streams,
+                source,
+                debug,
                 authenticators=self.authenticators,
                 tls_peers=peers,
                 require_auth=cfg.xds_auth,
                 throttle=throttle,
             )
-            for peers in (self.front.peer, None)
+            for peers in (front.peer, None)
         )
 
     def _grpc_server(
@@ -407,6 +437,7 @@ class Ztd:
                 )
 
             app.router.add_get("/debug/leader", leader)
+        assert self.debug is not None, "_xds runs first"
         self.debug.add_routes(app)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
@@ -414,11 +445,13 @@ class Ztd:
         return runner
 
     async def _rotate_serving_cert(self) -> None:
+        serving, front = self.serving, self.front
+        assert serving is not None and front is not None, "_setup runs first"
         while True:
-            delay = max((self.serving.refresh_at - _utcnow()).total_seconds(), 1.0)
+            delay = max((serving.refresh_at - _utcnow()).total_seconds(), 1.0)
             await asyncio.sleep(delay)
-            self.serving.renew(_utcnow())
-            self.front.reload()
+            serving.renew(_utcnow())
+            front.reload()
             log.info("renewed the serving certificate of the secure port")
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -438,7 +471,10 @@ class Ztd:
                 raise
         await asyncio.to_thread(self._setup)
         self._xds()
-        await self.publisher.publish(self.publisher.registry.current)
+        front, publisher = self.front, self.publisher
+        assert front is not None and publisher is not None and self.ads_secure is not None
+        assert self.ads_plain is not None
+        await publisher.publish(publisher.registry.current)
         cfg = self.cfg
         # The secure port's gRPC server listens on loopback only; clients reach it through the TLS front.
         secure, secure_health = self._grpc_server(self.ca_secure, self.ads_secure)
@@ -446,12 +482,12 @@ class Ztd:
         plain, plain_health = self._grpc_server(self.ca_plain if cfg.ca_plaintext else None, self.ads_plain)
         plain_addr = f"{cfg.listen_address}:{cfg.xds_port}"
         try:
-            self.front.backend_port = secure.add_insecure_port("127.0.0.1:0")
+            front.backend_port = secure.add_insecure_port("127.0.0.1:0")
             plain.add_insecure_port(plain_addr)
         except RuntimeError as err:
             raise StartupError(f"cannot listen on {plain_addr}: {err}") from None
         try:
-            await self.front.start()
+            await front.start()
             runner = await self._monitoring()
         except OSError as err:
             raise StartupError(f"cannot listen on {cfg.listen_address}: {err.strerror}") from None
@@ -474,7 +510,7 @@ class Ztd:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._rotate_serving_cert())
                 tg.create_task(sweep_heap())
-                tg.create_task(self.publisher.run())
+                tg.create_task(publisher.run())
                 if self._source is not None:
                     tg.create_task(self._source.run())
                 if self.elector is not None:
@@ -490,7 +526,7 @@ class Ztd:
             self.ready.clear()
             for h in (secure_health, plain_health):
                 await h.enter_graceful_shutdown()
-            await self.front.close()
+            await front.close()
             await asyncio.gather(secure.stop(2.0), plain.stop(2.0))
             await runner.cleanup()
             if self.kube_ca is not None:
@@ -544,7 +580,9 @@ class Ztd:
         """Singleton work, run only by the Lease holder and stopped when it steps down."""
         assert self.kube_api is not None and self.registry is not None
         # istiod's namespace controller: the root in an istio-ca-root-cert ConfigMap everywhere.
-        self.root_publisher = RootCertPublisher(self.kube_api, self.registry, lambda: self.material.root_bundle_pem)
+        self.root_publisher = RootCertPublisher(
+            self.kube_api, self.registry, lambda: self._current_material().root_bundle_pem
+        )
         tg.create_task(self.root_publisher.run())
         if self.kube_ca is not None:
             tg.create_task(self.kube_ca.keep_ca_secret())
@@ -558,6 +596,7 @@ class Ztd:
 
     async def _ca_changed(self, material: keyring.CAMaterial) -> None:
         """A Secret change: sign with the new material, re-issue the serving cert, publish the new root."""
+        assert self.serving is not None and self.front is not None, "the Secrets are watched after _setup"
         self.material = material
         self.serving.renew(_utcnow())
         self.front.reload()
@@ -567,7 +606,7 @@ class Ztd:
         log.info("CA material swapped (%s); root bundle republished", material.source)
 
     def _ca_status(self) -> dict[str, Any]:
-        material = self.material
+        material = self._current_material()
         return {
             "source": material.source,
             "signing_cert": material.signing_cert.subject.rfc4514_string(),

@@ -4,8 +4,10 @@ StreamAggregatedResources (SotW) and DeltaAggregatedResources run on the shared 
 (`ztcore.xds`); this module only decides who may connect and what each stream sees:
 
 - clients are typed by the node id prefix, as istiod does: `ztunnel~` streams see the shared WDS resources
-  (`istio.workload.Address`, `istio.security.Authorization`); `sidecar~` and `router~` streams see the
-  Envoy resources built for them alone (`xds_server.build`); any other node is refused (InvalidArgument);
+  (`istio.workload.Address`, `istio.security.Authorization`); each `sidecar~` and `router~` stream is bound
+  to a cache scope of its own, whose Envoy resources the config side (`ProxyConfigs`, in ztd
+  `xds_server.envoy_configs`) builds and keeps current: this module never builds configuration, it serves
+  the cache (go-control-plane's split); any other node is refused (InvalidArgument);
 - on the TLS port every stream authenticates with the CA's authenticators (client certificate, or a bearer
   token), else Unauthenticated, like istiod with XDS_AUTH; the identity must then belong to the node's
   namespace (and service account, when the node names one), else PermissionDenied. The plaintext port
@@ -23,24 +25,20 @@ import dataclasses
 import itertools
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
-from google.protobuf import message
 
-from xds_server.build import EnvoyGenerator, Proxy, ProxyError, resource_name
-from xds_server.publish import Published, Publisher
+from xds_server.build.proxy import Proxy, ProxyError
 from ztcore.authn import AuthenticationError, Authenticator, Caller, PeerLookup, authenticate, credentials_from_context
 from ztcore.identity import Identity, IdentityError
-from ztcore.mesh.translate import Translation
 from ztcore.untrusted import clip
 from ztcore.xds import typeurls
-from ztcore.xds.cache import GLOBAL_SCOPE, SnapshotCache
+from ztcore.xds.cache import GLOBAL_SCOPE
 from ztcore.xds.grpc_adapter import NODE_ID_LIMIT, SourceError, StreamInfo, XdsStreams
-from ztcore.xds.resources import Resource
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +46,6 @@ ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 ZTUNNEL = "ztunnel"
 ENVOY_NODE_TYPES = ("sidecar", "router")
 NODE_TYPES = (*ENVOY_NODE_TYPES, ZTUNNEL)
-ENVOY_TYPES = (typeurls.CLUSTER, typeurls.ENDPOINT, typeurls.LISTENER, typeurls.ROUTE)
 SERVED_TYPES = frozenset(
     {
         typeurls.CLUSTER,
@@ -97,25 +94,6 @@ def check_identity(proxy: Proxy, caller: Caller) -> Identity:
     raise ValueError(f"no identity of the caller ({', '.join(caller.identities)}) matches {wanted}")
 
 
-def pack_envoy(generated: Mapping[str, Sequence[message.Message]]) -> dict[str, tuple[Resource, ...]]:
-    """Generator output → resources per type; every Envoy type is present (empty when nothing was built).
-    ValueError for a message of the wrong type or a name given twice (the client would NACK it)."""
-    out: dict[str, tuple[Resource, ...]] = {t: () for t in ENVOY_TYPES}
-    for type_url, messages in generated.items():
-        if type_url not in SERVED_TYPES:
-            raise ValueError(f"the Envoy builder returned resources of unknown type {type_url}")
-        packed = tuple(Resource.pack(resource_name(m), m) for m in messages)
-        names = [r.name for r in packed]
-        if len(set(names)) != len(names):
-            dupes = sorted({n for n in names if names.count(n) > 1})
-            raise ValueError(f"the Envoy builder returned duplicate {typeurls.short_name(type_url)} names {dupes}")
-        for r in packed:
-            if r.type_url != type_url:
-                raise ValueError(f"{r.name!r} is a {r.type_url}, returned as {type_url}")
-        out[type_url] = packed
-    return out
-
-
 def control_plane_identifier(instance_id: str, version: str) -> str:
     """istiod's ControlPlane.identifier: JSON {Component, ID, Info{version}} (istioctl reads ID and version)."""
     return json.dumps({"Component": "istiod", "ID": instance_id, "Info": {"version": version}}, sort_keys=True)
@@ -151,19 +129,29 @@ class AdsBinding:
         self.source.release(self)
 
 
-class AdsSource:
-    """ztcore.xds Source for ADS: binds streams to scopes and keeps each Envoy's resources current."""
+class ProxyConfigs(Protocol):
+    """The config side of Envoy streams (`xds_server.envoy_configs.EnvoyConfigs` in ztd), told when an Envoy
+    binds to its scope and when it leaves, as go-control-plane's callbacks tell the application."""
 
-    def __init__(self, cache: SnapshotCache, publisher: Publisher, generator: EnvoyGenerator) -> None:
-        self._cache = cache
-        self._publisher = publisher
-        self._generator = generator
+    async def connect(self, scope: str, proxy: Proxy) -> None:
+        """Have `proxy`'s resources installed under `scope` (and kept current) before this returns.
+        ProxyError: this proxy cannot be served; any other exception: a bug on the config side."""
+        ...
+
+    def disconnect(self, scope: str) -> None:
+        """The stream bound to `scope` ended: its resources may go."""
+        ...
+
+
+class AdsSource:
+    """ztcore.xds Source for ADS: authorizes nodes and binds streams to scopes; the config side fills them."""
+
+    def __init__(self, configs: ProxyConfigs) -> None:
+        self._configs = configs
         self._ids = itertools.count(1)
-        self._bindings: dict[str, AdsBinding] = {}  # by scope (Envoy proxies only)
         self._all: list[AdsBinding] = []
         # Set by the servicer around each stream: the authenticated caller (None on the plaintext port).
         self.caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("xds_caller", default=None)
-        publisher.add_listener(self.rebuild)
 
     async def open_stream(self, node: base_pb2.Node, peer: str) -> AdsBinding:
         try:
@@ -180,9 +168,8 @@ class AdsSource:
         scope = f"envoy/{next(self._ids)}" if proxy.type in ENVOY_NODE_TYPES else ""
         binding = AdsBinding(self, proxy, identity, scope, peer, node.id)
         if scope:
-            translation = self._publisher.translation
             try:
-                resources = await asyncio.to_thread(self._build, translation, proxy)
+                await self._configs.connect(scope, proxy)
             except ProxyError as err:
                 raise SourceError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
             except Exception:
@@ -190,16 +177,14 @@ class AdsSource:
                 raise SourceError(
                     grpc.StatusCode.INTERNAL, "internal error building this proxy's configuration"
                 ) from None
-            self._install(scope, resources)
-            self._bindings[scope] = binding
         self._all.append(binding)
         return binding
 
     def release(self, binding: AdsBinding) -> None:
         if binding in self._all:
             self._all.remove(binding)
-        if binding.scope and self._bindings.pop(binding.scope, None) is not None:
-            self._cache.drop_scope(binding.scope)
+        if binding.scope:
+            self._configs.disconnect(binding.scope)
 
     def binding_for(self, info: StreamInfo) -> AdsBinding | None:
         """The binding of a live stream (for config dumps), matched by node id and peer."""
@@ -207,45 +192,6 @@ class AdsSource:
             if binding.node_id == info.node.id and binding.peer == info.peer:
                 return binding
         return None
-
-    def _build(self, translation: Translation, proxy: Proxy) -> dict[str, tuple[Resource, ...]]:
-        return pack_envoy(self._generator(translation, proxy))
-
-    def _install(self, scope: str, resources: Mapping[str, tuple[Resource, ...]]) -> None:
-        # Make-before-break: clusters and endpoints before the listeners and routes that use them.
-        for type_url in sorted(resources, key=_push_rank):
-            # Never-set empty types are skipped: the cache would keep an empty entry for them after close.
-            if resources[type_url] or self._cache.resources(type_url, scope):
-                self._cache.set_resources(type_url, resources[type_url], scope=scope)
-
-    async def rebuild(self, published: Published) -> None:
-        """After a push: rebuild every connected Envoy's resources from the new translation (off the loop)."""
-        bindings = list(self._bindings.values())
-        if not bindings:
-            return  # no Envoy: the translation is never even assembled
-        translation = await asyncio.to_thread(lambda: published.translation)
-
-        def build_all() -> list[tuple[AdsBinding, dict[str, tuple[Resource, ...]] | None]]:
-            out: list[tuple[AdsBinding, dict[str, tuple[Resource, ...]] | None]] = []
-            for b in bindings:
-                try:
-                    out.append((b, self._build(translation, b.proxy)))
-                except Exception:
-                    # Keep serving this proxy its last good configuration.
-                    log.exception(
-                        "rebuilding Envoy configuration for %s failed; keeping the last one",
-                        clip(b.node_id, NODE_ID_LIMIT),
-                    )
-                    out.append((b, None))
-            return out
-
-        for binding, resources in await asyncio.to_thread(build_all):
-            if resources is not None and binding.scope in self._bindings:
-                self._install(binding.scope, resources)
-
-
-def _push_rank(type_url: str) -> int:
-    return typeurls.PUSH_ORDER.index(type_url) if type_url in typeurls.PUSH_ORDER else len(typeurls.PUSH_ORDER)
 
 
 # -- throttling --------------------------------------------------------------------------------------------
