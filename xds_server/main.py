@@ -51,6 +51,7 @@ from ztcore.lease import LEASE_NAME, KubeLeaseStore, LeaseElector, LeaseTiming
 from ztcore.mesh.registry.files import FileRegistrySource, RegistryLoadError
 from ztcore.mesh.registry.store import Registry
 from ztcore.mesh.translate import TranslateOptions
+from ztcore.mesh.translate.mesh import ALLOW_ANY, REGISTRY_ONLY
 from ztcore.metrics import Registry as MetricsRegistry
 from ztcore.xds.cache import SnapshotCache
 from ztcore.xds.grpc_adapter import XdsMetrics, XdsStreams
@@ -100,6 +101,12 @@ class ZtdConfig:
     )
     trust_domain: str = option("cluster.local", "SPIFFE trust domain", env="TRUST_DOMAIN")
     cluster_id: str = option("Kubernetes", "cluster id accepted in the clusterid metadata", env="CLUSTER_ID")
+    outbound_traffic_policy: str = option(
+        ALLOW_ANY,
+        "meshConfig.outboundTrafficPolicy.mode: where captured sidecars send traffic to destinations the registry "
+        "does not know (ALLOW_ANY: through; REGISTRY_ONLY: nowhere)",
+        choices=(ALLOW_ANY, REGISTRY_ONLY),
+    )
     cacerts_dir: Path | None = option(
         None, "plug-in CA folder (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem)", env="ROOT_CA_DIR"
     )
@@ -367,7 +374,11 @@ class Ztd:
         self.publisher = publisher = Publisher(
             self.registry if self.registry is not None else Registry(),
             cache,
-            options=TranslateOptions(cluster_id=cfg.cluster_id, trust_domain=cfg.trust_domain),
+            options=TranslateOptions(
+                cluster_id=cfg.cluster_id,
+                trust_domain=cfg.trust_domain,
+                outbound_traffic_policy=cfg.outbound_traffic_policy,
+            ),
             tuning=PushTuning(cfg.debounce_after, cfg.debounce_max),
             metrics=PublishMetrics(self.metrics),
         )

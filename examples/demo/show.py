@@ -396,8 +396,9 @@ class Show:
         envoys = {}
         for name, pod in sidecars.items():
             ns, ip, sa = pod["metadata"]["namespace"], pod["status"]["podIP"], pod["spec"]["serviceAccountName"]
-            meta = {"NAMESPACE": ns, "SERVICE_ACCOUNT": sa, "ZTDPU_OUTBOUND_BIND": pod["metadata"]["annotations"]
-                    ["demo.ztdpu.io/outbound-bind"]}  # fmt: skip
+            # No iptables capture in the demo: the sidecars bind their listeners (interception NONE).
+            meta = {"NAMESPACE": ns, "SERVICE_ACCOUNT": sa, "INTERCEPTION_MODE": "NONE",
+                    "ZTDPU_OUTBOUND_BIND": pod["metadata"]["annotations"]["demo.ztdpu.io/outbound-bind"]}  # fmt: skip
             proxy = node(f"sidecar~{ip}~{name}.{ns}~{ns}.svc.cluster.local", meta)
             boot = ads_bootstrap(proxy, xds_address=("127.0.0.1", 15010), sds_socket=str(agent.socket), delta=True)
             envoy = Envoy(name, self.state / "sidecars")

@@ -158,7 +158,13 @@ class Sidecar:
 
     @property
     def metadata(self) -> dict[str, str]:
-        return {"NAMESPACE": "shop", "SERVICE_ACCOUNT": self.account, "ZTDPU_OUTBOUND_BIND": self.bind}
+        # No capture here (all sidecars share one network namespace): each listener binds its own socket.
+        return {
+            "NAMESPACE": "shop",
+            "SERVICE_ACCOUNT": self.account,
+            "ZTDPU_OUTBOUND_BIND": self.bind,
+            "INTERCEPTION_MODE": "NONE",
+        }
 
 
 SIDECARS = (

@@ -40,7 +40,9 @@ def sidecars() -> list[tuple[str, Sidecar]]:
 
 
 def bootstraps(sidecar: Sidecar, built: Mapping[str, Sequence[message.Message]]) -> dict[str, message.Message]:
-    n = node(sidecar.node_id, {"NAMESPACE": sidecar.namespace, **sidecar.metadata})
+    n = node(
+        sidecar.node_id, {"NAMESPACE": sidecar.namespace, "INTERCEPTION_MODE": sidecar.interception, **sidecar.metadata}
+    )
     return {
         "ads": ads_bootstrap(
             n,

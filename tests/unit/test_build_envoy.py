@@ -56,6 +56,8 @@ class Sidecar:
     namespace: str
     ip: str
     metadata: Mapping[str, str] = field(default_factory=dict)
+    # NONE: listeners bind the pod's sockets (the original cases); REDIRECT/TPROXY: istiod's capture shape.
+    interception: str = "NONE"
 
     @property
     def node_id(self) -> str:
@@ -63,7 +65,9 @@ class Sidecar:
 
     @property
     def proxy(self) -> Proxy:
-        return Proxy.parse(self.node_id, {"NAMESPACE": self.namespace, **self.metadata})
+        return Proxy.parse(
+            self.node_id, {"NAMESPACE": self.namespace, "INTERCEPTION_MODE": self.interception, **self.metadata}
+        )
 
     @property
     def golden(self) -> str:
@@ -86,10 +90,23 @@ CASES: dict[str, list[Sidecar]] = {
         Sidecar("api-1", "other", "10.2.0.1"),
         Sidecar("ghost-1", "apps", "10.1.0.77"),  # not in the registry: outbound only
     ],
+    # istiod's capture shape (virtualInbound/virtualOutbound), PeerAuthentication per port, RBAC filters.
+    "capture": [
+        Sidecar("httpbin-1", "foo", "10.244.2.21", interception="REDIRECT"),
+        Sidecar("sleep-1", "foo", "10.244.1.31", {"INTERCEPTION_MODE": "TPROXY"}),
+        Sidecar("mysql-1", "db", "10.244.3.5", interception="REDIRECT"),
+    ],
+    "capture-registry-only": [Sidecar("sleep-1", "foo", "10.244.1.31", interception="REDIRECT")],
+}
+# Cases that share another case's mesh, with other mesh options.
+MESHES: dict[str, tuple[str, TranslateOptions]] = {
+    "capture-registry-only": ("capture", TranslateOptions(outbound_traffic_policy="REGISTRY_ONLY")),
 }
 
 
 def mesh_of(case: str, options: TranslateOptions | None = None) -> Translation:
+    if case in MESHES:
+        case, options = MESHES[case]
     if case == "examples-mesh":
         result = read_dir(EXAMPLES)
     else:
@@ -140,6 +157,8 @@ def check_consistent(built: Mapping[str, Sequence[Any]]) -> None:
         addresses.add((sa.address, sa.port_value))
         for chain in listener.filter_chains:
             for f in chain.filters:
+                if f.name == "envoy.filters.network.rbac":
+                    continue
                 if f.name == "envoy.filters.network.tcp_proxy":
                     assert unpack(f.typed_config, tcp_proxy_pb2.TcpProxy).cluster in clusters
                     continue
@@ -148,12 +167,12 @@ def check_consistent(built: Mapping[str, Sequence[Any]]) -> None:
                     referenced_routes.add(manager.rds.route_config_name)
                 else:
                     for vh in manager.route_config.virtual_hosts:
-                        assert all(r.route.cluster in clusters for r in vh.routes)
+                        assert all(r.route.cluster in clusters for r in vh.routes if r.HasField("route"))
     assert referenced_routes == routes
     for route in built[typeurls.ROUTE]:
         domains = [d for vh in route.virtual_hosts for d in vh.domains]
         assert len(domains) == len(set(domains)), f"route {route.name} repeats a domain"
-        assert all(r.route.cluster in clusters for vh in route.virtual_hosts for r in vh.routes)
+        assert all(r.route.cluster in clusters for vh in route.virtual_hosts for r in vh.routes if r.HasField("route"))
 
 
 # -- goldens ----------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """Envoy configuration builders: pure functions from a `Translation` and one proxy to Envoy resources.
 
-The ADS server knows builders only through `EnvoyGenerator`: it calls the generator once per connected
-Envoy (`sidecar~`/`router~` node) after every registry change, packs each returned message into a
-versioned resource (content hash, so unchanged resources keep their version and are not resent) and
-serves it to that proxy alone. The generator is `xds_server.build.envoy.build_for_proxy` when that module
-exists, else `no_resources`.
+The publish side knows builders only through `EnvoyGenerator` (xds_server/envoy_configs.py): it calls the
+generator when an Envoy (`sidecar~`/`router~` node) connects and after every registry change, packs each
+returned message into a versioned resource (content hash, so unchanged resources keep their version and are
+not resent) and installs it in that proxy's cache scope, which the ADS server serves to that proxy alone.
+The generator is `xds_server.build.envoy.build_for_proxy` when that module exists, else `no_resources`.
 
 Contract for a generator:
 - pure: no IO, no clock, no asyncio; it may run in a worker thread, so it shares nothing mutable;

@@ -30,6 +30,16 @@ TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
 ROUTER_FILTER = "envoy.filters.http.router"
 HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
+# Capture (interception REDIRECT/TPROXY): Istio's listener ports, cluster and chain names.
+VIRTUAL_OUTBOUND = "virtualOutbound"
+VIRTUAL_INBOUND = "virtualInbound"
+OUTBOUND_CAPTURE_PORT = 15001  # meshConfig.proxyListenPort
+INBOUND_CAPTURE_PORT = 15006  # meshConfig.proxyInboundListenPort
+PASSTHROUGH_CLUSTER = "PassthroughCluster"
+BLACKHOLE_CLUSTER = "BlackHoleCluster"
+INBOUND_PASSTHROUGH_CLUSTER = "InboundPassthroughCluster"
+INBOUND_PASSTHROUGH_BIND = "127.0.0.6"
+
 # istiod's default mesh connectTimeout.
 CONNECT_TIMEOUT_SECONDS = 10
 

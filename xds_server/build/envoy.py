@@ -1,7 +1,13 @@
 """Envoy sidecar configuration from the translated registry: pure, no IO, no clock.
 
 `build_for_proxy(translation, proxy)` gives, keyed by type URL, every Listener, Cluster,
-ClusterLoadAssignment and RouteConfiguration one sidecar needs (an empty list means "none of this type"):
+ClusterLoadAssignment and RouteConfiguration one sidecar needs (an empty list means "none of this type").
+
+A captured sidecar (interception REDIRECT, Istio's default, or TPROXY) gets istiod's shape, see capture.py:
+`virtualOutbound` 15001 / `virtualInbound` 15006, inbound chains per target port and PeerAuthentication mode
+(peerauth.py) carrying the RBAC filters of the AuthorizationPolicies that select the pod (rbac.py), outbound
+`0.0.0.0_<port>` (HTTP) and `<vip>_<port>` (TCP) listeners without sockets, and Passthrough/BlackHole/
+InboundPassthrough clusters per meshConfig.outboundTrafficPolicy. Under interception NONE:
 
 - inbound, for each target port its pod serves (first service by key decides the protocol):
   listener `<pod ip>_<port>` terminating mTLS (`default`/`ROOTCA` by SDS from `sds-grpc`, client
@@ -23,19 +29,31 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import groupby
 
 from google.protobuf import message
 
-from xds_server.build import resource_name
-from xds_server.build.clusters import inbound_cluster, outbound_cluster
+from xds_server.build import rbac, resource_name
+from xds_server.build.capture import WILDCARD, InboundAuthz, unbound, virtual_inbound, virtual_outbound
+from xds_server.build.clusters import (
+    blackhole_cluster,
+    inbound_captured_cluster,
+    inbound_cluster,
+    inbound_passthrough_cluster,
+    outbound_cluster,
+    passthrough_cluster,
+)
+from xds_server.build.common import PASSTHROUGH_CLUSTER
 from xds_server.build.endpoints import load_assignment
 from xds_server.build.listeners import inbound_listener, outbound_http_listener, outbound_tcp_listener
 from xds_server.build.mesh import MeshIndex
-from xds_server.build.proxy import SIDECAR, Proxy, ProxyError
-from xds_server.build.routes import outbound_route_config
+from xds_server.build.peerauth import compose
+from xds_server.build.proxy import INTERCEPTION_TPROXY, SIDECAR, Proxy, ProxyError
+from xds_server.build.routes import catch_all_virtual_host, outbound_route_config
+from ztcore.mesh.registry.objects import EMPTY_LABELS, Labels
 from ztcore.mesh.translate import Translation
+from ztcore.mesh.translate.mesh import REGISTRY_ONLY
 from ztcore.xds import typeurls
 from ztcore.xds.resources import Resource
 
@@ -73,17 +91,33 @@ def build_for_proxy(
     if proxy.type != SIDECAR:
         raise ProxyError(f"node {proxy.node_id!r} is a {proxy.type}; only sidecars get Envoy configuration")
     common = shared if shared is not None else SharedConfig.of(translation)
-    mesh = common.index
-    listeners: list[message.Message] = []
-    clusters: list[message.Message] = []
-    routes: list[message.Message] = []
+    built = _captured(translation, proxy, common) if proxy.captured else _bound(proxy, common)
+    built.clusters.extend(common.clusters)
+    return {
+        typeurls.CLUSTER: sorted(built.clusters, key=resource_name),
+        typeurls.ENDPOINT: sorted(common.endpoints, key=resource_name),
+        typeurls.LISTENER: sorted(built.listeners, key=resource_name),
+        typeurls.ROUTE: sorted(built.routes, key=resource_name),
+    }
 
+
+@dataclass
+class _Built:
+    listeners: list[message.Message] = field(default_factory=list)
+    clusters: list[message.Message] = field(default_factory=list)
+    routes: list[message.Message] = field(default_factory=list)
+
+
+def _bound(proxy: Proxy, common: SharedConfig) -> _Built:
+    """Interception NONE: inbound listeners on the pod address, outbound ones on loopback (or the bind)."""
+    mesh = common.index
+    out = _Built()
     workload = mesh.workload_of(proxy)
     inbound_ports: set[int] = set()
     if workload is not None:
         for port in mesh.inbound_ports(workload):
-            listeners.append(inbound_listener(proxy.ip, port, mesh.trust_domain))
-            clusters.append(inbound_cluster(port, proxy.localhost))
+            out.listeners.append(inbound_listener(proxy.ip, port, mesh.trust_domain))
+            out.clusters.append(inbound_cluster(port, proxy.localhost))
             inbound_ports.add(port.target_port)
 
     bind = proxy.outbound_address
@@ -95,19 +129,71 @@ def build_for_proxy(
             continue
         first = same_port[0]
         if first.protocol.is_http:
-            listeners.append(outbound_http_listener(bind, number))
+            out.listeners.append(outbound_http_listener(bind, number))
             http = [sp for sp in same_port if sp.protocol.is_http]
-            routes.append(outbound_route_config(number, http, proxy.namespace))
+            out.routes.append(outbound_route_config(number, http, proxy.namespace))
         else:
-            listeners.append(outbound_tcp_listener(bind, first))
+            out.listeners.append(outbound_tcp_listener(bind, first))
+    return out
 
-    clusters.extend(common.clusters)
-    return {
-        typeurls.CLUSTER: sorted(clusters, key=resource_name),
-        typeurls.ENDPOINT: sorted(common.endpoints, key=resource_name),
-        typeurls.LISTENER: sorted(listeners, key=resource_name),
-        typeurls.ROUTE: sorted(routes, key=resource_name),
-    }
+
+def _captured(translation: Translation, proxy: Proxy, common: SharedConfig) -> _Built:
+    """Interception REDIRECT/TPROXY: istiod's virtual listeners (capture.py) and the clusters they use."""
+    mesh = common.index
+    opts = translation.options
+    registry_only = opts.outbound_traffic_policy == REGISTRY_ONLY
+    transparent = proxy.interception == INTERCEPTION_TPROXY
+    out = _Built()
+    out.clusters += [blackhole_cluster(), passthrough_cluster(), inbound_passthrough_cluster()]
+
+    workload = mesh.workload_of(proxy)
+    ports = mesh.inbound_ports(workload) if workload is not None else ()
+    namespace = workload.namespace if workload is not None else proxy.namespace
+    labels = translation.pod_labels(namespace, workload.name) if workload is not None else EMPTY_LABELS
+    peer_auth = compose(translation.peer_authentications, namespace, labels, opts.root_namespace)
+    authz = inbound_authz(translation, namespace, labels)
+    out.listeners.append(virtual_inbound(ports, peer_auth, authz, mesh.trust_domain, transparent=transparent))
+    out.clusters += [inbound_captured_cluster(port) for port in ports]
+
+    out.listeners.append(virtual_outbound(registry_only, transparent=transparent))
+    catch_all = catch_all_virtual_host(None if registry_only else PASSTHROUGH_CLUSTER)
+    for number, group in groupby(mesh.service_ports, key=lambda sp: sp.number):
+        same_port = list(group)
+        first = same_port[0]
+        if first.protocol.is_http:
+            # One wildcard listener per HTTP port: the Host header picks the service (or the catch-all).
+            out.listeners.append(unbound(outbound_http_listener(WILDCARD, number)))
+            route = outbound_route_config(number, [sp for sp in same_port if sp.protocol.is_http], proxy.namespace)
+            route.virtual_hosts.append(catch_all)
+            out.routes.append(route)
+        for sp in same_port:
+            if sp.protocol.is_http:
+                continue
+            # A TCP service is told apart by its VIP; a headless one (no VIP) gets no listener here.
+            for vip in sp.service.addresses:
+                out.listeners.append(unbound(outbound_tcp_listener(str(vip.address), sp)))
+    return out
+
+
+def inbound_authz(translation: Translation, namespace: str, labels: Labels) -> InboundAuthz:
+    """The RBAC filters of a workload's inbound chains, from the AuthorizationPolicies that select it.
+
+    A policy istiod's validation would reject is left out (its status message says why), not the whole proxy.
+    """
+    opts = translation.options
+    selected = rbac.policies_for(translation.authorization_policies, namespace, labels, opts.root_namespace)
+    try:
+        built = rbac.build(selected, trust_domain=opts.trust_domain)
+    except ValueError:
+        valid = []
+        for policy in selected:
+            try:
+                rbac.build([policy], trust_domain=opts.trust_domain)
+            except ValueError:
+                continue
+            valid.append(policy)
+        built = rbac.build(valid, trust_domain=opts.trust_domain)
+    return InboundAuthz(built.http, built.tcp)
 
 
 def to_resources(built: Mapping[str, Sequence[message.Message]]) -> dict[str, list[Resource]]:

@@ -28,11 +28,11 @@ from xds_server.build.routes import inbound_route_config
 HCM = hcm_pb2.HttpConnectionManager
 
 
-def _router() -> hcm_pb2.HttpFilter:
+def router_filter() -> hcm_pb2.HttpFilter:
     return hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=pack(router_pb2.Router()))
 
 
-def _tcp_proxy(cluster: str) -> listener_components_pb2.Filter:
+def tcp_proxy_filter(cluster: str) -> listener_components_pb2.Filter:
     return network_filter(TCP_PROXY_FILTER, tcp_proxy_pb2.TcpProxy(stat_prefix=cluster, cluster=cluster))
 
 
@@ -48,7 +48,7 @@ def inbound_listener(address: str, port: InboundPort, trust_domain: str) -> list
         manager = HCM(
             stat_prefix=f"inbound_{name}",
             route_config=inbound_route_config(port.target_port),
-            http_filters=[_router()],
+            http_filters=[router_filter()],
             forward_client_cert_details=HCM.APPEND_FORWARD,
             set_current_client_cert_details=HCM.SetCurrentClientCertDetails(dns=True, uri=True),
         )
@@ -56,7 +56,7 @@ def inbound_listener(address: str, port: InboundPort, trust_domain: str) -> list
         filters = [network_filter(HCM_FILTER, manager)]
         alpn: tuple[str, ...] = ("h2", "http/1.1")
     else:
-        filters = [_tcp_proxy(cluster)]
+        filters = [tcp_proxy_filter(cluster)]
         alpn = ()
     tls = downstream_tls(common_tls_context([uri_san_prefix(f"spiffe://{trust_domain}/")], alpn))
     return listener_pb2.Listener(
@@ -73,7 +73,7 @@ def outbound_http_listener(address: str, port: int) -> listener_pb2.Listener:
     manager = HCM(
         stat_prefix=f"outbound_{name}",
         rds=hcm_pb2.Rds(config_source=ads_config_source(), route_config_name=str(port)),
-        http_filters=[_router()],
+        http_filters=[router_filter()],
     )
     return listener_pb2.Listener(
         name=name,
@@ -89,5 +89,5 @@ def outbound_tcp_listener(address: str, sp: ServicePort) -> listener_pb2.Listene
         name=listener_name(address, sp.number),
         address=socket_address(address, sp.number),
         traffic_direction=base_pb2.TrafficDirection.OUTBOUND,
-        filter_chains=[listener_components_pb2.FilterChain(filters=[_tcp_proxy(sp.cluster_name)])],
+        filter_chains=[listener_components_pb2.FilterChain(filters=[tcp_proxy_filter(sp.cluster_name)])],
     )

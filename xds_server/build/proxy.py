@@ -4,10 +4,11 @@ Node id: `<type>~<ip>~<pod>.<namespace>~<namespace>.svc.<domain>`. The addresses
 `INSTANCE_IPS` (comma-separated) when every entry is an IP, else from the id; the namespace from the metadata
 `NAMESPACE`, else from the first label of the DNS domain; the pod name from `NAME`, else from the id.
 
-ztdpu sidecars run without traffic capture (Istio's interception mode NONE): every listener binds its port.
-Inbound listeners bind the proxy's first address; outbound listeners bind localhost, or the address in the
-metadata key `ZTDPU_OUTBOUND_BIND` (the role of a Sidecar resource's `egress.bind`), so that several
-sidecars can share one network namespace, as in tests.
+Interception mode (metadata `INTERCEPTION_MODE`, as istiod reads it: `NONE`, `TPROXY`, anything else
+`REDIRECT`, which is also what pilot-agent sends by default): a captured sidecar gets istiod's virtual listeners
+on 15001/15006 (capture.py). Under `NONE` every listener binds its port: inbound listeners the proxy's first
+address, outbound listeners localhost or the address in the metadata key `ZTDPU_OUTBOUND_BIND` (the role of a
+Sidecar resource's `egress.bind`), so that several sidecars can share one network namespace, as in tests.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ META_INSTANCE_IPS = "INSTANCE_IPS"
 META_NAMESPACE = "NAMESPACE"
 META_NAME = "NAME"
 META_OUTBOUND_BIND = "ZTDPU_OUTBOUND_BIND"
+META_INTERCEPTION_MODE = "INTERCEPTION_MODE"
+# istio pkg/model TrafficInterceptionMode.
+INTERCEPTION_NONE, INTERCEPTION_REDIRECT, INTERCEPTION_TPROXY = "NONE", "REDIRECT", "TPROXY"
 
 
 class ProxyError(ValueError):
@@ -54,6 +58,12 @@ class Proxy:
     # Only the string-valued metadata fields (as istiod's metadata parser keeps them), sorted.
     metadata: tuple[tuple[str, str], ...] = ()
     outbound_bind: str = ""
+    interception: str = INTERCEPTION_REDIRECT
+
+    @property
+    def captured(self) -> bool:
+        """iptables sends the pod's traffic to this proxy (REDIRECT or TPROXY), as opposed to NONE."""
+        return self.interception != INTERCEPTION_NONE
 
     @property
     def ip(self) -> str:
@@ -101,6 +111,8 @@ class Proxy:
         bind = meta.get(META_OUTBOUND_BIND, "")
         if bind and not _is_ip(bind):
             raise ProxyError(f"node metadata {META_OUTBOUND_BIND}={bind!r} is not an IP address")
+        mode = meta.get(META_INTERCEPTION_MODE, "")
+        interception = mode if mode in (INTERCEPTION_NONE, INTERCEPTION_TPROXY) else INTERCEPTION_REDIRECT
         return cls(
             node_id=node_id,
             type=kind,
@@ -111,6 +123,7 @@ class Proxy:
             pod_name=pod,
             metadata=tuple(sorted(meta.items())),
             outbound_bind=bind,
+            interception=interception,
         )
 
     @classmethod

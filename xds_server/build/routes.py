@@ -95,9 +95,38 @@ def outbound_route_config(
     return config
 
 
-def inbound_route_config(port: int) -> route_pb2.RouteConfiguration:
-    """Inline in the inbound listener: any Host, straight to the application."""
-    name = inbound_cluster_name(port)
+def catch_all_virtual_host(passthrough: str | None) -> route_components_pb2.VirtualHost:
+    """The last virtual host of a captured sidecar's outbound routes, for Hosts the registry does not know:
+    `allow_any` to `passthrough` (the original destination), or `block_all` answering 502 (REGISTRY_ONLY)."""
+    if passthrough is None:
+        return route_components_pb2.VirtualHost(
+            name="block_all",
+            domains=["*"],
+            routes=[
+                route_components_pb2.Route(
+                    name="block_all",
+                    match=route_components_pb2.RouteMatch(prefix="/"),
+                    direct_response=route_components_pb2.DirectResponseAction(status=502),
+                )
+            ],
+        )
+    return route_components_pb2.VirtualHost(
+        name="allow_any",
+        domains=["*"],
+        routes=[
+            route_components_pb2.Route(
+                name="allow_any",
+                match=route_components_pb2.RouteMatch(prefix="/"),
+                route=_route_action(passthrough, retries=False),
+            )
+        ],
+    )
+
+
+def inbound_route_config(port: int, cluster: str = "") -> route_pb2.RouteConfiguration:
+    """Inline in the inbound listener: any Host, straight to the application (`cluster`, by default the
+    port's inbound cluster)."""
+    name = cluster or inbound_cluster_name(port)
     return route_pb2.RouteConfiguration(
         name=name,
         validate_clusters=wrappers_pb2.BoolValue(value=False),

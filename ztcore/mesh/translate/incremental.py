@@ -84,7 +84,16 @@ class Delta:
 class TranslationOutputs:
     """One update's outputs, frozen (shallow copies: pointers only), readable while the next update runs."""
 
-    __slots__ = ("_authorizations", "_messages", "_options", "_services", "_workloads")
+    __slots__ = (
+        "_authorizations",
+        "_messages",
+        "_options",
+        "_peer_authentications",
+        "_policies",
+        "_services",
+        "_source",
+        "_workloads",
+    )
 
     def __init__(
         self,
@@ -93,8 +102,14 @@ class TranslationOutputs:
         services: Mapping[str, Service],
         authorizations: Mapping[str, Authorization],
         messages: Mapping[str, StatusMessage],
+        policies: tuple[AuthorizationPolicy, ...] = (),
+        peer_authentications: tuple[PeerAuthentication, ...] = (),
+        source: RegistrySnapshot | None = None,
     ) -> None:
+        self._source = source
         self._options = options
+        self._policies = policies  # the snapshot's own (immutable, sorted) tuples
+        self._peer_authentications = peer_authentications
         self._workloads = dict(workloads)
         self._services = dict(services)
         self._authorizations = dict(authorizations)
@@ -111,6 +126,9 @@ class TranslationOutputs:
             services=tuple(self._services[k] for k in sorted(self._services)),
             authorizations=tuple(self._authorizations[k] for k in sorted(self._authorizations)),
             messages=tuple(sorted(self._messages.items())),
+            authorization_policies=self._policies,
+            peer_authentications=self._peer_authentications,
+            source=self._source,
         )
 
 
@@ -164,7 +182,14 @@ class IncrementalTranslation:
     def outputs(self) -> TranslationOutputs:
         """A frozen copy of the current outputs (cost: one pointer per output)."""
         return TranslationOutputs(
-            self.options, self._out.workloads, self._out.services, self._out.authorizations, self._messages
+            self.options,
+            self._out.workloads,
+            self._out.services,
+            self._out.authorizations,
+            self._messages,
+            self.snapshot.authorization_policies(),
+            self.snapshot.peer_authentications(),
+            self.snapshot,
         )
 
     def translation(self) -> Translation:

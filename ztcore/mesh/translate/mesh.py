@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import json_format
 
-from ztcore.mesh.registry.objects import EndpointSlice, Node, ObjectKey, PeerAuthentication
+from ztcore.mesh.registry.objects import (
+    EMPTY_LABELS,
+    AuthorizationPolicy,
+    EndpointSlice,
+    Labels,
+    Node,
+    ObjectKey,
+    PeerAuthentication,
+)
 from ztcore.mesh.registry.objects import Service as KubeService
 from ztcore.mesh.registry.store import RegistrySnapshot
 from ztcore.mesh.translate.policies import (
@@ -31,6 +39,8 @@ from ztcore.mesh.translate.workloads import (
 from ztcore.model.authz import Authorization
 from ztcore.model.workload import Service, Workload
 
+ALLOW_ANY, REGISTRY_ONLY = "ALLOW_ANY", "REGISTRY_ONLY"  # meshConfig.outboundTrafficPolicy.mode values
+
 
 @dataclass(frozen=True, slots=True)
 class TranslateOptions:
@@ -43,6 +53,9 @@ class TranslateOptions:
     root_namespace: str = "istio-system"  # meshConfig.rootNamespace: where mesh-wide policies live
     # istiod's AMBIENT_ENABLE_DRY_RUN_AUTHORIZATION_POLICY: send `istio.io/dry-run` policies as dry-run.
     dry_run_policies: bool = False
+    # meshConfig.outboundTrafficPolicy.mode: where a sidecar sends traffic to a destination the registry does
+    # not know (ALLOW_ANY: passed through; REGISTRY_ONLY: blackholed).
+    outbound_traffic_policy: str = ALLOW_ANY
 
     @property
     def workload_settings(self) -> WorkloadSettings:
@@ -59,6 +72,17 @@ class Translation:
     authorizations: tuple[Authorization, ...]  # by key
     # ("ns/name", status) for AuthorizationPolicies not converted, or converted with a caveat.
     messages: tuple[tuple[str, StatusMessage], ...] = ()
+    # The policy objects themselves, sorted by (namespace, name): Envoy sidecars enforce them at L7 and resolve
+    # PeerAuthentication per port, which the ztunnel form above cannot carry. Not part of `to_dict()`.
+    authorization_policies: tuple[AuthorizationPolicy, ...] = ()
+    peer_authentications: tuple[PeerAuthentication, ...] = ()
+    # The registry snapshot translated (immutable), for what Envoy builders read beyond the outputs: pod labels
+    # for policy selectors. Not compared: two translations of equal content are equal.
+    source: RegistrySnapshot | None = field(default=None, compare=False, repr=False)
+
+    def pod_labels(self, namespace: str, name: str) -> Labels:
+        pod = self.source.pod(namespace, name) if self.source is not None else None
+        return pod.labels if pod is not None else EMPTY_LABELS
 
     def pod_workload(self, namespace: str, name: str) -> Workload | None:
         uid = pod_uid(self.options.cluster_id, namespace, name)
@@ -160,4 +184,7 @@ def translate(snapshot: RegistrySnapshot, options: TranslateOptions | None = Non
         services=tuple(sorted(services, key=lambda s: s.key)),
         authorizations=tuple(sorted(authorizations, key=lambda a: a.key)),
         messages=tuple(sorted(messages, key=lambda m: m[0])),
+        authorization_policies=snapshot.authorization_policies(),
+        peer_authentications=peer_authentications,
+        source=snapshot,
     )
