@@ -215,3 +215,93 @@ def test_pod_outside_ambient_is_flagged(capsys: pytest.CaptureFixture[str]) -> N
     assert json.loads(out)["warnings"] == [
         "istio-system/ztunnel-node-a is not enrolled in ambient, so no ztunnel enforces this decision"
     ]
+
+
+# -- sidecar targets: what their Envoy does (tests/golden/envoy/capture.mesh.yaml) ------------------------------
+
+CAPTURE = Path(__file__).resolve().parents[1] / "golden" / "envoy" / "capture.mesh.yaml"
+SLEEP = "spiffe://cluster.local/ns/foo/sa/sleep"
+
+
+@pytest.fixture
+def capture_dir(tmp_path: Path) -> Path:
+    (tmp_path / "mesh.yaml").write_text(CAPTURE.read_text())
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("args", "verdict", "policy", "reason"),
+    [
+        (["--src", SLEEP, "--port", "8000", "--method", "GET", "--path", "/ip"], "ALLOW", "(default)", "allowed"),
+        (["--src", SLEEP, "--port", "8000", "--method", "POST", "--path", "/ip"], "DENY", "(default)", "no ALLOW"),
+        (
+            ["--src", SLEEP, "--port", "8000", "--method", "GET", "--path", "/admin/users"],
+            "DENY",
+            "ns[foo]-policy[httpbin-deny-admin]-rule[0]",
+            "DENY policy matched",
+        ),
+        # mesh-wide STRICT: a plaintext caller finds no filter chain at all
+        (["--port", "8000", "--method", "GET", "--path", "/ip"], "DENY", "(default)", "no filter chain accepts"),
+        # the DENY rule's only field (paths) is HTTP-only: on a TCP chain istiod keeps the rest, i.e. everything
+        (["--src", SLEEP, "--port", "9000"], "DENY", "ns[foo]-policy[httpbin-deny-admin]-rule[0]", "DENY policy"),
+    ],
+)
+def test_sidecar_targets_answer_as_their_envoy(
+    capsys: pytest.CaptureFixture[str], capture_dir: Path, args: list[str], verdict: str, policy: str, reason: str
+) -> None:
+    rc, out, err = run(capsys, "--config-dir", str(capture_dir), "--dst", "foo/httpbin-1", "--proxy", "sidecar", *args)
+    assert (rc, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[:2] == [verdict, policy]
+    assert reason in lines[2] and "(sidecar, chain" in lines[2]
+
+
+def test_auto_picks_the_sidecar_for_an_injected_pod(capsys: pytest.CaptureFixture[str], capture_dir: Path) -> None:
+    args = ["--config-dir", str(capture_dir), "--dst", "foo/httpbin-1", "--port", "8000", "--src", SLEEP, "-o", "json"]
+    rc, out, _ = run(capsys, *args)
+    assert rc == 0 and json.loads(out)["proxy"] == "ztunnel"  # no injector marks: ambient's answer
+    text = (capture_dir / "mesh.yaml").read_text()
+    (capture_dir / "mesh.yaml").write_text(
+        text.replace("labels: {app: httpbin}}", "labels: {app: httpbin, security.istio.io/tlsMode: istio}}")
+    )
+    rc, out, _ = run(capsys, *args)
+    doc = json.loads(out)
+    assert (rc, doc["proxy"], doc["decision"], doc["filterChain"]) == (0, "sidecar", "DENY", "0.0.0.0_8000")
+    assert doc["notes"] == ["port 8000 is HTTP: evaluated as GET / (use --method/--path/--header)"]
+
+
+def test_sidecar_check_refuses_what_it_cannot_answer(capsys: pytest.CaptureFixture[str], capture_dir: Path) -> None:
+    base = ["--dst", "foo/httpbin-1", "--port", "8000", "--proxy", "sidecar"]
+    rc, out, err = run(capsys, *base, "--config-dir", str(capture_dir), "--header", "no-colon")
+    assert (rc, out) == (1, "") and err.strip().endswith("--header 'no-colon' is not NAME:VALUE")
+    rc, out, err = run(capsys, *base, "--xds-address", "127.0.0.1:1")
+    assert (rc, out) == (1, "") and "--proxy sidecar needs --config-dir" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_ztunnel_answer_warns_where_istiods_status_overstates_a_deny(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "mesh.yaml").write_text((EXAMPLES / "00-namespaces.yaml").read_text() + "\n---\n" + textwrap.dedent(
+        """\
+        apiVersion: v1
+        kind: Pod
+        metadata: {name: web-1, namespace: shop, labels: {app: web}}
+        spec: {serviceAccountName: web}
+        status: {podIP: 10.244.9.9}
+        ---
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata: {name: deny-mixed, namespace: shop}
+        spec:
+          action: DENY
+          rules:
+          - to: [{operation: {paths: [/admin*]}}]
+          - from: [{source: {namespaces: [payments]}}]
+        """
+    ))  # fmt: skip
+    args = ["--config-dir", str(tmp_path), "--dst", "shop/web-1", "--port", "80", "--proxy", "ztunnel"]
+    rc, out, _ = run(capsys, *args, "--src", "spiffe://cluster.local/ns/shop/sa/x")
+    assert rc == 0 and out.splitlines()[0] == "ALLOW"
+    warning = next(line for line in out.splitlines() if "deny-mixed" in line)
+    assert "rule(s) 0 had only HTTP fields and ztunnel skips them: at L4 they deny nothing" in warning
