@@ -216,12 +216,12 @@ async def serve(workloads: int, port: int, source_kind: str) -> None:
     import shutil
     import tempfile
 
-    from xds_server.build import no_resources
     from xds_server.debug import DebugService
     from xds_server.envoy_configs import EnvoyConfigs
     from xds_server.main import HEAP_SWEEP_INTERVAL, freeze_heap, sweep_heap
     from xds_server.publish import Publisher, PushTuning
     from xds_server.server import AdsServicer, AdsSource, add_ads_to_server, control_plane_identifier
+    from ztcore.envoy import no_resources
     from ztcore.fsutil import write_atomic
     from ztcore.mesh.registry.files import FileRegistrySource
     from ztcore.mesh.registry.parse import parse_text

@@ -3,7 +3,12 @@
 # Installs what it needs itself into ./.venv-tools (tox) and ./.tox (the environments).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl >/dev/null; }
+# Host tools the tests drive: openssl (CA checks), iptables (Istio's own istio-iptables capture rules in the
+# sidecar tests' network namespaces; pilot-agent runs iptables-nft or -legacy, both come with the package).
+need=()
+command -v openssl >/dev/null || need+=(openssl)
+PATH="$PATH:/usr/sbin:/sbin" command -v iptables >/dev/null || need+=(iptables)
+if [ ${#need[@]} -gt 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; fi
 # On a cold machine the real Istio and Kubernetes binaries and the project's UML kernel take minutes to build:
 # start all three now, while tox installs, instead of one after the other when a test first needs them. The
 # scripts hold a lock, so a test that needs one waits for this build rather than starting its own; on a warm

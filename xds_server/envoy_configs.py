@@ -4,7 +4,7 @@ The ADS transport (`xds_server.server`) never builds configuration. As in go-con
 only answers from the snapshot cache and the application sets each node's snapshot when told a node
 connected, the transport binds an Envoy stream (`sidecar~`/`router~` node) to a cache scope of its own and
 hands the proxy to `EnvoyConfigs.connect`, which builds its resources with the `EnvoyGenerator`
-(`xds_server.build`) off the event loop and installs them under that scope before the stream is served.
+(`ztcore.envoy`) off the event loop and installs them under that scope before the stream is served.
 After every publish each connected proxy is rebuilt from the new translation; a proxy whose rebuild fails
 keeps its last good configuration. `disconnect` drops the scope.
 """
@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 
 from google.protobuf import message
 
-from xds_server.build import EnvoyGenerator, Proxy, resource_name
 from xds_server.publish import Published, Publisher
 from xds_server.server import SERVED_TYPES
+from ztcore.envoy import EnvoyGenerator, Proxy, resource_name
 from ztcore.mesh.translate import Translation
 from ztcore.untrusted import clip
 from ztcore.xds import typeurls

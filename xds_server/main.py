@@ -36,7 +36,6 @@ from sds.ca.nodeauthz import NodeAuthorizer, parse_trusted_accounts
 from sds.ca.rootconfigmap import RootCertPublisher
 from sds.ca.server import CAMetrics, CertificateService
 from sds.ca.tokenreview import KubeTokenReviewer
-from xds_server.build import load_generator
 from xds_server.debug import DebugService
 from xds_server.envoy_configs import EnvoyConfigs
 from xds_server.publish import Publisher, PublishMetrics, PushTuning
@@ -45,6 +44,7 @@ from xds_server.server import ADS_SERVICE, AdsServicer, AdsSource, add_ads_to_se
 from ztcore import authn, config, tlsfront
 from ztcore.config import Duration, option
 from ztcore.daemon import run_daemon
+from ztcore.envoy import load_generator
 from ztcore.fsutil import ensure_private_dir, write_atomic
 from ztcore.kubeclient import describe_error
 from ztcore.lease import LEASE_NAME, KubeLeaseStore, LeaseElector, LeaseTiming

@@ -32,8 +32,8 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
-from xds_server.build.proxy import Proxy, ProxyError
 from ztcore.authn import AuthenticationError, Authenticator, Caller, PeerLookup, authenticate, credentials_from_context
+from ztcore.envoy.proxy import Proxy, ProxyError
 from ztcore.identity import Identity, IdentityError
 from ztcore.untrusted import clip
 from ztcore.xds import typeurls

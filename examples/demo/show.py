@@ -385,7 +385,7 @@ class Show:
         self.step("6", "The Envoy side: two sidecars, certificates from zt-agent (SDS), config from ztd (ADS)")
         from google.protobuf import json_format
 
-        from xds_server.build.bootstrap import ads_bootstrap, node
+        from ztcore.envoy.bootstrap import ads_bootstrap, node
 
         token = await self.token("node-a", "token-node-a-agent")
         agent = Agent(self.state / "sidecars" / "agent", token, self.state / "root-cert.pem")

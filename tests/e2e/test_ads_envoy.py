@@ -28,7 +28,7 @@ from tests.helpers import RunningZtd, running_ztd, write_yaml
 from tests.support import envoy as ev
 from tests.support.agent import agent_for
 from tests.support.wait import eventually
-from xds_server.build.bootstrap import ads_bootstrap, node
+from ztcore.envoy.bootstrap import ads_bootstrap, node
 from ztcore.xds import status as st
 from ztcore.xds import typeurls
 from ztcore.xds.resources import Resource

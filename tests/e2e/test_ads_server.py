@@ -25,7 +25,7 @@ from tests.e2e.test_ads_ztunnel import EXAMPLES, syncz_over_xds
 from tests.helpers import RunningZtd, bearer, make_csr, new_key, request, running_ztd
 from tests.support.wait import eventually
 from xds_server import main as ztd_main
-from xds_server.build import Proxy
+from ztcore.envoy import Proxy
 from ztcore.mesh.translate import Translation
 from ztcore.xds import status as st
 from ztcore.xds import typeurls

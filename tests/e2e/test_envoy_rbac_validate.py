@@ -19,8 +19,8 @@ from google.protobuf import json_format
 
 from tests.support.envoy import envoy_binary
 from tests.unit.test_build_rbac import GOLDEN, ROOT_NAMESPACE, cases, load
-from xds_server.build import rbac
-from xds_server.build.common import pack
+from ztcore.envoy import rbac
+from ztcore.envoy.common import pack
 
 pytestmark = pytest.mark.slow
 

@@ -26,9 +26,9 @@ from google.protobuf import json_format
 from tests.helpers import RunningZtd, free_port, running_ztd, write_yaml
 from tests.support import envoy as ev
 from tests.support.agent import agent_for
-from xds_server.build.bootstrap import node, static_bootstrap
-from xds_server.build.envoy import build_for_proxy
-from xds_server.build.proxy import Proxy
+from ztcore.envoy.bootstrap import node, static_bootstrap
+from ztcore.envoy.proxy import Proxy
+from ztcore.envoy.sidecar import build_for_proxy
 from ztcore.mesh.registry.parse import parse_text
 from ztcore.mesh.registry.store import RegistrySnapshot
 from ztcore.mesh.translate import translate

@@ -19,9 +19,9 @@ from google.protobuf import json_format, message
 
 from tests.support.envoy import envoy_binary
 from tests.unit.test_build_envoy import CASES, Sidecar, mesh_of
-from xds_server.build import resource_name
-from xds_server.build.bootstrap import ads_bootstrap, node, static_bootstrap
-from xds_server.build.envoy import SharedConfig, build_for_proxy
+from ztcore.envoy import resource_name
+from ztcore.envoy.bootstrap import ads_bootstrap, node, static_bootstrap
+from ztcore.envoy.sidecar import SharedConfig, build_for_proxy
 from ztcore.xds import typeurls
 
 pytestmark = pytest.mark.slow

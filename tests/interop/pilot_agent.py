@@ -81,6 +81,40 @@ class AgentLayout:
         return self.cwd / "pilot-agent.log"
 
 
+@dataclass(frozen=True, slots=True)
+class Confinement:
+    """Where and as whom the agent runs, as in a pod: inside a network namespace (`ip netns exec`) and as Istio's
+    proxy uid/gid (1337), the uid that istio-iptables leaves uncaptured so Envoy's own connections go out as is."""
+
+    netns: str | None = None
+    uid: int | None = None
+    gid: int | None = None
+
+    def prefix(self) -> list[str]:
+        argv: list[str] = []
+        if self.netns is not None:
+            argv += [_tool("ip"), "netns", "exec", self.netns]
+        if self.uid is not None:
+            gid = self.uid if self.gid is None else self.gid
+            argv += [_tool("setpriv"), f"--reuid={self.uid}", f"--regid={gid}", "--clear-groups", "--"]
+        return argv
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name, path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    if found is None:
+        raise AssertionError(f"{name} is not installed (needed to confine pilot-agent to a pod)")
+    return found
+
+
+def _chown_tree(root: Path, uid: int, gid: int) -> None:
+    """The agent writes its certs, sockets and Envoy bootstrap under its cwd, so the proxy uid must own it."""
+    os.chown(root, uid, gid)
+    for folder, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            os.chown(os.path.join(folder, name), uid, gid)
+
+
 def agent_env(spec: VmSpec, discovery_address: str, ports: Mapping[str, int], tools: IstioTools) -> dict[str, str]:
     """The environment pilot-agent reads in VM mode (every value is one Istio documents or reads)."""
     proxy_config = {
@@ -227,12 +261,19 @@ async def running_pilot_agent(
     root_pem: bytes,
     token: str,
     log_level: str = "default:info",
+    confine: Confinement | None = None,
 ) -> AsyncIterator[PilotAgent]:
     await asyncio.to_thread(_write, layout.certs / "root-cert.pem", root_pem, 0o644)
     await write_token(layout, token)
     ports = {name: free_port() for name in ("admin", "status", "envoy_status", "envoy_prometheus")}
     env = agent_env(spec, discovery_address, ports, tools)
     argv = [str(tools.pilot_agent), "proxy", "sidecar", "--proxyLogLevel", "warning", "--log_output_level", log_level]
+    if confine is not None:
+        if confine.uid is not None:
+            gid = confine.uid if confine.gid is None else confine.gid
+            await asyncio.to_thread(_chown_tree, layout.cwd, confine.uid, gid)
+            env["HOME"] = str(layout.cwd)  # root's home is not the proxy uid's to write
+        argv = [*confine.prefix(), *argv]
     log = await asyncio.to_thread(open, layout.log, "wb")
     try:
         process = await asyncio.create_subprocess_exec(

@@ -15,9 +15,9 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
 from tests.unit.test_build_envoy import CASES, by_name, mesh_of, unpack
-from xds_server.build.envoy import build_for_proxy
-from xds_server.build.peerauth import EffectivePeerAuthentication, MtlsMode, compose
-from xds_server.build.proxy import Proxy
+from ztcore.envoy.peerauth import EffectivePeerAuthentication, MtlsMode, compose
+from ztcore.envoy.proxy import Proxy
+from ztcore.envoy.sidecar import build_for_proxy
 from ztcore.mesh.registry.objects import FrozenMap, ObjectMeta, PeerAuthentication
 from ztcore.mesh.translate import TranslateOptions
 from ztcore.xds import typeurls
@@ -60,8 +60,9 @@ def test_a_captured_sidecar_binds_only_the_two_capture_ports(httpbin: dict[str, 
     }  # fmt: skip
     assert bound == {("0.0.0.0", 15001), ("0.0.0.0", 15006)}  # noqa: S104
     names = set(listeners(httpbin))
-    # HTTP ports: one wildcard listener each; TCP ports: per VIP; the headless TCP service gets none.
-    assert names == {"virtualInbound", "virtualOutbound", "0.0.0.0_8000", "10.96.0.21_9001", "10.96.0.33_3306"}
+    # HTTP ports: one wildcard listener each; TCP ports: per VIP, and per endpoint for the headless `peers`.
+    expected = {"virtualInbound", "virtualOutbound", "10.96.0.21_9001", "10.96.0.33_3306", "10.244.3.5_4567"}
+    assert names == expected | {"0.0.0.0_8000"}
     vo = listeners(httpbin)["virtualOutbound"]
     assert vo.use_original_dst.value is True
     assert [c.name for c in vo.filter_chains] == ["virtualOutbound-blackhole", "virtualOutbound-catchall-tcp"]
@@ -137,7 +138,8 @@ def test_every_inbound_chain_carries_the_workloads_rbac(httpbin: dict[str, Any])
         elif names == ["envoy.filters.network.http_connection_manager"]:
             manager = unpack(chain.filters[0].typed_config, hcm_pb2.HttpConnectionManager)
             http = [f.name for f in manager.http_filters]
-            assert http == ["envoy.filters.http.rbac", "envoy.filters.http.rbac", "envoy.filters.http.router"]
+            rbac, rest = ["envoy.filters.http.rbac"] * 2, ["grpc_stats", "fault", "cors", "router"]
+            assert http == rbac + [f"envoy.filters.http.{name}" for name in rest]
             deny, allow = (unpack(f.typed_config, http_rbac_pb2.RBAC) for f in manager.http_filters[:2])
             assert (deny.rules.action, allow.rules.action) == (deny.rules.DENY, allow.rules.ALLOW)
             assert set(deny.rules.policies) == {"ns[foo]-policy[httpbin-deny-admin]-rule[0]"}

@@ -27,10 +27,10 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from google.protobuf import json_format, message
 
-from xds_server.build import ProxyError, load_generator, resource_name
-from xds_server.build.bootstrap import inline
-from xds_server.build.envoy import SharedConfig, build_for_proxy, to_resources
-from xds_server.build.proxy import Proxy
+from ztcore.envoy import ProxyError, load_generator, resource_name
+from ztcore.envoy.bootstrap import inline
+from ztcore.envoy.proxy import Proxy
+from ztcore.envoy.sidecar import SharedConfig, build_for_proxy, to_resources
 from ztcore.mesh.registry.files import read_dir
 from ztcore.mesh.registry.parse import parse_text
 from ztcore.mesh.registry.store import RegistrySnapshot
@@ -447,7 +447,7 @@ def test_only_sidecars_get_envoy_config(examples: Translation) -> None:
 
 
 def test_from_node_reads_the_struct_metadata() -> None:
-    from xds_server.build.bootstrap import node
+    from ztcore.envoy.bootstrap import node
 
     pb = node("sidecar~10.0.0.1~x.y~y.svc.cluster.local", {"NAMESPACE": "y", "ZTDPU_OUTBOUND_BIND": "127.0.3.3"})
     p = Proxy.from_node(pb)

@@ -1,4 +1,4 @@
-"""AuthorizationPolicy -> sidecar RBAC filters (xds_server/build/rbac.py).
+"""AuthorizationPolicy -> sidecar RBAC filters (ztcore/envoy/rbac.py).
 
 Goldens: tests/golden/envoy_rbac/<case>-in.yaml holds one Pod (the sidecar) and AuthorizationPolicies;
 <case>.yaml is `policies` (the ones that apply to the pod, in istiod's lookup order), `http` and `tcp` (the
@@ -20,7 +20,7 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb2
 from google.protobuf import json_format
 
-from xds_server.build import rbac
+from ztcore.envoy import rbac
 from ztcore.mesh.registry.objects import AuthorizationPolicy, FrozenMap, Pod
 from ztcore.mesh.registry.parse import parse_text
 

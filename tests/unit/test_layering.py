@@ -1,6 +1,7 @@
 """Which package may import which: the shared core below everything, the server above the bridge and CLI.
 
-ztcore (model, mesh registry and translation, rbac, xDS engine, caller authentication, the certificate manager)
+ztcore (model, mesh registry and translation, Envoy config builders, rbac, xDS engine, caller authentication,
+the certificate manager)
 imports none of the products; the bridge, the CLI and the CA/SDS agent never import the xDS server, so they run
 (and install) without it, and the bridge needs nothing of the SDS agent. The general layers and the absence of
 import cycles are import-linter's contracts (pyproject.toml, `tox -e lint`); this test adds what a run needs.

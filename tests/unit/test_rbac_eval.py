@@ -1,4 +1,4 @@
-"""The RBAC evaluator (xds_server/build/rbac_eval.py) over filters built from the envoy_rbac golden cases."""
+"""The RBAC evaluator (ztcore/envoy/rbac_eval.py) over filters built from the envoy_rbac golden cases."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from functools import cache
 import pytest
 
 from tests.unit.test_build_rbac import GOLDEN, OPTIONS, ROOT_NAMESPACE, Options, load
-from xds_server.build import rbac
-from xds_server.build.rbac_eval import Request, evaluate_http, evaluate_tcp
+from ztcore.envoy import rbac
+from ztcore.envoy.rbac_eval import Request, evaluate_http, evaluate_tcp
 
 FOO_SLEEP = "spiffe://cluster.local/ns/foo/sa/sleep"
 BAR_CLIENT = "spiffe://cluster.local/ns/bar/sa/client"

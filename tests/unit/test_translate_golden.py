@@ -32,8 +32,17 @@ OPTIONS = {
 }
 
 
+# The areas this test owns: what ztunnel receives. envoy_rbac/ is the sidecar RBAC converter's
+# (tests/unit/test_build_rbac.py), envoy/ the sidecar builder's (tests/unit/test_build_envoy.py).
+AREAS = ("authz", "wds")
+
+
 def _cases() -> list[str]:
-    return sorted(f"{path.parent.name}/{path.name.removesuffix('-in.yaml')}" for path in GOLDEN.glob("*/*-in.yaml"))
+    return sorted(
+        f"{path.parent.name}/{path.name.removesuffix('-in.yaml')}"
+        for area in AREAS
+        for path in (GOLDEN / area).glob("*-in.yaml")
+    )
 
 
 def _render(translation: Translation) -> str:
@@ -54,7 +63,8 @@ def _compare(translation: Translation, expected_path: Path) -> None:
 
 def test_every_area_has_cases() -> None:
     areas = {case.split("/")[0] for case in _cases()}
-    assert areas == {"authz", "wds"}
+    assert areas == set(AREAS)
+    assert {p.parent.name for p in GOLDEN.glob("*/*-in.yaml")} - set(AREAS) == {"envoy_rbac"}, "an area nobody tests"
     assert len(_cases()) >= 30
 
 

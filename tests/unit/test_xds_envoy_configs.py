@@ -15,10 +15,10 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from google.protobuf import message
 
-from xds_server.build import Proxy, ProxyError
 from xds_server.envoy_configs import ENVOY_TYPES, EnvoyConfigs, pack_envoy
 from xds_server.publish import Publisher
 from xds_server.server import AdsSource
+from ztcore.envoy import Proxy, ProxyError
 from ztcore.mesh.registry.parse import parse_text
 from ztcore.mesh.registry.store import Registry
 from ztcore.mesh.translate import TranslateOptions, Translation
@@ -45,7 +45,7 @@ def objects(*services: str) -> list[object]:
 
 @dataclass
 class Generator:
-    """A generator as xds_server.build describes one: a cluster and its endpoints per service, one listener per
+    """A generator as ztcore.envoy describes one: a cluster and its endpoints per service, one listener per
     proxy. A service named `boom` makes it fail (a generator bug); namespace `refused` is a ProxyError."""
 
     threads: set[str] = field(default_factory=set)

@@ -15,10 +15,10 @@ from typing import TypeAlias
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 
-from xds_server.build.common import HCM_FILTER, VIRTUAL_INBOUND
-from xds_server.build.envoy import build_for_proxy
-from xds_server.build.proxy import Proxy
-from xds_server.build.rbac_eval import Request, evaluate_http, evaluate_tcp
+from ztcore.envoy.common import HCM_FILTER, VIRTUAL_INBOUND
+from ztcore.envoy.proxy import Proxy
+from ztcore.envoy.rbac_eval import Request, evaluate_http, evaluate_tcp
+from ztcore.envoy.sidecar import build_for_proxy
 from ztcore.mesh.registry.objects import Pod
 from ztcore.mesh.translate import Translation
 from ztcore.xds import typeurls

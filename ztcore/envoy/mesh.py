@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from xds_server.build.common import Protocol, outbound_cluster_name
-from xds_server.build.proxy import Proxy
+from ztcore.envoy.common import Protocol, outbound_cluster_name
+from ztcore.envoy.proxy import Proxy
 from ztcore.mesh.translate import Translation
 from ztcore.model.workload import Port, Service, Workload, WorkloadStatus
 

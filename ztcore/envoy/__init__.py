@@ -4,7 +4,7 @@ The publish side knows builders only through `EnvoyGenerator` (xds_server/envoy_
 generator when an Envoy (`sidecar~`/`router~` node) connects and after every registry change, packs each
 returned message into a versioned resource (content hash, so unchanged resources keep their version and are
 not resent) and installs it in that proxy's cache scope, which the ADS server serves to that proxy alone.
-The generator is `xds_server.build.envoy.build_for_proxy` when that module exists, else `no_resources`.
+The generator is `ztcore.envoy.sidecar.build_for_proxy` when that module exists, else `no_resources`.
 
 Contract for a generator:
 - pure: no IO, no clock, no asyncio; it may run in a worker thread, so it shares nothing mutable;
@@ -24,10 +24,10 @@ from typing import Protocol, cast
 
 from google.protobuf import message
 
-from xds_server.build.proxy import Proxy, ProxyError
+from ztcore.envoy.proxy import Proxy, ProxyError
 from ztcore.mesh.translate import Translation
 
-ENVOY_MODULE = "xds_server.build.envoy"
+ENVOY_MODULE = "ztcore.envoy.sidecar"
 
 __all__ = ["EnvoyGenerator", "Proxy", "ProxyError", "load_generator", "no_resources", "resource_name"]
 
@@ -51,7 +51,7 @@ def resource_name(msg: message.Message) -> str:
 
 
 def load_generator() -> EnvoyGenerator:
-    """`build_for_proxy` of xds_server/build/envoy.py, or `no_resources` when that file is absent.
+    """`build_for_proxy` of ztcore/envoy/sidecar.py, or `no_resources` when that file is absent.
 
     Only a missing module falls back: an error inside it propagates, so a broken builder is not hidden.
     """

@@ -34,9 +34,9 @@ from itertools import groupby
 
 from google.protobuf import message
 
-from xds_server.build import rbac, resource_name
-from xds_server.build.capture import WILDCARD, InboundAuthz, unbound, virtual_inbound, virtual_outbound
-from xds_server.build.clusters import (
+from ztcore.envoy import rbac, resource_name
+from ztcore.envoy.capture import WILDCARD, InboundAuthz, unbound, virtual_inbound, virtual_outbound
+from ztcore.envoy.clusters import (
     blackhole_cluster,
     inbound_captured_cluster,
     inbound_cluster,
@@ -44,13 +44,13 @@ from xds_server.build.clusters import (
     outbound_cluster,
     passthrough_cluster,
 )
-from xds_server.build.common import PASSTHROUGH_CLUSTER
-from xds_server.build.endpoints import load_assignment
-from xds_server.build.listeners import inbound_listener, outbound_http_listener, outbound_tcp_listener
-from xds_server.build.mesh import MeshIndex
-from xds_server.build.peerauth import compose
-from xds_server.build.proxy import INTERCEPTION_TPROXY, SIDECAR, Proxy, ProxyError
-from xds_server.build.routes import catch_all_virtual_host, outbound_route_config
+from ztcore.envoy.common import PASSTHROUGH_CLUSTER
+from ztcore.envoy.endpoints import load_assignment
+from ztcore.envoy.listeners import inbound_listener, outbound_http_listener, outbound_tcp_listener
+from ztcore.envoy.mesh import MeshIndex
+from ztcore.envoy.peerauth import compose
+from ztcore.envoy.proxy import INTERCEPTION_TPROXY, SIDECAR, Proxy, ProxyError
+from ztcore.envoy.routes import catch_all_virtual_host, outbound_route_config
 from ztcore.mesh.registry.objects import EMPTY_LABELS, Labels
 from ztcore.mesh.translate import Translation
 from ztcore.mesh.translate.mesh import REGISTRY_ONLY
@@ -169,9 +169,13 @@ def _captured(translation: Translation, proxy: Proxy, common: SharedConfig) -> _
         for sp in same_port:
             if sp.protocol.is_http:
                 continue
-            # A TCP service is told apart by its VIP; a headless one (no VIP) gets no listener here.
-            for vip in sp.service.addresses:
-                out.listeners.append(unbound(outbound_tcp_listener(str(vip.address), sp)))
+            # A TCP service is told apart by its VIP; a headless one (no VIP) by each endpoint's address, on the
+            # service port (istiod: one listener per endpoint, never the proxy's own address).
+            addresses = [str(vip.address) for vip in sp.service.addresses] or sorted(
+                {e.address for e in sp.endpoints} - set(proxy.ip_addresses)
+            )
+            for address in addresses:
+                out.listeners.append(unbound(outbound_tcp_listener(address, sp)))
     return out
 
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.extensions.filters.http.cors.v3 import cors_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.filters.http.grpc_stats.v3 import config_pb2 as grpc_stats_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
-from xds_server.build.common import (
+from ztcore.envoy.common import (
+    CORS_FILTER,
+    FAULT_FILTER,
+    GRPC_STATS_FILTER,
     HCM_FILTER,
     ROUTER_FILTER,
     TCP_PROXY_FILTER,
@@ -22,14 +30,29 @@ from xds_server.build.common import (
     socket_address,
     uri_san_prefix,
 )
-from xds_server.build.mesh import InboundPort, ServicePort
-from xds_server.build.routes import inbound_route_config
+from ztcore.envoy.mesh import InboundPort, ServicePort
+from ztcore.envoy.routes import inbound_route_config
 
 HCM = hcm_pb2.HttpConnectionManager
 
 
 def router_filter() -> hcm_pb2.HttpFilter:
     return hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=pack(router_pb2.Router()))
+
+
+def http_filters(authz: Sequence[hcm_pb2.HttpFilter] = ()) -> list[hcm_pb2.HttpFilter]:
+    """Every HTTP connection manager's filters, in istiod's order: authorization, then gRPC stats, fault and
+    CORS (which routes' per-filter configs need), then the router. Istio's own Envoy build would add its
+    metadata-exchange, ALPN and stats filters around them; upstream Envoy has none of those."""
+    grpc_stats = grpc_stats_pb2.FilterConfig(emit_filter_state=True)
+    grpc_stats.stats_for_all_methods.value = False
+    return [
+        *authz,
+        hcm_pb2.HttpFilter(name=GRPC_STATS_FILTER, typed_config=pack(grpc_stats)),
+        hcm_pb2.HttpFilter(name=FAULT_FILTER, typed_config=pack(fault_pb2.HTTPFault())),
+        hcm_pb2.HttpFilter(name=CORS_FILTER, typed_config=pack(cors_pb2.Cors())),
+        router_filter(),
+    ]
 
 
 def tcp_proxy_filter(cluster: str) -> listener_components_pb2.Filter:
@@ -48,7 +71,7 @@ def inbound_listener(address: str, port: InboundPort, trust_domain: str) -> list
         manager = HCM(
             stat_prefix=f"inbound_{name}",
             route_config=inbound_route_config(port.target_port),
-            http_filters=[router_filter()],
+            http_filters=http_filters(),
             forward_client_cert_details=HCM.APPEND_FORWARD,
             set_current_client_cert_details=HCM.SetCurrentClientCertDetails(dns=True, uri=True),
         )
@@ -73,7 +96,7 @@ def outbound_http_listener(address: str, port: int) -> listener_pb2.Listener:
     manager = HCM(
         stat_prefix=f"outbound_{name}",
         rds=hcm_pb2.Rds(config_source=ads_config_source(), route_config_name=str(port)),
-        http_filters=[router_filter()],
+        http_filters=http_filters(),
     )
     return listener_pb2.Listener(
         name=name,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from envoy.config.core.v3 import health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 
-from xds_server.build.common import socket_address
-from xds_server.build.mesh import ServicePort
+from ztcore.envoy.common import socket_address
+from ztcore.envoy.mesh import ServicePort
 
 
 def load_assignment(sp: ServicePort) -> endpoint_pb2.ClusterLoadAssignment:

@@ -20,7 +20,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import message, struct_pb2
 
-from xds_server.build.common import HTTP_OPTIONS_KEY, SDS_CLUSTER, ads_config_source, pack, seconds, socket_address
+from ztcore.envoy.common import HTTP_OPTIONS_KEY, SDS_CLUSTER, ads_config_source, pack, seconds, socket_address
 from ztcore.xds import typeurls
 
 XDS_CLUSTER = "xds-grpc"

@@ -26,7 +26,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb2
 from envoy.type.matcher.v3 import metadata_pb2, path_pb2, regex_pb2, string_pb2, value_pb2
 
-from xds_server.build.common import network_filter, pack
+from ztcore.envoy.common import network_filter, pack
 from ztcore.mesh.registry.objects import AuthorizationPolicy, FrozenMap, Labels, Operation, Rule, Source
 
 HTTP_RBAC_FILTER = "envoy.filters.http.rbac"

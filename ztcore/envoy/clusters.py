@@ -8,7 +8,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import duration_pb2
 
-from xds_server.build.common import (
+from ztcore.envoy.common import (
     BLACKHOLE_CLUSTER,
     CONNECT_TIMEOUT_SECONDS,
     HTTP_OPTIONS_KEY,
@@ -27,7 +27,7 @@ from xds_server.build.common import (
     upstream_tls,
     uri_san_exact,
 )
-from xds_server.build.mesh import InboundPort, ServicePort
+from ztcore.envoy.mesh import InboundPort, ServicePort
 
 
 def _alpn(protocol: Protocol) -> tuple[str, ...]:

@@ -12,8 +12,9 @@ shape (pilot/pkg/networking/core listener_inbound.go, filterchain_options.go, li
   app (`inbound|<port>||`, the original destination, from 127.0.0.6); ports no service declares go to
   `InboundPassthroughCluster` through the same kind of chains, with the workload's mode.
 
-Istio's own Envoy build adds metadata-exchange and stats filters; upstream Envoy (what ztdpu runs) has neither,
-so they are not generated. Nothing else differs in structure.
+Istio's own Envoy build adds metadata-exchange, ALPN and stats filters; upstream Envoy (what ztdpu runs) has none
+of them, so they are not generated. tests/interop/test_sidecar_vs_istiod.py compares the rest of the structure
+(listener, cluster and chain names, matches, filters, RBAC policy names) with the real istiod's for the same pods.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.type.v3 import range_pb2
 from google.protobuf import message, wrappers_pb2
 
-from xds_server.build.common import (
+from ztcore.envoy.common import (
     BLACKHOLE_CLUSTER,
     HCM_FILTER,
     INBOUND_CAPTURE_PORT,
@@ -49,10 +50,10 @@ from xds_server.build.common import (
     socket_address,
     uri_san_prefix,
 )
-from xds_server.build.listeners import HCM, router_filter, tcp_proxy_filter
-from xds_server.build.mesh import InboundPort
-from xds_server.build.peerauth import EffectivePeerAuthentication, MtlsMode
-from xds_server.build.routes import inbound_route_config
+from ztcore.envoy.listeners import HCM, http_filters, tcp_proxy_filter
+from ztcore.envoy.mesh import InboundPort
+from ztcore.envoy.peerauth import EffectivePeerAuthentication, MtlsMode
+from ztcore.envoy.routes import inbound_route_config
 
 WILDCARD = "0.0.0.0"  # noqa: S104 -- captured traffic arrives for any of the pod's addresses
 TLS = "tls"
@@ -69,7 +70,9 @@ CATCH_ALL_HTTP_CHAIN_IN = "virtualInbound-catchall-http"
 MTLS_HTTP_ALPNS = ("istio-http/1.0", "istio-http/1.1", "istio-h2")
 MTLS_TCP_ALPNS = ("istio-peer-exchange", "istio")
 ALL_ISTIO_MTLS_ALPNS = ("istio", "istio-peer-exchange", "istio-http/1.0", "istio-http/1.1", "istio-h2")
-PLAINTEXT_HTTP_ALPNS = ("http/1.0", "http/1.1", "h2c")
+# istiod leaves http/1.0 out unless its HTTP10 feature is on (a 1.0 request would be rejected; as raw TCP
+# it at least passes).
+PLAINTEXT_HTTP_ALPNS = ("http/1.1", "h2c")
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +182,7 @@ def _inbound_hcm(
     manager = HCM(
         stat_prefix=stat_prefix,
         route_config=inbound_route_config(route_port, cluster),
-        http_filters=[*authz.http, router_filter()],
+        http_filters=http_filters(authz.http),
         forward_client_cert_details=HCM.APPEND_FORWARD,
         set_current_client_cert_details=HCM.SetCurrentClientCertDetails(dns=True, uri=True),
     )

@@ -9,8 +9,8 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from google.protobuf import wrappers_pb2
 
-from xds_server.build.common import inbound_cluster_name, pack, seconds
-from xds_server.build.mesh import ServicePort
+from ztcore.envoy.common import inbound_cluster_name, pack, seconds
+from ztcore.envoy.mesh import ServicePort
 from ztcore.model.workload import Service
 
 DEFAULT_ROUTE = "default"

@@ -28,6 +28,9 @@ TLS_SOCKET = "envoy.transport_sockets.tls"
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
 ROUTER_FILTER = "envoy.filters.http.router"
+GRPC_STATS_FILTER = "envoy.filters.http.grpc_stats"
+FAULT_FILTER = "envoy.filters.http.fault"
+CORS_FILTER = "envoy.filters.http.cors"
 HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 # Capture (interception REDIRECT/TPROXY): Istio's listener ports, cluster and chain names.
