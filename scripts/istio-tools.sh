@@ -2,7 +2,7 @@
 # Builds the pinned real Istio binaries (pilot-agent, istioctl) that the interop tests run against our servers.
 # They live in a cache outside the work tree so a fresh clone (CI) reuses them; a binary is built only when missing.
 #   scripts/istio-tools.sh                  build what is missing; prints one line per tool built, nothing otherwise
-#   scripts/istio-tools.sh pilot-discovery  the same, and also istiod's binary (opt-in: only bench/vs_istiod.py uses it)
+#   scripts/istio-tools.sh pilot-discovery  the same, and also istiod's binary (bench/vs_istiod.py, tests/interop/test_sidecar_vs_istiod.py)
 #   scripts/istio-tools.sh --bin-dir        print the folder the binaries go to (builds nothing)
 # Layout: ${ZTDPU_CACHE:-~/.cache/ztdpu}/tools/istio-<pin>/{bin/pilot-agent,bin/istioctl,share/envoy_bootstrap_tmpl.json}
 #   (+ bin/pilot-discovery when asked for)

@@ -18,7 +18,7 @@ mkdir -p "$cache"
 prefetch=()
 scripts/uml-kernel.sh >"$cache/prefetch-kernel.log" 2>&1 & prefetch+=($!)
 if command -v go >/dev/null; then
-  scripts/istio-tools.sh >"$cache/prefetch-istio.log" 2>&1 & prefetch+=($!)
+  scripts/istio-tools.sh pilot-discovery >"$cache/prefetch-istio.log" 2>&1 & prefetch+=($!)
   scripts/kube-tools.sh >"$cache/prefetch-kube.log" 2>&1 & prefetch+=($!)
 fi
 if [ ! -x .venv-tools/bin/tox ]; then
