@@ -28,6 +28,7 @@ from ztcore.mesh.registry.objects import ObjectKey
 from ztcore.mesh.registry.store import Registry, RegistrySnapshot
 from ztcore.mesh.translate import TranslateOptions, Translation, translate
 from ztcore.mesh.translate.incremental import Delta, IncrementalTranslation, TranslationOutputs
+from ztcore.mesh.translate.policies import StatusMessage
 from ztcore.metrics import Registry as MetricsRegistry
 from ztcore.model.authz import Authorization
 from ztcore.model.workload import Service, Workload
@@ -166,6 +167,10 @@ class Published:
         return self._translation
 
     @property
+    def status_messages(self) -> dict[str, StatusMessage]:
+        return self._outputs.status_messages()
+
+    @property
     def sizes(self) -> tuple[int, int, int]:
         """Workloads, services and policies."""
         return self._outputs.sizes()
@@ -232,6 +237,7 @@ class Publisher:
                     if changes.removals[type_url]:
                         names |= self._cache.remove(type_url, changes.removals[type_url], origin=origin)
                 changed[type_url] = frozenset(names)
+            self._log_status_changes(self.latest, outputs)
             self.latest = Published(snapshot.version, outputs, changed, state.rebuilt)
             for listener in list(self._listeners):
                 try:
@@ -251,6 +257,18 @@ class Publisher:
                 state.rebuilt,
             )  # fmt: skip
             return self.latest
+
+    @staticmethod
+    def _log_status_changes(previous: Published | None, outputs: TranslationOutputs) -> None:
+        """Say once, when it appears or changes, where a policy is not enforced as written (istiod puts this in
+        the policy's status); a push that changes no status logs nothing."""
+        before = previous.status_messages if previous is not None else {}
+        after = outputs.status_messages()
+        for key in sorted(after):
+            if before.get(key) != after[key]:
+                log.warning("AuthorizationPolicy %s: %s", key, after[key].message)
+        for key in sorted(before.keys() - after.keys()):
+            log.info("AuthorizationPolicy %s: no status message any more", key)
 
     def _changed_keys(self, snapshot: RegistrySnapshot) -> frozenset[ObjectKey] | None:
         """The registry keys that changed since the last push; None: start from scratch."""

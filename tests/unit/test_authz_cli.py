@@ -267,7 +267,9 @@ def test_auto_picks_the_sidecar_for_an_injected_pod(capsys: pytest.CaptureFixtur
     rc, out, _ = run(capsys, *args)
     doc = json.loads(out)
     assert (rc, doc["proxy"], doc["decision"], doc["filterChain"]) == (0, "sidecar", "DENY", "0.0.0.0_8000")
-    assert doc["notes"] == ["port 8000 is HTTP: evaluated as GET / (use --method/--path/--header)"]
+    assert "port 8000 is HTTP: evaluated as GET / (use --method/--path/--header)" in doc["notes"]
+    # what the sidecar enforces differently from the policies as written is said, not hidden
+    assert "policy foo/httpbin-deny-admin: rule[0] on TCP filter chains ignores HTTP-only paths, so it matches more traffic" in doc["notes"]  # noqa: E501
 
 
 def test_sidecar_check_refuses_what_it_cannot_answer(capsys: pytest.CaptureFixture[str], capture_dir: Path) -> None:
@@ -305,3 +307,32 @@ def test_ztunnel_answer_warns_where_istiods_status_overstates_a_deny(
     assert rc == 0 and out.splitlines()[0] == "ALLOW"
     warning = next(line for line in out.splitlines() if "deny-mixed" in line)
     assert "rule(s) 0 had only HTTP fields and ztunnel skips them: at L4 they deny nothing" in warning
+
+
+def test_a_custom_policy_fails_closed_on_the_sidecar_and_says_so(
+    capsys: pytest.CaptureFixture[str], capture_dir: Path
+) -> None:
+    with (capture_dir / "custom.yaml").open("w") as f:
+        f.write(
+            textwrap.dedent(
+                """\
+                apiVersion: security.istio.io/v1
+                kind: AuthorizationPolicy
+                metadata: {name: ext-authz, namespace: foo}
+                spec:
+                  selector: {matchLabels: {app: httpbin}}
+                  action: CUSTOM
+                  provider: {name: my-ext-authz}
+                  rules:
+                  - to: [{operation: {paths: [/headers]}}]
+                """
+            )
+        )
+    base = ["--config-dir", str(capture_dir), "--dst", "foo/httpbin-1", "--proxy", "sidecar", "--src", SLEEP]
+    rc, out, _ = run(capsys, *base, "--port", "8000", "--method", "GET", "--path", "/headers", "-o", "json")
+    doc = json.loads(out)
+    assert (rc, doc["decision"]) == (0, "DENY")
+    assert doc["policy"].endswith("-deny-due-to-bad-CUSTOM-action")
+    assert any(n.startswith("policy foo/ext-authz: ") and "my-ext-authz" in n for n in doc["notes"]), doc["notes"]
+    rc, out, _ = run(capsys, *base, "--port", "8000", "--method", "GET", "--path", "/ip")
+    assert out.splitlines()[0] == "ALLOW"  # only what the CUSTOM rules match is denied

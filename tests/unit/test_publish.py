@@ -4,6 +4,7 @@ unchanged resources), and the Publisher loop driven by an injected clock and sle
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -260,3 +261,31 @@ async def test_identical_content_is_no_push(harness: Harness) -> None:
     await harness.time.advance(0.2)
     await harness.settle()
     assert len(harness.pushes) == 1 and harness.cache.revision == revision
+
+
+async def test_a_policy_not_enforced_as_written_is_logged_once_when_its_status_appears(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    l7 = (
+        MESH
+        + """---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: shop}
+spec: {action: DENY, rules: [{to: [{operation: {paths: [/admin*]}}]}]}
+"""
+    )
+    publisher, _ = await published()
+    caplog.set_level(logging.INFO, logger="xds_server.publish")
+    publisher.registry.replace(objects(l7))
+    await publisher.publish(publisher.registry.current)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and warned[0].startswith("AuthorizationPolicy shop/deny-admin: ztunnel does not support")
+    caplog.clear()
+    publisher.registry.replace(objects(l7.replace("podIP: 10.0.0.2", "podIP: 10.0.0.3")))
+    await publisher.publish(publisher.registry.current)  # the status did not change: nothing said
+    assert [r for r in caplog.records if "AuthorizationPolicy" in r.getMessage()] == []
+    publisher.registry.replace(objects(MESH))
+    await publisher.publish(publisher.registry.current)
+    said = [r.getMessage() for r in caplog.records if "AuthorizationPolicy" in r.getMessage()]
+    assert said == ["AuthorizationPolicy shop/deny-admin: no status message any more"]

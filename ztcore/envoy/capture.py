@@ -116,6 +116,8 @@ class InboundAuthz:
 
     http: tuple[hcm_pb2.HttpFilter, ...] = ()
     network: tuple[listener_components_pb2.Filter, ...] = ()
+    # ("namespace/name", what the sidecar does differently from what the policy says, or why it is left out)
+    notes: tuple[tuple[str, str], ...] = ()
 
 
 def _listener_filter(

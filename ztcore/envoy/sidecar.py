@@ -182,10 +182,12 @@ def _captured(translation: Translation, proxy: Proxy, common: SharedConfig) -> _
 def inbound_authz(translation: Translation, namespace: str, labels: Labels) -> InboundAuthz:
     """The RBAC filters of a workload's inbound chains, from the AuthorizationPolicies that select it.
 
-    A policy istiod's validation would reject is left out (its status message says why), not the whole proxy.
+    A policy istiod's validation would reject is left out, not the whole proxy; `notes` says so, and carries
+    the converter's notes (a CUSTOM policy failing closed, request principals without a JWT filter, ...).
     """
     opts = translation.options
     selected = rbac.policies_for(translation.authorization_policies, namespace, labels, opts.root_namespace)
+    notes: list[tuple[str, str]] = []
     try:
         built = rbac.build(selected, trust_domain=opts.trust_domain)
     except ValueError:
@@ -193,11 +195,13 @@ def inbound_authz(translation: Translation, namespace: str, labels: Labels) -> I
         for policy in selected:
             try:
                 rbac.build([policy], trust_domain=opts.trust_domain)
-            except ValueError:
+            except ValueError as err:
+                notes.append((f"{policy.namespace}/{policy.name}", f"left out: {err}"))
                 continue
             valid.append(policy)
         built = rbac.build(valid, trust_domain=opts.trust_domain)
-    return InboundAuthz(built.http, built.tcp)
+    notes += [(key, text) for key, texts in built.messages.items() for text in texts]
+    return InboundAuthz(built.http, built.tcp, tuple(notes))
 
 
 def to_resources(built: Mapping[str, Sequence[message.Message]]) -> dict[str, list[Resource]]:

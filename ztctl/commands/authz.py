@@ -271,6 +271,7 @@ def _print(decision: Decision, conn: Connection, output: str, extra: list[str]) 
 def _print_sidecar(result: SidecarDecision, opts: AuthzCheckOptions) -> None:
     verdict = "ALLOW" if result.allowed else "DENY"
     notes = [f"audit: {name}" for name in result.logged] + [f"dry-run: {d}" for d in result.dry_run]
+    notes += [f"policy {note}" for note in result.policy_notes]
     if result.http and not (opts.method or opts.header):
         notes.append(f"port {opts.port} is HTTP: evaluated as GET {opts.path} (use --method/--path/--header)")
     data = {

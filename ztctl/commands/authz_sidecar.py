@@ -18,7 +18,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from ztcore.envoy.common import HCM_FILTER, VIRTUAL_INBOUND
 from ztcore.envoy.proxy import Proxy
 from ztcore.envoy.rbac_eval import Request, evaluate_http, evaluate_tcp
-from ztcore.envoy.sidecar import build_for_proxy
+from ztcore.envoy.sidecar import build_for_proxy, inbound_authz
 from ztcore.mesh.registry.objects import Pod
 from ztcore.mesh.translate import Translation
 from ztcore.xds import typeurls
@@ -49,6 +49,7 @@ class SidecarDecision:
     http: bool  # the chain speaks HTTP (so --method/--path/--header matter)
     logged: tuple[str, ...] = ()
     dry_run: tuple[str, ...] = ()
+    policy_notes: tuple[str, ...] = ()  # "ns/name: ..." where the sidecar enforces a policy other than written
 
 
 Chain: TypeAlias = listener_components_pb2.FilterChain
@@ -85,6 +86,7 @@ def check_sidecar(
     )
     listeners = build_for_proxy(translation, proxy)[typeurls.LISTENER]
     inbound = next(x for x in listeners if isinstance(x, listener_pb2.Listener) and x.name == VIRTUAL_INBOUND)
+    notes = tuple(f"{key}: {text}" for key, text in inbound_authz(translation, pod.namespace, pod.labels).notes)
     tls = principal is not None
     # What the caller's side offers: an in-mesh client's ALPN over mTLS, a plain HTTP client's otherwise.
     alpn = ("istio-http/1.1" if http else "istio") if tls else ("http/1.1" if http else "")
@@ -121,4 +123,5 @@ def check_sidecar(
         manager is not None,
         decision.logged,
         decision.shadow,
+        notes,
     )

@@ -115,6 +115,10 @@ class TranslationOutputs:
         self._authorizations = dict(authorizations)
         self._messages = dict(messages)
 
+    def status_messages(self) -> dict[str, StatusMessage]:
+        """AuthorizationPolicies ztunnel does not get as written, by "namespace/name" (istiod's status)."""
+        return dict(self._messages)
+
     def sizes(self) -> tuple[int, int, int]:
         return len(self._workloads), len(self._services), len(self._authorizations)
 
