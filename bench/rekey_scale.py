@@ -11,7 +11,7 @@ policies each, plus the block policies) installed untimed; `tunnels` = 5,000 rep
   ALLOCSPI -> inbound SA (UPDSA over the larval state) -> outbound SA (NEWSA) + in/fwd/out policies switched to
   the new reqid (UPDPOLICY) in one batch; the coalescer merges what concurrent tunnels submit (the bridge now
   moves only the out policy on a rekey, so this is one UPDPOLICY per tunnel more than it sends). Then the break:
-  every due tunnel's two old SAs in one `delete_sa_groups` submission, as TunnelManager._retire_due does when
+  every due tunnel's two old SAs in one `delete_sa_groups` submission, as the bridge scheduler's retire_due does when
   their grace period ends.
 - ip -batch: `ip -n NS -batch FILE` with the same operations per tunnel (FILE split into 40,000-line parts run
   one after another, see IP_BATCH_LINES): `xfrm state allocspi ... min S max S`,
@@ -175,7 +175,7 @@ async def ours(
     """(make seconds, break seconds, per tunnel (new reqid, new inbound SPI)).
 
     per_tunnel_break: one awaited delete_sas per tunnel (the scheduler before batched retirement) instead of
-    one delete_sa_groups submission for every due tunnel (TunnelManager._retire_due)."""
+    one delete_sa_groups submission for every due tunnel (ipsec_bridge.tunnels.scheduler.Scheduler.retire_due)."""
     gate = asyncio.Semaphore(concurrency)
     done: list[tuple[int, int]] = [(0, 0)] * len(tuns)
 

@@ -117,7 +117,7 @@ async def inside(local_pods: int, remote_pods: int, repeat: int, concurrency: in
         return GenerationInstaller(side.sa, ep, ((host(local_pod), host(peer_pod)),), side.sa.next_reqid(), None)
 
     def node_installer(side: Side, initiator: bool) -> GenerationInstaller:
-        # reconcile.desired_specs, node scope: Endpoints(node, peer node, 0/0, 0/0) + one selector per pod pair
+        # tunnels.desired.desired_specs, node scope: Endpoints(node, peer node, 0/0, 0/0) + one selector per pod pair
         sels = tuple((host(x), host(y)) if initiator else (host(y), host(x)) for x, y in all_pairs)
         return GenerationInstaller(
             side.sa, Endpoints(side.local, side.peer, ANY, ANY), sels, side.sa.next_reqid(), None

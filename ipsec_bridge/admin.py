@@ -30,9 +30,10 @@ from aiohttp import web
 
 from ipsec_bridge.netns import Netns
 from ipsec_bridge.pairs import TunnelScope
-from ipsec_bridge.reconcile import TunnelManager, matching
 from ipsec_bridge.sa_manager import BRIDGE_MARK
 from ipsec_bridge.state import StateStore, describe
+from ipsec_bridge.tunnels.manager import TunnelManager
+from ipsec_bridge.tunnels.records import matching
 from ipsec_bridge.vfmap import VfMapFile
 from ipsec_bridge.xfrm.netlink import XfrmError
 from ipsec_bridge.xfrm.offload import OffloadProbe, OffloadStatus

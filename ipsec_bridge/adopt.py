@@ -24,7 +24,7 @@ A tunnel is *provable* when every one of these holds:
    inbound+outbound sets; they retire after the grace period, as in a normal rekey.
 
 An adopted tunnel is kept in the kernel untouched until the workload state is synced; then
-`ipsec_bridge.reconcile.TunnelManager` either finds the same tunnel (same endpoints) in what the current
+`ipsec_bridge.tunnels.adoption` either finds the same tunnel (same endpoints) in what the current
 policies admit and rekeys it make-before-break, or removes it. Objects failing any check - half sets (an
 inbound SA whose handshake never finished), larval states, unknown reqids, policies of shapes we never install,
 SAs no complete policy set refers to - are removed at start, policies first (out before in/fwd, so their

@@ -455,6 +455,7 @@ class Plan:
     installer: Installer
     recheck: AdmissionCheck
     esn: bool = True  # this side can key with ESN (false: its offload device cannot offload ESN SAs)
+    monotonic: Callable[[], float] = time.monotonic  # the caller's clock: Result.seconds is measured on it
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,7 +497,7 @@ async def initiate(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, preamble: Preamble, plan: Plan
 ) -> Result:
     """The initiator's side, on a connected stream. Raises HandshakeError; leaves nothing half-installed."""
-    started = time.monotonic()
+    started = plan.monotonic()
     writer.write(preamble.encode())  # the ClientHello follows in the same segment
     channel = TlsChannel(plan.context, server=False, reader=reader, writer=writer)
     await channel.handshake(flush=False)
@@ -528,7 +529,7 @@ async def initiate(
         await channel.close()
     return Result(
         True, peer, peer_not_after, plan.credential.not_after, spi_i, answer.spi, preamble.key_bytes,
-        time.monotonic() - started, esn,
+        plan.monotonic() - started, esn,
     )  # fmt: skip
 
 
@@ -555,7 +556,7 @@ async def refuse(writer: asyncio.StreamWriter, reason: str) -> None:
 
 async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, preamble: Preamble, plan: Plan) -> Result:
     """The responder's side, once the preamble is read and accepted. Raises HandshakeError."""
-    started = time.monotonic()
+    started = plan.monotonic()
     channel = TlsChannel(plan.context, server=True, reader=reader, writer=writer)
     await channel.handshake()
     allocated = False
@@ -590,7 +591,7 @@ async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pr
         await channel.close()
     return Result(
         False, peer, peer_not_after, plan.credential.not_after, spi_r, ready.spi, preamble.key_bytes,
-        time.monotonic() - started, ready.esn,
+        plan.monotonic() - started, ready.esn,
     )  # fmt: skip
 
 

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,9 +27,10 @@ from ipsec_bridge.adopt import summary as adopt_summary
 from ipsec_bridge.certs import Certificates
 from ipsec_bridge.netns import Netns, NetnsError
 from ipsec_bridge.pairs import TunnelScope
-from ipsec_bridge.reconcile import BridgeMetrics, BridgeSettings, TunnelManager
 from ipsec_bridge.sa_manager import Endpoints, SaManager, SaSettings, host_net
 from ipsec_bridge.state import LocalConfigSource, RegistryLoadError, StateStore, ViewSettings
+from ipsec_bridge.tunnels.manager import TunnelManager
+from ipsec_bridge.tunnels.settings import BridgeMetrics, BridgeSettings
 from ipsec_bridge.vfmap import VfMapError, VfMapFile
 from ipsec_bridge.xds_client import DeltaXdsClient, XdsClientOptions
 from ipsec_bridge.xfrm import messages as xm
@@ -223,7 +225,8 @@ class Bridge:
         if cfg.offload != "none":
             await self._probe_offload(xfrm, sa)
 
-        store = StateStore(view_settings)
+        monotonic = time.monotonic  # the one clock of the state store and the tunnels (latencies span both)
+        store = StateStore(view_settings, monotonic=monotonic)
         if self.vf_map is not None:
             self.vf_map.subscribe(lambda vf_map: store.set_vf_map(cfg.node, vf_map))
         credential = await asyncio.to_thread(self._credential)
@@ -279,7 +282,9 @@ class Bridge:
             metrics=AgentMetrics(self.metrics),
         )
         certs = Certificates(secrets)
-        manager = self.manager = TunnelManager(cfg.settings(), store, sa, certs, netns, BridgeMetrics(self.metrics))
+        manager = self.manager = TunnelManager(
+            cfg.settings(), store, sa, certs, netns, BridgeMetrics(self.metrics), monotonic=monotonic
+        )
         manager.adopt(adoption)  # before the listener: handshakes wait until adoption is decided
         try:
             sock = await netns.listen(cfg.listen_address, cfg.port)

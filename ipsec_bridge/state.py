@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 from types import MappingProxyType
@@ -103,7 +103,7 @@ class NodeView:
     conflicts: Mapping[IPAddress, tuple[str, ...]]
     node_addresses: Mapping[str, IPAddress]
     synced: bool = True
-    received_at: float = 0.0  # time.monotonic() when the store published it (latency measurements only)
+    received_at: float = 0.0  # the store's monotonic clock when it published it (latency measurements only)
     # --vf-map: this node's pods under the map (those refused are left out of pods_by_ip); None without one
     vf: Assignment | None = None
 
@@ -213,8 +213,9 @@ class _Content:
 class StateStore:
     """The one updater. `replace` (file source) and `apply_resources` (xDS) both end in a new NodeView."""
 
-    def __init__(self, settings: ViewSettings) -> None:
+    def __init__(self, settings: ViewSettings, *, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
+        self._monotonic = monotonic  # the tunnels' clock: removal latency is measured from received_at on it
         self._content = _Content()
         self._version = 0
         self._view = build_view((), (), settings, 0, synced=False)
@@ -288,7 +289,7 @@ class StateStore:
             self.settings,
             self._version,
             synced=synced,
-            received_at=time.monotonic(),
+            received_at=self._monotonic(),
             node=self._node,
             vf_map=self._vf_map,
         )

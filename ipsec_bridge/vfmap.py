@@ -258,6 +258,7 @@ class VfMapFile:
 
     def _accept(self, vf_map: VfMap, text: str) -> None:
         self.status.entries = len(vf_map.entries)
+        # wall time, not the tunnels' monotonic clock: it is shown to operators (dump, log), never compared
         self.status.loaded_at = time.time()
         self.status.digest = hashlib.sha256(text.encode()).hexdigest()[:16]
         self.status.last_error = ""

@@ -25,17 +25,12 @@ from aiohttp.test_utils import TestServer
 from ipsec_bridge.admin import Admin
 from ipsec_bridge.certs import Certificates
 from ipsec_bridge.netns import Netns
-from ipsec_bridge.reconcile import (
-    BridgeMetrics,
-    BridgeSettings,
-    Generation,
-    Tunnel,
-    TunnelManager,
-    desired_specs,
-    rekey_trigger,
-)
 from ipsec_bridge.sa_manager import BRIDGE_MARK, SaManager, SaSettings
 from ipsec_bridge.state import StateStore
+from ipsec_bridge.tunnels.desired import desired_specs
+from ipsec_bridge.tunnels.manager import TunnelManager
+from ipsec_bridge.tunnels.records import Generation, Tunnel, rekey_trigger
+from ipsec_bridge.tunnels.settings import BridgeMetrics, BridgeSettings
 from ipsec_bridge.vfmap import VfMapFile
 from ipsec_bridge.xfrm import messages as m
 from ipsec_bridge.xfrm.netlink import XfrmError

@@ -15,8 +15,9 @@ from ipsec_bridge.adopt import AdoptionPlan, Layout, plan_adoption
 from ipsec_bridge.handshake import HandshakeError, Kind, Preamble
 from ipsec_bridge.keys import KeyScope
 from ipsec_bridge.pairs import TunnelScope
-from ipsec_bridge.reconcile import BridgeMetrics, BridgeSettings, TunnelManager
 from ipsec_bridge.sa_manager import REQID_BASE, Endpoints, SaManager, SaSettings, host_net
+from ipsec_bridge.tunnels.manager import TunnelManager
+from ipsec_bridge.tunnels.settings import BridgeMetrics, BridgeSettings
 from ipsec_bridge.xfrm import messages as m
 from ipsec_bridge.xfrm.consts import PolicyAction, PolicyDir, XfrmMsg
 from tests.unit.test_bridge_mesh import load_view, write_mesh
@@ -373,7 +374,7 @@ async def test_adopted_tunnels_wait_for_the_state_then_are_kept_or_removed(tmp_p
     ]
     assert manager.counts()["adopted"] == 3 and xfrm.requests == []
     with pytest.raises(HandshakeError, match="no workload state yet"):
-        manager._responder_tunnel(Preamble(Kind.HANDSHAKE, KeyScope.POD, str(B2), str(A1)))
+        manager.responder.tunnel_for(Preamble(Kind.HANDSHAKE, KeyScope.POD, str(B2), str(A1)))
 
     await manager.reconcile(store.view)
     # the refused pair's policies and SAs went; the admitted ones became tunnels whose keys are the adopted ones

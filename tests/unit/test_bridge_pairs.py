@@ -8,8 +8,8 @@ from ipaddress import ip_address
 import pytest
 
 from ipsec_bridge.pairs import TunnelScope, admission, candidate_ports, evaluate_pair, node_tunnels, pod_pairs
-from ipsec_bridge.reconcile import desired_specs
 from ipsec_bridge.state import MeshPod, ViewSettings, build_view
+from ipsec_bridge.tunnels.desired import desired_specs
 from ztcore.identity import Identity
 from ztcore.model.authz import (
     Action,

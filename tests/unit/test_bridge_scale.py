@@ -26,16 +26,12 @@ import pytest
 
 from ipsec_bridge.certs import Certificates
 from ipsec_bridge.netns import Netns
-from ipsec_bridge.reconcile import (
-    BridgeMetrics,
-    BridgeSettings,
-    Generation,
-    Tunnel,
-    TunnelManager,
-    source_refusal,
-)
 from ipsec_bridge.sa_manager import Endpoints, SaManager, SaSettings, host_net
 from ipsec_bridge.state import StateStore
+from ipsec_bridge.tunnels.manager import TunnelManager
+from ipsec_bridge.tunnels.records import Generation, Tunnel
+from ipsec_bridge.tunnels.responder import source_refusal
+from ipsec_bridge.tunnels.settings import BridgeMetrics, BridgeSettings
 from ipsec_bridge.xfrm import messages as m
 from ipsec_bridge.xfrm.consts import PolicyDir, XfrmMsg
 from ipsec_bridge.xfrm.netlink import XfrmError
@@ -158,7 +154,7 @@ async def test_a_slow_policy_install_does_not_time_the_handshake_out(pair: Pair)
     ta = pair.a.manager.tunnels[key]
     assert ta.spec.initiator
     started = time.monotonic()
-    await pair.a.manager._initiate(ta)
+    await pair.a.manager.initiator.initiate(ta)
     took = time.monotonic() - started
     tb = pair.b.manager.tunnels[("pod", B1, A1)]
     # each side spent 1.5 s on its policies, beyond the 1 s deadline of the exchange: still up on both sides
@@ -181,7 +177,7 @@ async def test_a_slow_policy_install_does_not_time_the_handshake_out(pair: Pair)
     for node in (pair.a, pair.b):
         node.kernel.batches.clear()
     old_a = ta.current
-    await pair.a.manager._initiate(ta)
+    await pair.a.manager.initiator.initiate(ta)
     assert ta.last_error == "" and ta.current is not None and ta.current.number == 2
     assert tb.current is not None and tb.current.number == 2
     for node, t in ((pair.a, ta), (pair.b, tb)):
@@ -194,9 +190,10 @@ async def test_a_slow_policy_install_does_not_time_the_handshake_out(pair: Pair)
 
 async def test_a_handshake_from_another_address_than_the_peer_nodes_is_refused(pair: Pair) -> None:
     pair.a.kernel.policy_delay = pair.b.kernel.policy_delay = 0.0
-    pair.b.manager.settings = dataclasses.replace(pair.b.manager.settings, check_source_address=True)
+    responder = pair.b.manager.responder  # the check is the responder's; settings are fixed at construction
+    responder.settings = dataclasses.replace(responder.settings, check_source_address=True)
     ta = pair.a.manager.tunnels[("pod", A1, B1)]
-    await pair.a.manager._initiate(ta)
+    await pair.a.manager.initiator.initiate(ta)
     # node-a's bridge is 192.0.2.x in WDS but this connection comes from 127.0.0.1: no tunnel, no SA on node-b
     assert ta.current is None and ta.last_error.startswith("refused"), ta.last_error
     assert "connection from 127.0.0.1" in ta.last_error
@@ -224,7 +221,7 @@ async def test_the_exchange_itself_is_still_bounded_by_the_handshake_timeout(pai
 
     pair.b.manager.sa.alloc_spi = stuck  # type: ignore[method-assign]
     started = time.monotonic()
-    await pair.a.manager._initiate(ta)
+    await pair.a.manager.initiator.initiate(ta)
     assert ta.current is None and ta.last_error.startswith("timeout") and time.monotonic() - started < 3
 
 
@@ -260,8 +257,8 @@ async def test_retired_generations_of_many_tunnels_go_in_one_batch(
         manager.tunnels[spec.key] = t
         tunnels.append(t)
     kernel.refuse_spis = {0x1005}  # one tunnel's deletion fails: the others are unaffected
-    with caplog.at_level(logging.WARNING, logger="ipsec_bridge.reconcile"):
-        await manager._retire_due(now)
+    with caplog.at_level(logging.WARNING, logger="ipsec_bridge.tunnels.scheduler"):
+        await manager.scheduler.retire_due(now)
     (batch,) = kernel.batches  # one netlink batch for all 20 tunnels
     assert len(batch) == 40 and {r.type for r in batch} == {XfrmMsg.DELSA}
     assert {m.decode_sa_id(r.payload).spi for r in batch} == {s + i for s in (0x1000, 0x3000) for i in range(20)}
@@ -273,5 +270,5 @@ async def test_retired_generations_of_many_tunnels_go_in_one_batch(
     ep5 = tunnels[5].spec.endpoints
     assert sa._held == {(ep5.local_node, 0x1005), (ep5.peer_node, 0x3005)}
     # nothing due: no request at all
-    await manager._retire_due(now)
+    await manager.scheduler.retire_due(now)
     assert len(kernel.batches) == 1

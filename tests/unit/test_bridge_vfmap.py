@@ -11,8 +11,8 @@ import pytest
 
 from ipsec_bridge.main import main
 from ipsec_bridge.pairs import TunnelScope
-from ipsec_bridge.reconcile import desired_specs
 from ipsec_bridge.state import StateStore, describe
+from ipsec_bridge.tunnels.desired import desired_specs
 from ipsec_bridge.vfmap import VfEntry, VfMap, VfMapError, VfMapFile, assign, parse
 from tests.unit.test_bridge_mesh import NODE_A_IP, load_view, write_mesh
 

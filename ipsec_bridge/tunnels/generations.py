@@ -1,0 +1,173 @@
+"""A new generation of a tunnel, as both roles make it: the handshake's plan, the SAs and pair policies
+(through sa_manager.GenerationInstaller), and the commit that makes it current and retires the old one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+from ipsec_bridge.certs import Certificates
+from ipsec_bridge.handshake import Kind, Plan, Preamble, Result
+from ipsec_bridge.keys import KeyScope
+from ipsec_bridge.pairs import TunnelScope
+from ipsec_bridge.sa_manager import GenerationInstaller, SaManager
+from ipsec_bridge.state import StateStore
+from ipsec_bridge.tunnels.desired import TunnelSpec, spec_now
+from ipsec_bridge.tunnels.records import Generation, Tunnel, describe, error_code, rekey_trigger
+from ipsec_bridge.tunnels.settings import BridgeMetrics, BridgeSettings, Monotonic, Wall
+from ipsec_bridge.tunnels.table import TunnelTable
+from ipsec_bridge.xfrm.offload import OffloadStatus
+from ztcore.backoff import Backoff
+
+log = logging.getLogger(__name__)
+
+
+class Generations:
+    def __init__(
+        self,
+        settings: BridgeSettings,
+        store: StateStore,
+        sa: SaManager,
+        certs: Certificates,
+        metrics: BridgeMetrics,
+        table: TunnelTable,
+        *,
+        rng: random.Random,
+        monotonic: Monotonic,
+        wall: Wall,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.sa = sa
+        self.certs = certs
+        self.metrics = metrics
+        self.table = table
+        self._rng = rng
+        self._monotonic = monotonic
+        self._wall = wall
+
+    def recheck(self, spec: TunnelSpec) -> str | None:
+        """Why the current view no longer admits `spec` (None: it still does); asked mid-handshake."""
+        found = spec_now(self.store.view, self.settings, spec.scope, spec.key)
+        if isinstance(found, str):
+            return found
+        if not found.same_tunnel(spec):
+            return "the tunnel changed while its handshake ran"
+        return None
+
+    def installer(self, t: Tunnel) -> GenerationInstaller:
+        previous = t.current.reqid if t.current is not None else None
+        return GenerationInstaller(
+            self.sa, t.spec.endpoints, t.spec.selectors, self.sa.next_reqid(), previous, guard=t.guard,
+            defer_policies=True,
+            # a rekey: the current generation's in/fwd policies (reqid 0) stay as they are, only out switches
+            in_place=t.spec.selectors if t.current is not None else (),
+        )  # fmt: skip
+
+    async def switch(self, t: Tunnel, installer: GenerationInstaller) -> float:
+        """The exchange is over and both SAs exist: switch the pair policies under their own deadline, which
+        grows with the number of policies. Rolls the generation back if that fails. Returns the seconds taken."""
+        started = self._monotonic()
+        s = self.settings
+        pairs = len(t.spec.selectors)
+        policies = pairs if t.current is not None else 3 * pairs
+        try:
+            async with asyncio.timeout(s.handshake_timeout + policies * s.policy_seconds_each):
+                await installer.switch(t.spec.selectors)  # the pairs as they are now (the state may have moved)
+        except BaseException:
+            await installer.rollback()
+            raise
+        return self._monotonic() - started
+
+    def preamble(self, spec: TunnelSpec, kind: Kind) -> Preamble:
+        key_bytes = self.settings.key_bytes
+        if spec.scope is TunnelScope.POD:
+            return Preamble(kind, KeyScope.POD, str(spec.local_address), str(spec.peer_address), key_bytes)
+        return Preamble(kind, KeyScope.NODE, spec.local_name, spec.peer_name, key_bytes)
+
+    async def plan(self, t: Tunnel, installer: GenerationInstaller) -> Plan:
+        spec = t.spec
+        cred, ctx = await self.certs.credential(spec.local_identity, self.settings.cert_wait)
+        ends = (spec.local_address, spec.peer_address)
+        if not spec.initiator:
+            ends = (spec.peer_address, spec.local_address)
+        return Plan(
+            credential=cred,
+            context=ctx,
+            expected_peer=spec.peer_identity,
+            initiator_address=ends[0],
+            responder_address=ends[1],
+            installer=installer,
+            recheck=lambda: self.recheck(spec),
+            esn=self.sa.settings.esn,
+            monotonic=self._monotonic,
+        )
+
+    def failed(self, t: Tunnel, role: str, err: BaseException) -> None:
+        code = error_code(err)
+        self.metrics.handshakes.inc(role=role, result=code)
+        t.failures += 1
+        delay = Backoff(self.settings.retry_initial, self.settings.retry_max, jitter=(0.8, 1.0)).jittered(
+            t.failures, self._rng
+        )
+        t.next_attempt = self._monotonic() + delay
+        t.last_error = f"{code}: {err}"
+        log.warning("handshake (%s) for %s failed: %s; retry in %.1fs", role, describe(t.spec), t.last_error, delay)
+
+    async def commit(self, t: Tunnel, installer: GenerationInstaller, result: Result, switch_seconds: float) -> None:
+        role = "initiator" if result.initiator else "responder"
+        if t.removed:
+            await installer.rollback()
+            await self.sa.remove_policies(t.spec.endpoints, t.spec.selectors)
+            self.metrics.handshakes.inc(role=role, result="removed")
+            return
+        switched = set(installer.selectors)
+        added = [sel for sel in t.spec.selectors if sel not in switched]
+        if added:  # pairs the state added while the policies were switched went to the old generation
+            await self.sa.switch_policies(t.spec.endpoints, added, installer.reqid)
+        now = self._monotonic()
+        t.generations += 1
+        gen = Generation(
+            number=t.generations,
+            reqid=installer.reqid,
+            spi_in=result.spi_in,
+            spi_out=result.spi_out,
+            key_bytes=result.key_bytes,
+            offload=installer.offload,
+            established=self._wall(),
+            established_mono=now,
+            not_after=min(result.local_not_after, result.peer_not_after),
+            handshake_seconds=result.seconds + switch_seconds,
+            esn=result.esn,
+        )
+        if t.current is not None:
+            # the peer switches the same pairs at the same time as we did: its out policies may still use the old
+            # SAs for about as long as ours took, so the old generation lives that much past the grace period
+            t.retiring.append((t.current, now + self.settings.grace + switch_seconds))
+            if t.current.origin == "adopted":
+                self.metrics.adoption.inc(decision="rekeyed")
+            self.metrics.rekeys.inc(role=role, trigger=rekey_trigger(t.rekey_reason, t.limit_kind, result.initiator))
+        t.current = gen
+        reason = t.rekey_reason or ("new" if gen.number == 1 else "peer")
+        if not result.initiator and gen.number > 1:
+            reason = "peer" if not t.rekey_reason else f"peer ({t.rekey_reason}, asked by us)"
+        t.history.append((gen.number, reason, gen.established.isoformat()))
+        t.failures = 0
+        t.nudges = 0
+        t.last_error = ""
+        t.rekey_wanted = False
+        t.rekey_reason = ""
+        if result.initiator:
+            jitter = self._rng.uniform(1 - self.settings.rekey_jitter, 1.0)
+            t.next_rekey = now + self.settings.rekey_interval * jitter
+        self.metrics.handshakes.inc(role=role, result="ok")
+        self.metrics.handshake_seconds.observe(gen.handshake_seconds)
+        if gen.offload is OffloadStatus.FALLBACK:
+            self.metrics.offload_fallbacks.inc()
+            log.warning("tunnel %s: offload requested but the kernel runs its SAs in software", describe(t.spec))
+        log.info(
+            "tunnel %s generation %d up: spi in 0x%08x out 0x%08x (%s, %.1f ms)",
+            describe(t.spec), gen.number, gen.spi_in, gen.spi_out, role, result.seconds * 1000,
+        )  # fmt: skip
+        self.table.wake.set()

@@ -1,0 +1,74 @@
+"""The initiator's role: connect to the peer's bridge and run the handshake (the scheduler decides when), or, as a
+responder that wants a new generation, ask the initiator for one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ipsec_bridge.handshake import HandshakeError, Kind, initiate, request_rekey
+from ipsec_bridge.netns import Netns
+from ipsec_bridge.sa_manager import GenerationInstaller
+from ipsec_bridge.tunnels.generations import Generations
+from ipsec_bridge.tunnels.records import Tunnel, describe, error_code
+from ipsec_bridge.tunnels.settings import BridgeMetrics, BridgeSettings
+from ipsec_bridge.xfrm.netlink import XfrmError
+
+log = logging.getLogger(__name__)
+
+
+class Initiator:
+    def __init__(
+        self, settings: BridgeSettings, netns: Netns, generations: Generations, metrics: BridgeMetrics
+    ) -> None:
+        self.settings = settings
+        self.netns = netns
+        self.generations = generations
+        self.metrics = metrics
+        self._parallel = asyncio.Semaphore(settings.max_parallel_handshakes)
+
+    async def initiate(self, t: Tunnel) -> None:
+        """One handshake for `t`; a failure is recorded on it (with its backoff), never raised."""
+        s = self.settings
+        g = self.generations
+        installer: GenerationInstaller | None = None
+        try:
+            async with self._parallel, t.lock:
+                if t.removed:
+                    return
+                async with asyncio.timeout(s.handshake_timeout):
+                    installer = g.installer(t)
+                    plan = await g.plan(t, installer)
+                    peer = str(t.spec.endpoints.peer_node)
+                    reader, writer = await self.netns.connect(
+                        peer, s.port, s.handshake_timeout, source=str(t.spec.endpoints.local_node)
+                    )
+                    try:
+                        result = await initiate(reader, writer, g.preamble(t.spec, Kind.HANDSHAKE), plan)
+                    finally:
+                        writer.close()
+                switch_seconds = await g.switch(t, installer)
+                await g.commit(t, installer, result, switch_seconds)
+        except asyncio.CancelledError:
+            raise
+        except (HandshakeError, OSError, TimeoutError, XfrmError) as err:
+            g.failed(t, "initiator", err)
+        except Exception as err:  # a bug must not stop the other tunnels
+            log.exception("handshake for %s", describe(t.spec))
+            g.failed(t, "initiator", err)
+
+    async def nudge(self, t: Tunnel) -> None:
+        """Ask the initiator to (re)key this tunnel."""
+        s = self.settings
+        try:
+            async with asyncio.timeout(s.handshake_timeout):
+                peer = str(t.spec.endpoints.peer_node)
+                reader, writer = await self.netns.connect(peer, s.port, s.handshake_timeout)
+                try:
+                    await request_rekey(reader, writer, self.generations.preamble(t.spec, Kind.REKEY_REQUEST))
+                finally:
+                    writer.close()
+            self.metrics.rekey_requests.inc(direction="sent")
+        except (HandshakeError, OSError, TimeoutError) as err:
+            t.last_error = f"rekey request: {error_code(err)}: {err}"
+            log.info("rekey request for %s: %s", describe(t.spec), err)

@@ -1,0 +1,181 @@
+"""TunnelManager: the owner of one node's tunnel rooms. It wires them, reconciles each new view (desired vs
+established) and owns the scheduler's and the handshakes' lifetimes in one TaskGroup (`run`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ipsec_bridge.adopt import AdoptionPlan
+from ipsec_bridge.certs import Certificates
+from ipsec_bridge.netns import Netns
+from ipsec_bridge.pairs import PodPair
+from ipsec_bridge.sa_manager import SaManager
+from ipsec_bridge.state import NodeView, StateStore
+from ipsec_bridge.tunnels import view as admin_view
+from ipsec_bridge.tunnels.adoption import Adoption
+from ipsec_bridge.tunnels.desired import TunnelKey, TunnelSpec, desired
+from ipsec_bridge.tunnels.generations import Generations
+from ipsec_bridge.tunnels.initiator import Initiator
+from ipsec_bridge.tunnels.records import Tunnel
+from ipsec_bridge.tunnels.responder import Responder
+from ipsec_bridge.tunnels.scheduler import Scheduler
+from ipsec_bridge.tunnels.settings import BridgeMetrics, BridgeSettings, Monotonic, Wall, wall_now
+from ipsec_bridge.tunnels.table import TunnelTable
+from ipsec_bridge.xfrm import messages as m
+from ipsec_bridge.xfrm.netlink import XfrmError, XfrmEvents
+
+log = logging.getLogger(__name__)
+
+
+class TunnelManager:
+    def __init__(
+        self,
+        settings: BridgeSettings,
+        store: StateStore,
+        sa: SaManager,
+        certs: Certificates,
+        netns: Netns,
+        metrics: BridgeMetrics,
+        *,
+        wall: Wall = wall_now,
+        monotonic: Monotonic = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.sa = sa
+        self.certs = certs
+        self.netns = netns
+        self.metrics = metrics
+        self._monotonic = monotonic
+        self._wall = wall
+        rng = rng or random.Random()  # noqa: S311 - rekey jitter spreads load, it is not a secret
+        self.table = TunnelTable(sa, metrics, monotonic)
+        self.adoption = Adoption(settings, self.table, sa, metrics, monotonic=monotonic, wall=wall)
+        self.generations = Generations(
+            settings, store, sa, certs, metrics, self.table, rng=rng, monotonic=monotonic, wall=wall
+        )
+        self.initiator = Initiator(settings, netns, self.generations, metrics)
+        self.scheduler = Scheduler(
+            settings, self.table, sa, metrics, self.initiator, self.adoption, monotonic=monotonic, wall=wall
+        )
+        self.responder = Responder(
+            settings, store, self.table, self.generations, metrics,
+            ready=lambda: self.adoption.settled, monotonic=monotonic,
+        )  # fmt: skip
+        self.refused: tuple[PodPair, ...] = ()
+        self.view_version = -1
+        self.errors: dict[str, str] = {}
+        certs.on_renewed(self.scheduler.on_renewed)
+
+    @property
+    def tunnels(self) -> dict[TunnelKey, Tunnel]:
+        return self.table.tunnels
+
+    @property
+    def removals(self) -> deque[dict[str, Any]]:
+        return self.table.removals
+
+    # --- lifetimes ---------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Own handshake tasks until cancelled; reconcile on every view change."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._follow_view(), name="reconcile")
+            tg.create_task(self.scheduler.run(tg), name="scheduler")
+
+    async def _follow_view(self) -> None:
+        version = -1
+        while True:
+            view = await self.store.wait_changed(version)
+            version = view.version
+            try:
+                await self.reconcile(view)
+            except XfrmError as err:
+                log.error("reconcile of state version %d: %s", version, err)
+                await asyncio.sleep(1.0)
+
+    # --- reconcile ---------------------------------------------------------------------------------------
+
+    def adopt(self, plan: AdoptionPlan) -> None:
+        """Restart: the tunnels `SaManager.start` found provable wait for the first synced state."""
+        self.adoption.adopt(plan)
+
+    async def reconcile(self, view: NodeView) -> None:
+        """Tunnels the view no longer admits go (all at once); new ones get a record for the scheduler."""
+        if not view.synced:
+            return
+        want = await asyncio.to_thread(desired, view, self.settings)
+        self.refused = want.refused
+        self.view_version = view.version
+        if want.error is not None:
+            self.errors["node-address"] = want.error
+        else:
+            self.errors.pop("node-address", None)
+        if not self.adoption.settled:
+            await self.adoption.settle(want.tunnels)
+        tunnels, specs = self.table.tunnels, want.tunnels
+        gone = [t for key, t in tunnels.items() if key not in specs or not specs[key].same_tunnel(t.spec)]
+        if gone:
+            since = view.received_at or None
+            await asyncio.gather(*(self.remove(t, "policy or workload change", since=since) for t in gone))
+        for key, spec in specs.items():
+            t = tunnels.get(key)
+            if t is None:
+                tunnels[key] = Tunnel(spec, self._monotonic())
+            elif spec.selectors != t.spec.selectors:
+                await self._update_selectors(t, spec)
+        await self.sa.set_local_pods(list(want.local_pods))
+        self.certs.want(set(want.identities))
+        self.table.wake.set()
+
+    async def _update_selectors(self, t: Tunnel, spec: TunnelSpec) -> None:
+        old, new = set(t.spec.selectors), set(spec.selectors)
+        t.spec = spec
+        if old - new:
+            await self.sa.remove_policies(spec.endpoints, sorted(old - new, key=str))
+        if t.current is not None and new - old:
+            await self.sa.switch_policies(spec.endpoints, sorted(new - old, key=str), t.current.reqid)
+
+    async def remove(self, t: Tunnel, reason: str, since: float | None = None) -> None:
+        await self.table.remove(t, reason, since)
+
+    # --- the rooms' entry points, for main and the admin port ---------------------------------------------
+
+    async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.responder.serve_connection(reader, writer)
+
+    async def watch_expire(self, events: XfrmEvents) -> None:
+        await self.scheduler.watch_expire(events)
+
+    def rekey(self, match: Callable[[Tunnel], bool] = lambda _t: True) -> int:
+        return self.scheduler.rekey(match)
+
+    async def dump(self) -> dict[str, Any]:
+        counters: dict[tuple[str, int], m.SaInfo] = {}
+        with contextlib.suppress(XfrmError):
+            for info in await self.sa.xfrm.list_sas():
+                counters[(str(info.sa.dst), info.sa.spi)] = info
+        a = self.adoption
+        return {
+            "node": self.settings.node,
+            "scope": self.settings.scope.value,
+            "state_version": self.view_version,
+            "tunnels": admin_view.tunnel_rows(
+                self.table.tunnels.values(), a.pending, counters, self._monotonic(), self._wall()
+            ),
+            "refused_pairs": admin_view.refused_rows(self.refused),
+            "recent_removals": list(self.table.removals),
+            "errors": dict(self.errors),
+            "adoption": {**a.stats, "pending": len(a.pending), "settled": a.settled},
+        }
+
+    def counts(self) -> dict[str, int]:
+        return admin_view.counts(self.table.tunnels.values(), len(self.adoption.pending))

@@ -1,0 +1,185 @@
+"""When each tunnel needs work: set-up and retries (with backoff) for the tunnels this node initiates, rekeys
+(interval, soft/hard EXPIRE, certificate renewal, on demand; responders ask their initiator instead), deleting
+retired generations after the grace period, and dropping SAs whose certificates expired."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import Callable
+
+from ipsec_bridge.sa_manager import BRIDGE_MARK, SaManager
+from ipsec_bridge.tunnels.adoption import Adoption
+from ipsec_bridge.tunnels.initiator import Initiator
+from ipsec_bridge.tunnels.records import Generation, Tunnel, describe, limit_kind
+from ipsec_bridge.tunnels.settings import BridgeMetrics, BridgeSettings, Monotonic, Wall
+from ipsec_bridge.tunnels.table import TunnelTable
+from ipsec_bridge.xfrm import messages as m
+from ipsec_bridge.xfrm.netlink import EventsLost, XfrmError, XfrmEvents
+from ztcore.backoff import Backoff
+from ztcore.identity import Identity
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        settings: BridgeSettings,
+        table: TunnelTable,
+        sa: SaManager,
+        metrics: BridgeMetrics,
+        initiator: Initiator,
+        adoption: Adoption,
+        *,
+        monotonic: Monotonic,
+        wall: Wall,
+    ) -> None:
+        self.settings = settings
+        self.table = table
+        self.sa = sa
+        self.metrics = metrics
+        self.initiator = initiator
+        self.adoption = adoption
+        self._monotonic = monotonic
+        self._wall = wall
+
+    async def run(self, tg: asyncio.TaskGroup) -> None:
+        """Until cancelled: the due work of every tunnel, then sleep until the next is due or something wakes us.
+        Handshakes and rekey requests run as tasks of `tg`, so their owner's lifetime bounds them."""
+        wake = self.table.wake
+        while True:
+            wake.clear()
+            now = self._monotonic()
+            wall = self._wall()
+            wait = 1.0
+            await self.adoption.expire_due(wall)
+            await self.retire_due(now)
+            for t in list(self.table.tunnels.values()):
+                wait = min(wait, await self._tick(t, tg, now, wall))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), max(wait, 0.01))
+
+    async def retire_due(self, now: float) -> None:
+        """Delete every tunnel's generations whose grace period is over, all in one netlink batch (after a bulk
+        rekey thousands are due together); each tunnel's SAs still succeed or fail on their own."""
+        due: list[tuple[Tunnel, list[Generation]]] = []
+        for t in self.table.tunnels.values():
+            gens = [g for g, at in t.retiring if at <= now]
+            if gens:
+                t.retiring = [(g, at) for g, at in t.retiring if at > now]
+                due.append((t, gens))
+        if not due:
+            return
+        groups = [[i for g in gens for i in g.sa_ids(self.sa, t.spec.endpoints)] for t, gens in due]
+        try:
+            errors = await self.sa.delete_sa_groups(groups)
+        except XfrmError as err:  # not one answer came back
+            errors = [err] * len(due)
+        for (t, gens), error in zip(due, errors, strict=True):
+            if error is None:
+                self.table.forget(t, gens)
+            else:
+                log.warning("deleting retired SAs of %s: %s", describe(t.spec), error)
+
+    async def _tick(self, t: Tunnel, tg: asyncio.TaskGroup, now: float, wall: dt.datetime) -> float:
+        """Due work for one tunnel (its retired SAs went in `retire_due`); returns seconds until it next needs
+        attention (at most 1)."""
+        wait = 1.0
+        if t.retiring:
+            wait = min(wait, min(at for _, at in t.retiring) - now)
+        g = t.current
+        if g is not None and g.not_after <= wall:
+            # a certificate behind the keys expired: the SAs go, the block stays, a new handshake may follow
+            if g.origin == "adopted":
+                log.warning("tunnel %s: no handshake replaced its adopted keys within %.0fs", describe(t.spec),
+                            self.settings.adopt_max_age)  # fmt: skip
+                t.last_error = "adopted keys were not replaced in time"
+            else:
+                log.warning("tunnel %s: a certificate expired at %s", describe(t.spec), g.not_after.isoformat())
+            t.current = None
+            try:
+                await self.sa.remove_policies(t.spec.endpoints, t.spec.selectors)
+                await self.sa.delete_sas(g.sa_ids(self.sa, t.spec.endpoints))
+                self.table.forget(t, [g])
+            except XfrmError as err:
+                log.error("removing expired tunnel %s: %s", describe(t.spec), err)
+            expired = "adopted keys not replaced" if g.origin == "adopted" else "certificate expired"
+            self.metrics.removals.inc(reason=expired)
+        busy = t.task is not None and not t.task.done()
+        if t.spec.initiator:
+            if busy:
+                return wait
+            if t.next_rekey is not None and now >= t.next_rekey and not t.rekey_wanted:
+                t.want_rekey("interval")
+            needed = t.current is None or t.rekey_wanted
+            if needed and now >= t.next_attempt:
+                t.task = tg.create_task(self.initiator.initiate(t), name=f"handshake {describe(t.spec)}")
+            elif needed:
+                wait = min(wait, t.next_attempt - now)
+            elif t.next_rekey is not None:
+                wait = min(wait, t.next_rekey - now)
+            return wait
+        stale = t.current is None and now - t.created >= self.settings.responder_nudge_after
+        # adopted keys are replaced as soon as the initiator agrees: keep asking (with backoff) until it does
+        stale = stale or (t.current is not None and t.current.origin == "adopted")
+        # t.lock is held while we answer a handshake for this tunnel: that one is the fresh generation
+        if (
+            (t.rekey_wanted or stale)
+            and not busy
+            and not t.lock.locked()
+            and now - t.last_nudge >= self._nudge_interval(t)
+        ):
+            t.last_nudge = now
+            t.nudges += 1
+            t.rekey_wanted = False
+            t.task = tg.create_task(self.initiator.nudge(t), name=f"rekey request {describe(t.spec)}")
+        return wait
+
+    def _nudge_interval(self, t: Tunnel) -> float:
+        s = self.settings
+        return Backoff(min(max(s.retry_initial, 1.0), s.retry_max), s.retry_max).delay(max(t.nudges, 1))
+
+    # --- triggers: they only mark tunnels and wake the loop above --------------------------------------------
+
+    def on_renewed(self, identity: Identity) -> None:
+        for t in self.table.tunnels.values():
+            if t.spec.local_identity == identity and t.current is not None:
+                t.want_rekey("certificate renewal")
+        self.table.wake.set()
+
+    def rekey(self, match: Callable[[Tunnel], bool] = lambda _t: True) -> int:
+        """On demand: initiators rekey, responders ask their initiator. Returns how many tunnels."""
+        count = 0
+        for t in self.table.tunnels.values():
+            if match(t):
+                t.want_rekey("requested")
+                t.next_attempt = 0.0
+                t.last_nudge = 0.0
+                t.nudges = 0
+                count += 1
+        self.table.wake.set()
+        return count
+
+    async def watch_expire(self, events: XfrmEvents) -> None:
+        """Soft EXPIRE: rekey (or ask for it); hard EXPIRE: the kernel removed the SA, so re-key now."""
+        async for event in events:
+            if isinstance(event, EventsLost):
+                log.warning("XFRM notifications were lost; relying on the rekey timers")
+                continue
+            if not isinstance(event, m.Expire) or event.sa.sa.mark != BRIDGE_MARK:
+                continue
+            spi = event.sa.sa.spi
+            for t in self.table.tunnels.values():
+                g = t.current
+                if g is not None and spi in (g.spi_in, g.spi_out):
+                    log.info("tunnel %s: %s limit reached on spi 0x%08x", describe(t.spec),
+                             "hard" if event.hard else "soft", spi)  # fmt: skip
+                    if event.hard:
+                        t.current = None
+                    t.limit_kind = limit_kind(event)
+                    t.want_rekey(f"{'hard' if event.hard else 'soft'} limit")
+                    t.next_attempt = 0.0
+                    self.table.wake.set()

@@ -1,0 +1,91 @@
+"""The tunnels' one injected monotonic clock: the state store's stamps and every tunnel room read the clock they
+are given (here a hand-moved one, far from time.monotonic()), so ages, gaps, backoff and removal latencies all
+follow it."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, cast
+
+from ipsec_bridge.handshake import Kind, Preamble
+from ipsec_bridge.keys import KeyScope
+from ipsec_bridge.pairs import TunnelScope
+from ipsec_bridge.sa_manager import SaManager, SaSettings
+from ipsec_bridge.state import LocalConfigSource, StateStore
+from ipsec_bridge.tunnels.manager import TunnelManager
+from ipsec_bridge.tunnels.records import Generation
+from ipsec_bridge.tunnels.settings import BridgeMetrics, BridgeSettings
+from ipsec_bridge.xfrm.offload import OffloadStatus
+from tests.unit.test_bridge_adopt import MESH, NoCertificates, RecordingXfrm, base
+from tests.unit.test_bridge_mesh import settings, write_mesh
+from ztcore.mesh.translate import TranslateOptions
+from ztcore.metrics import Registry
+
+WALL = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+A1, B1 = "10.1.0.10", "10.2.0.10"
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def generation(established_mono: float) -> Generation:
+    return Generation(1, 0x7A000001, 0xA001, 0xB001, 16, OffloadStatus.NONE, WALL, established_mono, WALL, 0.01)
+
+
+async def manager_at(tmp_path: Path, clock: Clock) -> tuple[TunnelManager, StateStore]:
+    store = StateStore(settings(), monotonic=clock)
+    await LocalConfigSource(write_mesh(tmp_path), store, TranslateOptions()).load_initial()
+    sa = SaManager(cast(Any, RecordingXfrm([], base())), SaSettings(mesh_cidrs=MESH))
+    await sa.start(TunnelScope.POD)
+    manager = TunnelManager(BridgeSettings(node="node-a"), store, sa, cast(Any, NoCertificates()), cast(Any, None),
+                            BridgeMetrics(Registry()), monotonic=clock, wall=lambda: WALL)  # fmt: skip
+    await manager.reconcile(store.view)
+    return manager, store
+
+
+async def test_the_store_and_reconcile_stamp_with_the_injected_clock(tmp_path: Path) -> None:
+    clock = Clock(5000.0)
+    manager, store = await manager_at(tmp_path, clock)
+    assert store.view.received_at == 5000.0
+    assert manager.tunnels and {t.created for t in manager.tunnels.values()} == {5000.0}
+
+
+async def test_ages_gaps_and_backoff_follow_the_injected_clock(tmp_path: Path) -> None:
+    clock = Clock(5000.0)
+    manager, _ = await manager_at(tmp_path, clock)
+    t = manager.tunnels[("pod", A1, B1)]
+    assert t.spec.initiator
+    t.current = generation(established_mono=5000.0)
+    request = Preamble(Kind.REKEY_REQUEST, KeyScope.POD, B1, A1)
+
+    clock.now = 5000.5  # inside min_rekey_gap (2 s) of the generation
+    assert manager.responder.on_rekey_request(request) == "rekeyed 0.5s ago"
+    clock.now = 5001.0  # the previous request was 0.5 s ago
+    assert manager.responder.on_rekey_request(request) == "a rekey was requested less than 1s ago"
+    clock.now = 5003.0
+    assert manager.responder.on_rekey_request(request) is None and t.rekey_reason == "peer request"
+
+    clock.now = 5010.0
+    (row,) = [r for r in (await manager.dump())["tunnels"] if r["key"] == f"pod/{A1}/{B1}"]
+    assert row["age_seconds"] == 10.0
+
+    manager.generations.failed(t, "initiator", TimeoutError("slow peer"))
+    assert 5010.4 <= t.next_attempt <= 5010.5  # retry_initial 0.5 s, jittered down by at most 20 %
+
+
+async def test_removal_latency_is_measured_on_the_injected_clock(tmp_path: Path) -> None:
+    clock = Clock(5000.0)
+    manager, _ = await manager_at(tmp_path, clock)
+    t = manager.tunnels[("pod", A1, B1)]
+    t.current = generation(established_mono=5000.0)
+    clock.now = 5000.25
+    await manager.remove(t, "policy or workload change", since=5000.0)
+    assert list(manager.removals) == [{"tunnel": f"pod/{A1}/{B1}", "reason": "policy or workload change",
+                                       "seconds": 0.25}]  # fmt: skip
+    assert ("pod", A1, B1) not in manager.tunnels
