@@ -46,6 +46,8 @@ from typing import Any
 
 import yaml
 
+from ztcore.filewatch import Signature, signature
+
 log = logging.getLogger(__name__)
 
 IPAddress = IPv4Address | IPv6Address
@@ -226,7 +228,7 @@ class VfMapFile:
         self._poll = poll_interval
         self.status = VfMapStatus(str(path))
         self.current: VfMap | None = None
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: Signature | None = None
         self._listeners: list[Callable[[VfMap], object]] = []
         self._error_listeners: list[Callable[[str], object]] = []
 
@@ -239,9 +241,11 @@ class VfMapFile:
     def on_error(self, callback: Callable[[str], object]) -> None:
         self._error_listeners.append(callback)
 
-    def _read(self) -> tuple[tuple[int, int], str]:
-        st = self.path.stat()
-        return (st.st_mtime_ns, st.st_size), self.path.read_text()
+    def _read(self) -> tuple[Signature, str]:
+        stamp = signature([self.path])
+        if stamp[0] is None:
+            self.path.stat()  # raises the OSError that says why
+        return stamp, self.path.read_text()
 
     async def load_initial(self) -> VfMap:
         try:
@@ -286,7 +290,7 @@ class VfMapFile:
         log.info("--vf-map %s reloaded: %d entries", self.path, len(vf_map.entries))
         return True
 
-    def _reject(self, stamp: tuple[int, int] | None, message: str) -> bool:
+    def _reject(self, stamp: Signature | None, message: str) -> bool:
         if message != self.status.last_error:  # once per bad version, not once per poll
             self.status.errors += 1
             self.status.last_error = message

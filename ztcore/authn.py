@@ -22,6 +22,7 @@ import grpc
 import jwt
 from cryptography import x509
 
+from ztcore.filewatch import Signature, signature
 from ztcore.identity import Identity, IdentityError
 from ztcore.registry import PodDirectory
 from ztcore.tlsfront import TlsPeer
@@ -213,7 +214,7 @@ class JwksFile:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = path
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: Signature | None = None
         self._checked_at = -float("inf")
         self._check_interval = check_interval
         self._clock = clock
@@ -226,11 +227,12 @@ class JwksFile:
         if self._stamp is not None and now - self._checked_at < self._check_interval:
             return self._keys
         self._checked_at = now
-        try:
-            st = self.path.stat()
-        except OSError as err:
-            raise AuthenticationError(f"JWKS file {self.path} unreadable: {err.strerror}") from None
-        stamp = (st.st_mtime_ns, st.st_size)
+        stamp = signature([self.path])
+        if stamp[0] is None:
+            try:
+                self.path.stat()
+            except OSError as err:
+                raise AuthenticationError(f"JWKS file {self.path} unreadable: {err.strerror}") from None
         if stamp != self._stamp:
             try:
                 jwks = jwt.PyJWKSet.from_json(self.path.read_text())

@@ -19,12 +19,12 @@ from pathlib import Path
 from aiohttp import web
 from cryptography import x509
 
-from sds.agent.files import Contents, FileWatcher
 from sds.agent.sds_source import SdsSource
 from sds.agent.server import SdsServer, SdsServerError, socket_path
 from ztcore import config
 from ztcore.config import Duration, option
 from ztcore.daemon import run_daemon
+from ztcore.filewatch import Contents, FileWatcher
 from ztcore.identity import Identity, IdentityError
 from ztcore.identity.caclient import KEY_TYPES, CAClient, CAClientOptions, token_identity
 from ztcore.identity.manager import AgentMetrics, RotationPolicy, SecretManager

@@ -20,7 +20,7 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 
-from sds.agent.files import Contents, FileWatcher
+from ztcore.filewatch import Contents, FileWatcher
 from ztcore.identity import Identity, IdentityError
 from ztcore.identity.manager import SecretEvent, SecretManager, WorkloadCert
 from ztcore.xds import typeurls

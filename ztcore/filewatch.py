@@ -1,8 +1,11 @@
-"""Watched files: the root bundle the agent trusts and the `file-cert:`/`file-root:` SDS names.
+"""Watched files, one way for the whole project: `signature()` says whether a file changed, `FileWatcher` polls
+sets of files (zt-agent: the root bundle it trusts and the `file-cert:`/`file-root:` SDS names).
 
 Polling, in a worker thread: stat every watched path each interval and read a set again when any stat
-signature (inode, size, mtime) changed. Stat follows symlinks, so Kubernetes' `..data` symlink swaps and
-atomic renames are seen like in-place writes.
+signature (device, inode, size, mtime) changed. Stat follows symlinks, so Kubernetes' `..data` symlink swaps and
+atomic renames are seen like in-place writes, even when size and mtime happen to match. Other readers of single
+files (the bridge's VF map, the OIDC JWKS file) compare the same `signature()`. A folder of config (ztd) is
+watched with inotify instead: ztcore/mesh/registry/files.py.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ class _Entry:
     signature: Signature = _UNSEEN
 
 
-def _signature(paths: Sequence[Path]) -> Signature:
+def signature(paths: Sequence[Path]) -> Signature:
+    """(device, inode, size, mtime) per path, None for one that cannot be stat'ed: equal means unchanged."""
     out: list[tuple[int, int, int, int] | None] = []
     for path in paths:
         try:
@@ -52,9 +56,9 @@ def _read(path: Path) -> bytes | None:
 def _scan(entries: list[tuple[int, tuple[Path, ...], Signature]]) -> list[tuple[int, Signature, Contents]]:
     changed = []
     for handle, paths, previous in entries:
-        signature = _signature(paths)
-        if signature != previous:
-            changed.append((handle, signature, {p: _read(p) for p in paths}))
+        now = signature(paths)
+        if now != previous:
+            changed.append((handle, now, {p: _read(p) for p in paths}))
     return changed
 
 
@@ -79,11 +83,11 @@ class FileWatcher:
         snapshot = [(h, e.paths, e.signature) for h, e in self._entries.items()]
         if not snapshot:
             return
-        for handle, signature, contents in await asyncio.to_thread(_scan, snapshot):
+        for handle, stamp, contents in await asyncio.to_thread(_scan, snapshot):
             entry = self._entries.get(handle)
             if entry is None:
                 continue  # unwatched while we were reading
-            entry.signature = signature
+            entry.signature = stamp
             try:
                 entry.callback(contents)
             except Exception:  # one bad consumer must not stop the watcher
