@@ -13,8 +13,8 @@ import grpc
 import pytest
 
 from tests.e2e.ads_client import ADDRESS, AUTHORIZATION, ZtunnelClient
-from tests.e2e.test_ads_ztunnel import EXAMPLES
 from tests.helpers import RunningZtd, free_port, running_ztd
+from tests.support.ztunnel_ads import EXAMPLES
 from ztctl import cli
 
 

@@ -23,10 +23,10 @@ import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from google.protobuf import duration_pb2, json_format
 
-from tests.e2e.test_envoy_sidecars import SIDECARS, App, Ports, Sidecar, applications, get, mesh_yaml, wait_for_secrets
 from tests.helpers import RunningZtd, running_ztd, write_yaml
 from tests.support import envoy as ev
 from tests.support.agent import agent_for
+from tests.support.sidecar_mesh import SIDECARS, App, Ports, Sidecar, applications, get, mesh_yaml, wait_for_secrets
 from tests.support.wait import eventually
 from ztcore.envoy.bootstrap import ads_bootstrap, node
 from ztcore.xds import status as st

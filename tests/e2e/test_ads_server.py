@@ -21,9 +21,9 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import message, struct_pb2
 
 from tests.e2e.ads_client import ADDRESS, AUTHORIZATION, sotw_exchange, ztunnel, ztunnel_node
-from tests.e2e.test_ads_ztunnel import EXAMPLES, syncz_over_xds
 from tests.helpers import RunningZtd, bearer, make_csr, new_key, request, running_ztd
 from tests.support.wait import eventually
+from tests.support.ztunnel_ads import EXAMPLES, syncz_over_xds
 from xds_server import main as ztd_main
 from ztcore.envoy import Proxy
 from ztcore.mesh.translate import Translation

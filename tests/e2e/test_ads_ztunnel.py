@@ -23,13 +23,13 @@ from google.protobuf import any_pb2
 
 from tests.e2e.ads_client import ADDRESS, AUTHORIZATION, ZtunnelClient, decode, sotw_exchange, ztunnel, ztunnel_node
 from tests.helpers import RunningZtd, running_ztd
+from tests.support.ztunnel_ads import EXAMPLES, syncz_over_xds
 from ztcore.mesh.registry.files import read_dir
 from ztcore.mesh.registry.store import RegistrySnapshot
 from ztcore.mesh.translate import TranslateOptions, translate
 from ztcore.xds import typeurls
 from ztcore.xds.resources import content_version
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "mesh"
 FRONTEND_1 = "Kubernetes//Pod/shop/frontend-1"
 FRONTEND_SVC = "shop/frontend.shop.svc.cluster.local"
 
@@ -263,20 +263,6 @@ async def test_nack_is_recorded_and_shown_in_syncz(zt: RunningZtd) -> None:
             assert entries[0]["types"]["WDS"]["status"] == "SYNCED"
         finally:
             await client.close()
-
-
-async def syncz_over_xds(ch: grpc.aio.Channel, metadata: Any = ()) -> list[csds_pb2.ClientConfig]:
-    call, queue = await sotw_exchange(ch, [discovery_pb2.DiscoveryRequest(type_url=typeurls.DEBUG_SYNCZ)], metadata)
-    resp = await asyncio.wait_for(call.read(), 5)
-    queue.put_nowait(None)
-    call.cancel()
-    assert resp.control_plane.identifier.startswith("{")
-    out = []
-    for res in resp.resources:
-        cc = csds_pb2.ClientConfig()
-        assert res.Unpack(cc)
-        out.append(cc)
-    return out
 
 
 async def test_config_dump_over_xds_and_http(zt: RunningZtd, mesh: Path) -> None:

@@ -18,7 +18,7 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from google.protobuf import json_format
 
 from tests.support.envoy import envoy_binary
-from tests.unit.test_build_rbac import GOLDEN, ROOT_NAMESPACE, cases, load
+from tests.support.rbac_cases import GOLDEN, ROOT_NAMESPACE, cases, load
 from ztcore.envoy import rbac
 from ztcore.envoy.common import pack
 

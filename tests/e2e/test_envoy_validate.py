@@ -18,7 +18,7 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf import json_format, message
 
 from tests.support.envoy import envoy_binary
-from tests.unit.test_build_envoy import CASES, Sidecar, mesh_of
+from tests.support.envoy_cases import CASES, Sidecar, mesh_of
 from ztcore.envoy import resource_name
 from ztcore.envoy.bootstrap import ads_bootstrap, node, static_bootstrap
 from ztcore.envoy.sidecar import SharedConfig, build_for_proxy

@@ -7,33 +7,17 @@ from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
 
 from sds.ca.tokenreview import KubeTokenReviewer
 from tests.helpers import RunningZtd, bearer, make_csr, new_key, request
 from tests.kube.conftest import wait_registry
 from tests.support.kube import KubeApi, KubeCluster
+from tests.support.kube_ca import create_certificate, identity, uri_sans
 from xds_server.registry.kube import load_api_client
 from ztcore.authn import caller_from_review
 
 AUTHN_FAILURE = "request authenticate failure"
 IMPERSONATION_FAILURE = "request impersonation authentication failure"
-
-
-def identity(ns: str, sa: str) -> str:
-    return f"spiffe://cluster.local/ns/{ns}/sa/{sa}"
-
-
-def uri_sans(pem: str) -> list[str]:
-    cert = x509.load_pem_x509_certificate(pem.encode())
-    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    return list(sans.get_values_for_type(x509.UniformResourceIdentifier))
-
-
-async def create_certificate(ztd: RunningZtd, token: str, **metadata: Any) -> list[str]:
-    async with ztd.secure_channel() as ch:
-        resp = await ztd.ca(ch).CreateCertificate(request(make_csr(new_key()), **metadata), metadata=bearer(token))
-    return list(resp.cert_chain)
 
 
 async def refused(ztd: RunningZtd, token: str, **metadata: Any) -> str:

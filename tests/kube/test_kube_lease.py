@@ -27,8 +27,9 @@ import pytest
 
 from tests.e2e.ads_client import ADDRESS, AUTHORIZATION, ZtunnelClient, ztunnel
 from tests.helpers import free_port
-from tests.kube.test_kube_root import eventually, holds, read_root
 from tests.support.kube import KubeApi, KubeCluster
+from tests.support.kube_ca import holds, read_root
+from tests.support.wait import eventually
 from xds_server.registry.kube import load_api_client
 from ztcore.lease import LEASE_NAME, KubeLeaseStore, LeaseConflict, LeaseElector, LeaseTiming
 

@@ -10,28 +10,10 @@ from sds.ca.rootconfigmap import ROOT_CONFIGMAP, RootCertPublisher, RootConfigMa
 from tests.helpers import RunningZtd
 from tests.kube.conftest import wait_registry
 from tests.support.kube import KubeApi, KubeCluster
+from tests.support.kube_ca import holds, read_root
 from tests.support.wait import eventually
 from xds_server.registry.kube import KubeRegistrySource, load_api_client
 from ztcore.mesh.registry.store import Registry
-
-
-async def read_root(kube: KubeApi, ns: str) -> Any:
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        return await kube.call(kube.core.read_namespaced_config_map, ROOT_CONFIGMAP, ns)
-    except ApiException as err:
-        if err.status == 404:
-            return None
-        raise
-
-
-def holds(cm: Any, root: str) -> bool:
-    return (
-        cm is not None
-        and (cm.data or {}).get("root-cert.pem") == root
-        and cm.metadata.labels.get("istio.io/config") == "true"
-    )
 
 
 async def test_ztd_publishes_its_root_in_every_namespace(ztd: RunningZtd, kube: KubeApi, ns: str) -> None:

@@ -24,9 +24,9 @@ from sds.ca.kubesecret import SECRET_NAMES
 from sds.ca.rootconfigmap import ROOT_CONFIGMAP
 from tests.helpers import running_ztd
 from tests.kube.conftest import wait_registry
-from tests.kube.test_kube_ca import create_certificate, identity, uri_sans
-from tests.kube.test_kube_root import eventually, holds, read_root
 from tests.support.kube import SA_ISSUER, KubeApi, KubeCluster, RestResponse, rest, token_kubeconfig
+from tests.support.kube_ca import create_certificate, holds, identity, read_root, uri_sans
+from tests.support.wait import eventually
 from xds_server.registry.kube import KINDS
 from ztcore.lease import LEASE_NAME
 

@@ -14,7 +14,7 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
-from tests.unit.test_build_envoy import CASES, by_name, mesh_of, unpack
+from tests.support.envoy_cases import CASES, by_name, mesh_of, unpack
 from ztcore.envoy.peerauth import EffectivePeerAuthentication, MtlsMode, compose
 from ztcore.envoy.proxy import Proxy
 from ztcore.envoy.sidecar import build_for_proxy

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,35 +18,11 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb2
 from google.protobuf import json_format
 
+from tests.support.rbac_cases import GOLDEN, OPTIONS, ROOT, ROOT_NAMESPACE, Options, cases, load
 from ztcore.envoy import rbac
-from ztcore.mesh.registry.objects import AuthorizationPolicy, FrozenMap, Pod
-from ztcore.mesh.registry.parse import parse_text
+from ztcore.mesh.registry.objects import AuthorizationPolicy, FrozenMap
 
-ROOT = Path(__file__).resolve().parents[2]
-GOLDEN = ROOT / "tests" / "golden" / "envoy_rbac"
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
-ROOT_NAMESPACE = "istio-system"
-
-
-@dataclass(frozen=True)
-class Options:
-    trust_domain: str = "cluster.local"
-    aliases: tuple[str, ...] = ()
-
-
-OPTIONS = {"trust-domain-aliases": Options("example.org", ("old.example",))}
-
-
-def cases() -> list[str]:
-    return sorted(p.name.removesuffix("-in.yaml") for p in GOLDEN.glob("*-in.yaml"))
-
-
-def load(text: str, source: str = "test") -> tuple[Pod | None, list[AuthorizationPolicy]]:
-    result = parse_text(text, source)
-    assert [str(e) for e in result.errors] == []
-    pods = [o for o in result.objects if isinstance(o, Pod)]
-    assert len(pods) <= 1, "one Pod per case: the sidecar the filters are for"
-    return (pods[0] if pods else None), [o for o in result.objects if isinstance(o, AuthorizationPolicy)]
 
 
 def policies(text: str) -> list[AuthorizationPolicy]:

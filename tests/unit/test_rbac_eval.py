@@ -6,7 +6,7 @@ from functools import cache
 
 import pytest
 
-from tests.unit.test_build_rbac import GOLDEN, OPTIONS, ROOT_NAMESPACE, Options, load
+from tests.support.rbac_cases import GOLDEN, OPTIONS, ROOT_NAMESPACE, Options, load
 from ztcore.envoy import rbac
 from ztcore.envoy.rbac_eval import Request, evaluate_http, evaluate_tcp
 

@@ -20,7 +20,7 @@ import pytest
 from ipsec_bridge.xfrm import messages as m
 from ipsec_bridge.xfrm.consts import NlmFlag, NlmsgErrAttr, NlmsgType, PolicyDir, XfrmMsg
 from ipsec_bridge.xfrm.netlink import EventsLost, XfrmBatchError, XfrmError, XfrmEvents, XfrmSocket, open_socket
-from tests.unit.test_xfrm_messages import kernel_sa_v4_payload, policy_v4, sa_v4
+from tests.support.xfrm_samples import kernel_sa_v4_payload, policy_v4, sa_v4
 
 Answer = Callable[[m.NetlinkMessage], list[bytes]]
 
