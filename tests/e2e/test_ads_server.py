@@ -244,13 +244,12 @@ async def test_envoy_streams_get_their_own_resources(
         assert [c.node.id for c in configs] == ["frontend-1.shop", "ledger-1.payments"]
         statuses = {(g.type_url, g.config_status) for g in configs[0].generic_xds_configs}
         assert (typeurls.LISTENER, 1) in statuses and (typeurls.ENDPOINT, 2) in statuses  # SYNCED, NOT_SENT
-        scopes_before = {scope for (_, scope) in z.ztd.xds_cache._data if scope}
-        assert len(scopes_before) == 2
+        assert len(z.ztd.xds_cache.scopes()) == 2
         for q, call in ((a_queue, a), (b_queue, b)):
             q.put_nowait(None)
             call.cancel()
         await eventually(
-            lambda: not [scope for scope in z.ztd.xds_cache._data if scope[1]],
+            lambda: not z.ztd.xds_cache.scopes(),
             within=5,
             what="closed proxies' scopes gone",
         )

@@ -166,8 +166,7 @@ async def test_bad_requests_end_the_stream_with_a_clear_status(zt: RunningZtd) -
         unknown.request(["kubernetes://my-tls"])
         err = await unknown.error()
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown SDS resource" in (err.details() or "")
-        half = SdsClient(ch, "shop", "")
-        half._meta = {"NAMESPACE": "shop"}
+        half = SdsClient(ch, metadata={"NAMESPACE": "shop"})  # no SERVICE_ACCOUNT
         half.request(["default"])
         err = await half.error()
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "SERVICE_ACCOUNT" in (err.details() or "")

@@ -126,12 +126,20 @@ class SdsClient:
     Responses are read by a background task into a queue: cancelling a gRPC read would cancel the RPC.
     """
 
-    def __init__(self, channel: grpc.aio.Channel, namespace: str = "", service_account: str = "") -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        namespace: str = "",
+        service_account: str = "",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         self._queue: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
         self._call = sds_pb2_grpc.SecretDiscoveryServiceStub(channel).StreamSecrets(self._requests())
         self._inbox: asyncio.Queue[discovery_pb2.DiscoveryResponse | BaseException] = asyncio.Queue()
         self._reader = asyncio.ensure_future(self._read())
-        self._meta = {"NAMESPACE": namespace, "SERVICE_ACCOUNT": service_account} if namespace else {}
+        # The node metadata Envoy sends: NAMESPACE and SERVICE_ACCOUNT, unless `metadata` says exactly what to send.
+        default = {"NAMESPACE": namespace, "SERVICE_ACCOUNT": service_account} if namespace else {}
+        self._meta = dict(metadata) if metadata is not None else default
         self._first = True
         self.names: list[str] = []
         self.held: dict[str, secret_pb2.Secret] = {}

@@ -107,6 +107,10 @@ class SnapshotCache:
     def resources(self, type_url: str, scope: str = GLOBAL_SCOPE) -> Mapping[str, Resource]:
         return MappingProxyType(self._data.get((type_url, scope), {}))
 
+    def scopes(self) -> frozenset[str]:
+        """The per-client scopes that hold resources now (the global scope is not one of them)."""
+        return frozenset(scope for (_, scope), held in self._data.items() if scope and held)
+
     def version(self, type_url: str, scope: str = GLOBAL_SCOPE) -> int:
         """The revision of the last change to this type in this scope (0: never set)."""
         return self._versions.get((type_url, scope), 0)
