@@ -1,13 +1,11 @@
-"""Pieces every Kubernetes client of ours shares (the registry's watches, the CA's Secret watches): a one-line
-rendering of API errors, reading a raw (`_preload_content=False`) answer, and the hand-off of a blocking watch
-running on its own thread to the event loop."""
+"""Pieces every Kubernetes client of ours shares (informers, TokenReviews, the root ConfigMaps): a one-line
+rendering of API errors and reading a raw (`_preload_content=False`) answer. The list/watch loop itself is
+`ztcore.informer`."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import threading
 from typing import Any
 
 import urllib3
@@ -35,39 +33,3 @@ def json_body(resp: Any) -> Any:
         return json.loads(resp.data)
     finally:
         resp.release_conn()
-
-
-class WatchStream:
-    """One watch's hand-off between its thread and the loop, and the way to abort it from the loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.queue: asyncio.Queue[object] = asyncio.Queue()
-        self._lock = threading.Lock()
-        self._resp: Any = None
-        self._closed = False
-
-    def put(self, item: object) -> bool:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the loop is gone: nobody listens any more
-            return False
-        return True
-
-    def attach(self, resp: Any) -> bool:
-        with self._lock:
-            self._resp = resp
-            return not self._closed
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def close(self) -> None:
-        """Unblock the reading thread: shutting the socket down makes its recv() return at once."""
-        with self._lock:
-            self._closed = True
-            resp = self._resp
-        if resp is not None:
-            with contextlib.suppress(Exception):
-                resp.shutdown()

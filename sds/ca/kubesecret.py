@@ -23,11 +23,8 @@ import binascii
 import contextlib
 import datetime as dt
 import hashlib
-import json
 import logging
-import random
 from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import kubernetes.client
@@ -36,7 +33,8 @@ from kubernetes.client.exceptions import ApiException
 from sds.ca import keyring
 from sds.ca.keyring import CAError, CAMaterial
 from ztcore.backoff import Backoff
-from ztcore.kubeclient import WatchStream, describe_error, json_body
+from ztcore.informer import Informer, Obj
+from ztcore.kubeclient import describe_error, json_body
 from ztcore.lease import LEASE_NAME
 
 log = logging.getLogger(__name__)
@@ -112,15 +110,6 @@ def choose(seen: Mapping[str, Secret | None]) -> str | None:
     return None
 
 
-# --- watch plumbing (a blocking watch on its own thread, abortable from the loop) -----------------------------
-
-_END = object()
-
-
-class _Expired(Exception):
-    """410 Gone: list again."""
-
-
 class Leadership(Protocol):
     @property
     def is_leader(self) -> bool: ...
@@ -167,10 +156,7 @@ class KubeCASource:
         self._wait_timeout = wait_timeout
         self._poll = poll
         self._retry = retry
-        # doubling five times at most, and never past 30 s
-        self._backoff = Backoff(min(retry, 30.0), min(retry * 32, 30.0), jitter=(0.8, 1.2))
         self._request_timeout = request_timeout
-        self._watch_timeout = watch_timeout
         self.on_change = on_change
         self._clock = clock
         self._seen: dict[str, Secret | None] = {}
@@ -184,8 +170,9 @@ class KubeCASource:
         self.rotation_checks = 0  # leader passes over the root's expiry (each may rotate it)
         self.refusals = 0  # Secret versions refused as CA material
         self._changed = asyncio.Event()
-        self._handles: set[WatchStream] = set()
-        self._executor: ThreadPoolExecutor | None = None
+        # doubling five times at most, and never past 30 s
+        backoff = Backoff(min(retry, 30.0), min(retry * 32, 30.0), jitter=(0.8, 1.2))
+        self._informers = [self._informer(name, backoff, watch_timeout) for name in SECRET_NAMES]
 
     @property
     def material(self) -> CAMaterial:
@@ -245,7 +232,7 @@ class KubeCASource:
             raise
         return True
 
-    def _list(self, name: str) -> tuple[dict[str, Any] | None, str]:
+    def _list(self, name: str) -> tuple[list[Obj], str]:
         resp = self._core().list_namespaced_secret(
             self.namespace,
             field_selector=f"metadata.name={name}",
@@ -253,42 +240,20 @@ class KubeCASource:
             _request_timeout=self._request_timeout,
         )
         body = json_body(resp)
-        items = body.get("items") or []
-        obj = dict(items[0]) if items else None
-        if obj is not None:
-            obj.setdefault("metadata", {}).setdefault("namespace", self.namespace)
-        return obj, str((body.get("metadata") or {}).get("resourceVersion", ""))
+        items = [dict(item) for item in body.get("items") or ()]
+        return items, str((body.get("metadata") or {}).get("resourceVersion", ""))
 
-    def _watch_blocking(self, name: str, rv: str, timeout_s: int, handle: WatchStream) -> None:
-        resp: Any = None
-        try:
-            resp = self._core().list_namespaced_secret(
-                self.namespace,
-                field_selector=f"metadata.name={name}",
-                watch=True,
-                resource_version=rv,
-                allow_watch_bookmarks=True,
-                timeout_seconds=timeout_s,
-                _preload_content=False,
-                _request_timeout=(10.0, timeout_s + 30.0),
-            )
-            if not handle.attach(resp):
-                return
-            pending = bytearray()
-            for chunk in resp.stream(amt=None, decode_content=False):
-                pending += chunk
-                while (end := pending.find(b"\n")) >= 0:
-                    line = bytes(pending[:end])
-                    del pending[: end + 1]
-                    if line.strip() and not handle.put(json.loads(line)):
-                        return
-            handle.put(_END)
-        except BaseException as err:  # the loop decides: relist, back off, or stop
-            handle.put(_END if handle.closed else err)
-        finally:
-            if resp is not None:
-                with contextlib.suppress(Exception):
-                    resp.close()
+    def _watch_call(self, name: str, rv: str, timeout_s: int) -> Any:
+        return self._core().list_namespaced_secret(
+            self.namespace,
+            field_selector=f"metadata.name={name}",
+            watch=True,
+            resource_version=rv,
+            allow_watch_bookmarks=True,
+            timeout_seconds=timeout_s,
+            _preload_content=False,
+            _request_timeout=(10.0, timeout_s + 30.0),
+        )
 
     # --- startup ----------------------------------------------------------------------------------------------
 
@@ -366,77 +331,42 @@ class KubeCASource:
 
     # --- watching ---------------------------------------------------------------------------------------------
 
+    def _informer(self, name: str, backoff: Backoff, watch_timeout: float) -> Informer:
+        """List, then watch, one Secret by name (a field selector: the RBAC needs nothing wider)."""
+
+        async def on_replace(items: list[Obj], _rv: str) -> None:
+            await self._apply(name, self._in_namespace(items[0]) if items else None)
+
+        async def on_event(etype: str, obj: Obj) -> None:
+            await self._apply(name, None if etype == "DELETED" else self._in_namespace(obj))
+
+        return Informer(
+            f"Secret {self.namespace}/{name}",
+            lambda: self._list(name),
+            lambda rv, timeout_s: self._watch_call(name, rv, timeout_s),
+            on_replace=on_replace,
+            on_event=on_event,
+            backoff=backoff,
+            watch_timeout=watch_timeout,
+        )
+
+    def _in_namespace(self, secret: Obj) -> Obj:
+        # List items and watch objects may omit it; secret_label names the Secret by it.
+        secret.setdefault("metadata", {}).setdefault("namespace", self.namespace)
+        return secret
+
     async def run(self) -> None:
         """Watch both Secrets until cancelled; swaps the material (and calls on_change) when they change."""
         try:
             async with asyncio.TaskGroup() as tg:
-                for name in SECRET_NAMES:
-                    tg.create_task(self._follow(name))
+                for informer in self._informers:
+                    tg.create_task(informer.run())
         finally:
             self.close()
 
     def close(self) -> None:
-        for handle in list(self._handles):
-            handle.close()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
-
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=2 * len(SECRET_NAMES), thread_name_prefix="ca-secrets")
-        return self._executor
-
-    async def _follow(self, name: str) -> None:
-        failures = 0
-        while True:
-            try:
-                obj, rv = await asyncio.to_thread(self._list, name)
-                await self._apply(name, obj)
-                while True:
-                    rv = await self._watch(name, rv)
-                    failures = 0
-            except _Expired:
-                continue
-            except Exception as err:
-                failures += 1
-                level = logging.WARNING if failures == 1 else logging.DEBUG
-                log.log(level, "watching Secret %s/%s failed: %s", self.namespace, name, describe_error(err))
-                await asyncio.sleep(self._backoff.jittered(failures))
-
-    async def _watch(self, name: str, rv: str) -> str:
-        """One watch call from `rv` until the server ends it; returns the last resourceVersion seen."""
-        loop = asyncio.get_running_loop()
-        handle = WatchStream(loop)
-        timeout_s = max(1, int(self._watch_timeout * random.uniform(1.0, 2.0)))  # noqa: S311 - jitter
-        self._handles.add(handle)
-        fut = loop.run_in_executor(self._pool(), self._watch_blocking, name, rv, timeout_s, handle)
-        try:
-            while True:
-                item = await handle.queue.get()
-                if item is _END:
-                    return rv
-                if isinstance(item, BaseException):
-                    if isinstance(item, ApiException) and item.status == 410:
-                        raise _Expired
-                    raise item
-                if not isinstance(item, dict):
-                    continue
-                etype, obj = item.get("type"), item.get("object") or {}
-                if etype == "ERROR":
-                    if obj.get("code") == 410:
-                        raise _Expired
-                    raise RuntimeError(f"watch error {obj.get('code')}: {obj.get('message', '')}")
-                rv = str((obj.get("metadata") or {}).get("resourceVersion") or rv)
-                if etype in ("ADDED", "MODIFIED"):
-                    obj.setdefault("metadata", {}).setdefault("namespace", self.namespace)
-                    await self._apply(name, obj)
-                elif etype == "DELETED":
-                    await self._apply(name, None)
-        finally:
-            handle.close()
-            self._handles.discard(handle)
-            fut.add_done_callback(_collect)
+        for informer in self._informers:
+            informer.close()
 
     async def _apply(self, name: str, secret: Secret | None) -> None:
         self._seen[name] = secret
@@ -533,8 +463,3 @@ class KubeCASource:
 def dataclass_source(material: CAMaterial, source: str) -> CAMaterial:
     """The same material, naming where it is kept."""
     return CAMaterial(material.signing_cert, material.signing_key, material.chain, material.roots, source=source)
-
-
-def _collect(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()

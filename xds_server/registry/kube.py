@@ -11,23 +11,18 @@ model, and every change replaces the Registry's snapshot. A change after a quiet
 once: the publisher's debounce (istiod's 100 ms) is the one wait between a watch event and a push. Under a burst
 (a rollout) the snapshots are spaced `min_interval` apart, so their cost stays bounded.
 
-The `kubernetes` client is blocking; every call runs on this source's own threads (one per kind, so eight
-long watches never starve the event loop's default executor), and a watch's lines reach the loop through
-an asyncio.Queue.
+The list/watch loop is ztcore.informer's (one Informer per kind, each on its own threads, so eight long watches
+never starve the event loop's default executor); this module keeps what is particular to the registry: the
+apiVersion fallback, parsing, and publishing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
-import json
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +31,8 @@ import kubernetes.config
 from kubernetes.client.exceptions import ApiException
 
 from ztcore.backoff import Backoff, Streak
-from ztcore.kubeclient import WatchStream, describe_error, json_body
+from ztcore.informer import Informer, NotServed, Obj
+from ztcore.kubeclient import describe_error, json_body
 from ztcore.mesh.registry.objects import ObjectKey, RegistryObject
 from ztcore.mesh.registry.parse import parse_object
 from ztcore.mesh.registry.store import Registry, RegistrySnapshot
@@ -123,11 +119,7 @@ KINDS: tuple[KindSpec, ...] = (
 )
 
 
-# --- blocking side (source threads) ------------------------------------------------------------------------
-
-
-class _Expired(Exception):
-    """410 Gone: the resourceVersion is no longer in the API server's history; list again."""
+# --- blocking side (informer threads) ----------------------------------------------------------------------
 
 
 class _ListFailed(Exception):
@@ -137,11 +129,7 @@ class _ListFailed(Exception):
         self.reason = reason
 
 
-class _NotServed(Exception):
-    """No apiVersion of this kind is served (e.g. Istio's CRDs are not installed)."""
-
-
-def _list_all(api: Any, spec: KindSpec, page_size: int, timeout: float) -> tuple[str, list[dict[str, Any]], str]:
+def _list_all(api: Any, spec: KindSpec, page_size: int, timeout: float) -> tuple[str, list[Obj], str]:
     """(apiVersion used, items, list resourceVersion); paged, and a consistent read from etcd."""
     for api_version in spec.api_versions:
         try:
@@ -149,17 +137,13 @@ def _list_all(api: Any, spec: KindSpec, page_size: int, timeout: float) -> tuple
         except ApiException as err:
             if err.status == 404:
                 continue
-            if err.status == 410:
-                raise _Expired(describe_error(err)) from None
             raise
         return api_version, items, rv
-    raise _NotServed(f"none of {', '.join(spec.api_versions)} serves {spec.plural}")
+    raise NotServed(f"none of {', '.join(spec.api_versions)} is served")
 
 
-def _list_version(
-    api: Any, spec: KindSpec, api_version: str, page_size: int, timeout: float
-) -> tuple[list[dict[str, Any]], str]:
-    items: list[dict[str, Any]] = []
+def _list_version(api: Any, spec: KindSpec, api_version: str, page_size: int, timeout: float) -> tuple[list[Obj], str]:
+    items: list[Obj] = []
     token = ""
     while True:
         kw: dict[str, Any] = {"limit": page_size, "_preload_content": False, "_request_timeout": timeout}
@@ -178,15 +162,9 @@ def _list_version(
             return items, str(meta.get("resourceVersion", ""))
 
 
-_CONNECTED = object()
-_END = object()
-
-
-def _watch_blocking(api: Any, spec: KindSpec, api_version: str, rv: str, timeout_s: int, stream: WatchStream) -> None:
-    """Runs on a source thread; every outcome (events, end, error) goes through the stream's queue."""
-    resp: Any = None
+def _watch_call(api: Any, spec: KindSpec, api_version: str, rv: str, timeout_s: int) -> Any:
     try:
-        resp = spec.call(
+        return spec.call(
             api,
             api_version,
             {
@@ -199,36 +177,16 @@ def _watch_blocking(api: Any, spec: KindSpec, api_version: str, rv: str, timeout
                 "_request_timeout": (10.0, timeout_s + 30.0),
             },
         )
-        if not stream.attach(resp):
-            return
-        stream.put(_CONNECTED)
-        # One JSON event per line; a large object can span many chunks, so only the new bytes are searched.
-        pending = bytearray()
-        for chunk in resp.stream(amt=None, decode_content=False):
-            searched = len(pending)
-            pending += chunk
-            while (end := pending.find(b"\n", searched)) >= 0:
-                line = bytes(pending[:end])
-                del pending[: end + 1]
-                searched = 0
-                if line.strip() and not stream.put(json.loads(line)):
-                    return
-        if pending.strip():
-            stream.put(json.loads(bytes(pending)))
-        stream.put(_END)
-    except BaseException as err:  # handed to the loop, which decides (relist, backoff, or stop)
-        stream.put(_END if stream.closed else err)
-    finally:
-        if resp is not None:
-            # A watch connection is never reused: after a shutdown() it is half-closed.
-            with contextlib.suppress(Exception):
-                resp.close()
+    except ApiException as err:
+        if err.status == 404:
+            raise NotServed(f"{spec.describe(api_version)} is no longer served") from None
+        raise
 
 
 # --- loop side ------------------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class KindStats:
     lists: int = 0
     watches: int = 0
@@ -242,11 +200,10 @@ class KindStats:
 @dataclass(slots=True)
 class _KindState:
     spec: KindSpec
-    api_version: str = ""
-    rv: str | None = None  # None: list next
-    synced: bool = False
+    api_version: str = ""  # the one watched: the last list's
+    # Written by the list's thread, taken by on_replace, which runs once that list has returned.
+    listed_version: str = ""
     objects: dict[tuple[str, str], RegistryObject] = field(default_factory=dict)
-    stats: KindStats = field(default_factory=KindStats)
     rejected: dict[tuple[str, str], str] = field(default_factory=dict)  # last rejected resourceVersion
 
 
@@ -270,43 +227,58 @@ class KubeRegistrySource:
     ) -> None:
         self._api = api
         self._registry = registry
-        self._states = [_KindState(spec) for spec in kinds]
         self._min_interval = min_interval
         self._published_at = -math.inf
-        self._watch_timeout = watch_timeout
-        self._initial_backoff = initial_backoff
-        self._max_backoff = max_backoff
-        self._not_served_recheck = not_served_recheck
+        self._backoff = Backoff(initial_backoff, max_backoff, jitter=(0.8, 1.2))
         self._page_size = page_size
         self._request_timeout = request_timeout
         self._clock = clock
         self._dirty = asyncio.Event()
         self._changed: set[ObjectKey] = set()  # since the registry last took the objects
-        self._streams: set[WatchStream] = set()
-        # Each kind has at most one blocking call (a list or a watch) at a time; twice that leaves room for a
-        # watch that was just aborted and is still unwinding while its replacement starts.
-        self._executor: ThreadPoolExecutor | None = None
+        self._states = [_KindState(spec) for spec in kinds]
+        self._informers = [
+            self._informer(st, watch_timeout=watch_timeout, not_served_recheck=not_served_recheck)
+            for st in self._states
+        ]
+
+    def _informer(self, st: _KindState, *, watch_timeout: float, not_served_recheck: float) -> Informer:
+        spec = st.spec
+
+        def list_kind() -> tuple[list[Obj], str]:
+            st.listed_version, items, rv = _list_all(self._api, spec, self._page_size, self._request_timeout)
+            return items, rv
+
+        def on_replace(items: list[Obj], _rv: str) -> None:
+            self._replace(st, items)
+
+        def on_event(etype: str, obj: Obj) -> None:
+            self._apply(st, etype, obj)
+
+        return Informer(
+            spec.plural,
+            list_kind,
+            lambda rv, timeout_s: _watch_call(self._api, spec, st.api_version, rv, timeout_s),
+            on_replace=on_replace,
+            on_event=on_event,
+            backoff=self._backoff,
+            watch_timeout=watch_timeout,
+            not_served_recheck=not_served_recheck,
+            clock=self._clock,
+        )
 
     @property
     def synced(self) -> bool:
-        return all(st.synced for st in self._states)
+        return all(informer.synced for informer in self._informers)
 
     def stats(self) -> Mapping[str, KindStats]:
         """Per kind: lists, watches, 410 expiries, errors, the apiVersion served and the resourceVersion seen."""
-        return {
-            st.spec.kind: dataclasses.replace(
-                st.stats, api_version=st.api_version, resource_version=st.rv or "", objects=len(st.objects)
+        out: dict[str, KindStats] = {}
+        for st, informer in zip(self._states, self._informers, strict=True):
+            s = informer.stats()
+            out[st.spec.kind] = KindStats(
+                s.lists, s.watches, s.expired, s.errors, st.api_version, s.resource_version, len(st.objects)
             )
-            for st in self._states
-        }
-
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=2 * len(self._states), thread_name_prefix="kube-source")
-        return self._executor
-
-    async def _blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool(), fn, *args)
+        return out
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
@@ -318,28 +290,23 @@ class KubeRegistrySource:
         """
         deadline = self._clock() + give_up_after
 
-        async def first_list(st: _KindState) -> None:
-            backoff = Streak(Backoff(self._initial_backoff, self._max_backoff, jitter=(0.8, 1.2)))
+        async def first_list(informer: Informer) -> None:
+            backoff = Streak(self._backoff)
             while True:
                 try:
-                    await self._relist(st)
-                    return
-                except _NotServed as err:
-                    log.info("%s: %s; treating it as empty", st.spec.kind, err)
-                    self._set_objects(st, {})
-                    st.synced = True
+                    await informer.sync()  # a kind that is not served counts as listed (empty)
                     return
                 except Exception as err:
                     reason = describe_error(err)
                     level = logging.WARNING if backoff.failures == 0 else logging.DEBUG
                     delay = backoff.next()
                     if self._clock() + delay > deadline:
-                        raise _ListFailed(st.spec.plural, reason) from None
-                    log.log(level, "listing %s failed: %s; retrying in %.1fs", st.spec.plural, reason, delay)
+                        raise _ListFailed(informer.name, reason) from None
+                    log.log(level, "listing %s failed: %s; retrying in %.1fs", informer.name, reason, delay)
                     await asyncio.sleep(delay)
 
         # gather, not a TaskGroup: every kind gets its full time, so the error can name all that failed.
-        results = await asyncio.gather(*(first_list(st) for st in self._states), return_exceptions=True)
+        results = await asyncio.gather(*(first_list(i) for i in self._informers), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             self.close()
@@ -365,58 +332,22 @@ class KubeRegistrySource:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._publisher())
-                for st in self._states:
-                    tg.create_task(self._run_kind(st))
+                for informer in self._informers:
+                    tg.create_task(informer.run())
         finally:
             self.close()
 
     def close(self) -> None:
         """Abort open watches and let the threads go; safe to call twice."""
-        for stream in list(self._streams):
-            stream.close()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        for informer in self._informers:
+            informer.close()
 
-    # --- per kind --------------------------------------------------------------------------------------------
+    # --- per kind (informer callbacks) ------------------------------------------------------------------------
 
-    async def _run_kind(self, st: _KindState) -> None:
-        backoff = Streak(Backoff(self._initial_backoff, self._max_backoff, jitter=(0.8, 1.2)))
-        while True:
-            try:
-                if st.rv is None:
-                    await self._relist(st)
-                    self._recovered(st, backoff)
-                started = self._clock()
-                await self._watch(st, backoff)
-                if self._clock() - started < 1.0:
-                    # A server that ends every watch at once must not be hammered in a tight loop.
-                    await asyncio.sleep(backoff.next(failure=False))
-            except _Expired as err:
-                st.stats.expired += 1
-                st.rv = None
-                log.info("%s watch expired (%s); listing again", st.spec.plural, err)
-            except _NotServed as err:
-                if st.objects or not st.synced:
-                    log.info("%s: %s; treating it as empty", st.spec.kind, err)
-                self._set_objects(st, {})
-                st.synced = True
-                st.rv = None
-                await asyncio.sleep(self._not_served_recheck)
-            except Exception as err:
-                st.stats.errors += 1
-                # One warning per outage; the retries that follow are debug noise until it recovers.
-                level = logging.WARNING if backoff.failures == 0 else logging.DEBUG
-                delay = backoff.next()
-                log.log(level, "watching %s failed: %s; retrying in %.1fs", st.spec.plural, describe_error(err), delay)
-                await asyncio.sleep(delay)
-
-    async def _relist(self, st: _KindState) -> None:
-        api_version, items, rv = await self._blocking(
-            _list_all, self._api, st.spec, self._page_size, self._request_timeout
-        )
-        st.stats.lists += 1
-        if api_version != st.api_version:
+    def _replace(self, st: _KindState, items: list[Obj]) -> None:
+        """A (re)list, or an empty one when the kind is not served."""
+        api_version, st.listed_version = st.listed_version, ""
+        if api_version and api_version != st.api_version:
             if st.api_version:
                 log.info("%s: now reading %s", st.spec.kind, api_version)
             st.api_version = api_version
@@ -428,73 +359,19 @@ class KubeRegistrySource:
                 fresh[key] = obj
         # Wholesale replacement: whatever was deleted while we were not watching disappears here.
         self._set_objects(st, fresh)
-        st.rv = rv
-        st.synced = True
 
-    async def _watch(self, st: _KindState, backoff: Streak) -> None:
-        """One watch call, from st.rv, until the server ends it (normally after timeoutSeconds)."""
-        assert st.rv is not None
-        stream = WatchStream(asyncio.get_running_loop())
-        # Spread the watches' renewals like client-go's reflector (timeout between 1x and 2x).
-        timeout_s = max(1, int(self._watch_timeout * random.uniform(1.0, 2.0)))  # noqa: S311 - jitter only
-        self._streams.add(stream)
-        fut = asyncio.get_running_loop().run_in_executor(
-            self._pool(), _watch_blocking, self._api, st.spec, st.api_version, st.rv, timeout_s, stream
-        )
-        st.stats.watches += 1
-        try:
-            while True:
-                item = await stream.queue.get()
-                if item is _CONNECTED:
-                    self._recovered(st, backoff)
-                elif item is _END:
-                    return
-                elif isinstance(item, BaseException):
-                    if isinstance(item, ApiException) and item.status == 410:
-                        raise _Expired(describe_error(item))
-                    if isinstance(item, ApiException) and item.status == 404:
-                        raise _NotServed(f"{st.spec.describe(st.api_version)} is no longer served")
-                    raise item
-                elif isinstance(item, dict):
-                    self._apply(st, item)
-        finally:
-            stream.close()
-            self._streams.discard(stream)
-            fut.add_done_callback(_discard_result)
-
-    def _recovered(self, st: _KindState, backoff: Streak) -> None:
-        failures = backoff.reset()
-        if failures:
-            log.info("watching %s again after %d failed attempt(s)", st.spec.plural, failures)
-
-    def _apply(self, st: _KindState, event: Mapping[str, Any]) -> None:
-        etype = event.get("type")
-        obj = event.get("object")
-        if not isinstance(obj, dict):
-            raise ValueError(f"watch event {etype!r} without an object")
-        if etype == "ERROR":
-            if obj.get("code") == 410:
-                raise _Expired(str(obj.get("message", "Gone")))
-            raise RuntimeError(f"watch error {obj.get('code')} {obj.get('reason', '')}: {obj.get('message', '')}")
-        rv = str((obj.get("metadata") or {}).get("resourceVersion", ""))
-        if etype == "BOOKMARK":
-            st.rv = rv or st.rv
-            return
+    def _apply(self, st: _KindState, etype: str, obj: Obj) -> None:
         key = _item_key(obj)
         if etype == "DELETED":
             gone = st.objects.pop(key, None)
             if gone is not None:
                 self._mark_dirty(gone.key)
             st.rejected.pop(key, None)
-        elif etype in ("ADDED", "MODIFIED"):
-            parsed = self._parse(st, obj, key)
-            if parsed is not None and st.objects.get(key) != parsed:
-                st.objects[key] = parsed
-                self._mark_dirty(parsed.key)
-        else:
-            raise ValueError(f"unknown watch event type {etype!r}")
-        if rv:
-            st.rv = rv
+            return
+        parsed = self._parse(st, obj, key)  # ADDED or MODIFIED
+        if parsed is not None and st.objects.get(key) != parsed:
+            st.objects[key] = parsed
+            self._mark_dirty(parsed.key)
 
     def _parse(self, st: _KindState, item: dict[str, Any], key: tuple[str, str]) -> RegistryObject | None:
         """The object, or None when it is invalid: the previous good version (if any) then stays."""
@@ -558,9 +435,3 @@ class KubeRegistrySource:
 def _item_key(item: Mapping[str, Any]) -> tuple[str, str]:
     meta = item.get("metadata") or {}
     return (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
-
-
-def _discard_result(fut: asyncio.Future[Any]) -> None:
-    # The thread reports through the queue; its future only needs collecting.
-    if not fut.cancelled():
-        fut.exception()
