@@ -1,6 +1,6 @@
 """zt-bridge's offload path against a real offload driver: netdevsim, built into the project's UML kernel.
 
-One UML boot, the topology and mesh of tests/kernel/test_bridge_kernel.py (whose guest helpers it reuses), plus
+One UML boot, the topology, mesh and guest helpers test_bridge_kernel.py uses too (tests/kernel/bridge_guest.py), plus
 one netdevsim port `nsim0` in node-a's netns (192.168.60.1/24, beside the veth underlay eth0):
 
 1. node-a's bridge asks for packet offload on nsim0: refused by the kernel with its reason, one log line, every
@@ -45,14 +45,13 @@ REPO = Path(__file__).resolve().parents[2]
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
 
-from tests.kernel.test_bridge_kernel import (  # noqa: E402
+from tests.kernel.bridge_guest import (  # noqa: E402
     A1,
     A2,
     ADMIN,
     B1,
     B2,
     NODE_B,
-    Capture,
     Guest,
     ping,
     run_guest,
@@ -60,6 +59,7 @@ from tests.kernel.test_bridge_kernel import (  # noqa: E402
     wire,
     xfrm_stat,
 )
+from tests.kernel.guestlib import Capture  # noqa: E402
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

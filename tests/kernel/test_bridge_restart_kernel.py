@@ -1,6 +1,6 @@
 """zt-bridge restarts on a real Linux 6.1 kernel (user-mode-linux): adopted tunnels never stop carrying traffic.
 
-One UML boot, the topology and mesh of tests/kernel/test_bridge_kernel.py (whose guest helpers it reuses):
+One UML boot, the topology, mesh and guest helpers test_bridge_kernel.py uses too (tests/kernel/bridge_guest.py):
 
 1. Both bridges up, two floods at 0.01 s (a1 -> b1: node-a initiates that tunnel; b2 -> a1: node-b initiates
    it, node-a responds), captured on both nodes' underlay.
@@ -34,20 +34,20 @@ REPO = Path(__file__).resolve().parents[2]
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
 
-from tests.kernel.test_bridge_kernel import (  # noqa: E402
+from tests.kernel.bridge_guest import (  # noqa: E402
     A1,
     A2,
     ADMIN,
     B1,
     B2,
     PATTERN,
-    Capture,
     Guest,
     ping,
     run_guest,
     wire,
     xfrm_stat,
 )
+from tests.kernel.guestlib import Capture  # noqa: E402
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -361,7 +361,7 @@ class RestartGuest(Guest):
 
     async def deny_a2_b2(self) -> None:
         """While node-b's bridge is down: {a2, b2} is refused from now on; node-a removes its side."""
-        from tests.unit.test_bridge_mesh import POLICIES, write_mesh
+        from tests.support.bridge_mesh import POLICIES, write_mesh
 
         deny = (
             POLICIES

@@ -35,7 +35,7 @@ from ipsec_bridge.vfmap import VfMapFile
 from ipsec_bridge.xfrm import messages as m
 from ipsec_bridge.xfrm.netlink import XfrmError
 from ipsec_bridge.xfrm.offload import OffloadProbe, OffloadStatus
-from tests.unit.test_bridge_mesh import load_view, write_mesh
+from tests.support.bridge_mesh import load_view, write_mesh
 from ztcore.identity.caclient import CAClient, CAClientOptions
 from ztcore.identity.manager import RotationPolicy, SecretManager
 from ztcore.metrics import Registry

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any, cast
@@ -20,11 +20,11 @@ from ipsec_bridge.tunnels.manager import TunnelManager
 from ipsec_bridge.tunnels.settings import BridgeMetrics, BridgeSettings
 from ipsec_bridge.xfrm import messages as m
 from ipsec_bridge.xfrm.consts import PolicyAction, PolicyDir, XfrmMsg
-from tests.unit.test_bridge_mesh import load_view, write_mesh
+from tests.support.bridge_fakes import MESH, NoCertificates, RecordingXfrm, block_policy_dump
+from tests.support.bridge_mesh import load_view, write_mesh
 from ztcore.metrics import Registry
 from ztctl.commands.tunnels import rows as tunnels_rows
 
-MESH = (ip_network("10.0.0.0/8"),)
 NODE_A, NODE_B, NODE_C = ip_address("192.168.50.1"), ip_address("192.168.50.2"), ip_address("192.168.50.3")
 A1, A2, B1, B2 = (ip_address(x) for x in ("10.1.0.10", "10.1.0.11", "10.2.0.10", "10.2.0.11"))
 ANY = ip_network("0.0.0.0/0")
@@ -68,14 +68,10 @@ def pod_tunnel(local: Any = A1, peer: Any = B1, reqid: int = R1, spi_in: int = 0
     return sas(ep, reqid, spi_in, spi_out), pair_policies(ep, (ep.local_net, ep.peer_net), reqid)
 
 
-def base() -> list[m.PolicyInfo]:
-    return [m.PolicyInfo(p) for p in MGR.block_policies()]
-
-
 def plan(*dumps: Dump, extra_sas: list[m.SaInfo] | None = None, extra_pols: list[m.PolicyInfo] | None = None,
          lay: Layout | None = None) -> AdoptionPlan:  # fmt: skip
     all_sas = [s for d in dumps for s in d[0]] + (extra_sas or [])
-    all_pols = base() + [p for d in dumps for p in d[1]] + (extra_pols or [])
+    all_pols = block_policy_dump() + [p for d in dumps for p in d[1]] + (extra_pols or [])
     return plan_adoption(all_sas, all_pols, lay or layout())
 
 
@@ -320,43 +316,11 @@ def test_key_material_never_reaches_a_description() -> None:
 # --- the tunnel manager's side: adopted tunnels wait for the state, then are kept (and rekeyed) or removed --------
 
 
-class RecordingXfrm:
-    """Stands in for the netlink socket: every write succeeds and is kept, for the assertions."""
-
-    def __init__(self, sas: list[m.SaInfo], policies: list[m.PolicyInfo]) -> None:
-        self.sas, self.policies = sas, policies
-        self.requests: list[m.Request] = []
-
-    async def call_each(self, requests: Sequence[m.Request]) -> list[list[m.NetlinkMessage]]:
-        self.requests.extend(requests)
-        return [[] for _ in requests]
-
-    async def add_policies(self, policies: Sequence[m.Policy], *, update: bool = False) -> None:
-        self.requests.extend(m.new_policy(p, update=update) for p in policies)
-
-    async def list_sas(self) -> list[m.SaInfo]:
-        return self.sas
-
-    async def list_policies(self) -> list[m.PolicyInfo]:
-        return self.policies
-
-    def deleted_spis(self) -> set[int]:
-        return {m.decode_sa_id(r.payload).spi for r in self.requests if r.type == XfrmMsg.DELSA}
-
-
-class NoCertificates:
-    def on_renewed(self, callback: Any) -> None:
-        pass
-
-    def want(self, identities: Any) -> None:
-        pass
-
-
 async def test_adopted_tunnels_wait_for_the_state_then_are_kept_or_removed(tmp_path: Path) -> None:
     store = await load_view(write_mesh(tmp_path))  # node-a admits {a1,b1} (initiator) and {a1,b2}; not {a2,b1}
     dumps = [pod_tunnel(A1, B1, R1, 0x1111, 0x2222), pod_tunnel(A1, B2, R2, 0x3333, 0x4444),
              pod_tunnel(A2, B1, R3, 0x5555, 0x6666)]  # fmt: skip
-    xfrm = RecordingXfrm([s for d in dumps for s in d[0]], base() + [p for d in dumps for p in d[1]])
+    xfrm = RecordingXfrm([s for d in dumps for s in d[0]], block_policy_dump() + [p for d in dumps for p in d[1]])
     sa = SaManager(cast(Any, xfrm), SaSettings(mesh_cidrs=MESH))
     p = await sa.start(TunnelScope.POD)
     assert len(p.tunnels) == 3 and xfrm.requests == []  # the block was there, nothing else to do
@@ -413,7 +377,7 @@ async def test_node_scope_an_adopted_node_tunnel_gets_the_pod_pairs_the_state_ad
     store = await load_view(write_mesh(tmp_path))  # admitted pairs via node-b: a1-b1, a1-b2, a2-b2
     ep = node_ep()
     dump = (sas(ep, R1, 0x1111, 0x2222), pair_policies(ep, (host_net(A1), host_net(B1)), R1))
-    xfrm = RecordingXfrm(dump[0], base() + dump[1])
+    xfrm = RecordingXfrm(dump[0], block_policy_dump() + dump[1])
     sa = SaManager(cast(Any, xfrm), SaSettings(mesh_cidrs=MESH))
     manager = TunnelManager(BridgeSettings(node="node-a", scope=TunnelScope.NODE), store, sa,
                             cast(Any, NoCertificates()), cast(Any, None), BridgeMetrics(Registry()))  # fmt: skip

@@ -17,8 +17,8 @@ from ipsec_bridge.tunnels.manager import TunnelManager
 from ipsec_bridge.tunnels.records import Generation
 from ipsec_bridge.tunnels.settings import BridgeMetrics, BridgeSettings
 from ipsec_bridge.xfrm.offload import OffloadStatus
-from tests.unit.test_bridge_adopt import MESH, NoCertificates, RecordingXfrm, base
-from tests.unit.test_bridge_mesh import settings, write_mesh
+from tests.support.bridge_fakes import MESH, NoCertificates, RecordingXfrm, block_policy_dump
+from tests.support.bridge_mesh import settings, write_mesh
 from ztcore.mesh.translate import TranslateOptions
 from ztcore.metrics import Registry
 
@@ -41,7 +41,7 @@ def generation(established_mono: float) -> Generation:
 async def manager_at(tmp_path: Path, clock: Clock) -> tuple[TunnelManager, StateStore]:
     store = StateStore(settings(), monotonic=clock)
     await LocalConfigSource(write_mesh(tmp_path), store, TranslateOptions()).load_initial()
-    sa = SaManager(cast(Any, RecordingXfrm([], base())), SaSettings(mesh_cidrs=MESH))
+    sa = SaManager(cast(Any, RecordingXfrm([], block_policy_dump())), SaSettings(mesh_cidrs=MESH))
     await sa.start(TunnelScope.POD)
     manager = TunnelManager(BridgeSettings(node="node-a"), store, sa, cast(Any, NoCertificates()), cast(Any, None),
                             BridgeMetrics(Registry()), monotonic=clock, wall=lambda: WALL)  # fmt: skip

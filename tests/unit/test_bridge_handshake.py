@@ -29,7 +29,7 @@ from ipsec_bridge.certs import Certificates
 from ipsec_bridge.keys import KeyScope
 from ipsec_bridge.xfrm.messages import Aead
 from tests.helpers import running_ztd
-from tests.unit.test_bridge_mesh import PODS, identity, write_mesh
+from tests.support.bridge_mesh import PODS, identity, write_mesh
 from ztcore.identity import Identity
 from ztcore.identity.caclient import CAClient, CAClientOptions
 from ztcore.identity.manager import RotationPolicy, SecretManager

@@ -37,9 +37,9 @@ from ipsec_bridge.xfrm.consts import PolicyDir, XfrmMsg
 from ipsec_bridge.xfrm.netlink import XfrmError
 from ipsec_bridge.xfrm.offload import OffloadStatus
 from tests.helpers import running_ztd
-from tests.unit.test_bridge_adopt import NoCertificates
-from tests.unit.test_bridge_mesh import load_view, write_mesh
-from tests.unit.test_xfrm_messages import sa_v4
+from tests.support.bridge_fakes import NoCertificates
+from tests.support.bridge_mesh import load_view, write_mesh
+from tests.support.xfrm_samples import sa_v4
 from ztcore.identity import Identity
 from ztcore.identity.caclient import CAClient, CAClientOptions
 from ztcore.identity.manager import RotationPolicy, SecretManager

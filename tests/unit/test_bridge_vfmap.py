@@ -14,7 +14,7 @@ from ipsec_bridge.pairs import TunnelScope
 from ipsec_bridge.state import StateStore, describe
 from ipsec_bridge.tunnels.desired import desired_specs
 from ipsec_bridge.vfmap import VfEntry, VfMap, VfMapError, VfMapFile, assign, parse
-from tests.unit.test_bridge_mesh import NODE_A_IP, load_view, write_mesh
+from tests.support.bridge_mesh import NODE_A_IP, load_view, write_mesh
 
 A1, A2 = ip_address("10.1.0.10"), ip_address("10.1.0.11")
 

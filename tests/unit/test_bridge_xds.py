@@ -20,7 +20,7 @@ from ipsec_bridge.pairs import pod_pairs
 from ipsec_bridge.state import NodeView, Rejected, StateStore, TypeHandler
 from ipsec_bridge.xds_client import DeltaXdsClient, XdsClientOptions, build_node
 from tests.helpers import running_ztd
-from tests.unit.test_bridge_mesh import PODS, POLICIES, load_view, settings, write_mesh
+from tests.support.bridge_mesh import PODS, POLICIES, load_view, settings, write_mesh
 from ztcore.xds import typeurls
 
 DENY_A1 = """---
