@@ -10,6 +10,8 @@ Metrics (counters carry `_total`; all names start with zt_bridge_):
     rekey_requests_total{direction}          tunnel_removals_total{reason}    offload_fallback_total
     handshake_duration_seconds, removal_duration_seconds (histograms)
     tunnels{state}                           up, pending, failing
+    pairs{state}                             active, idle, reclaimed (--setup on-demand: idle ones are reclaimed)
+    acquires_total{result}, reclaims_total   --setup on-demand: ACQUIREs received, admitted, denied, duplicate, ...
     tunnel_offload{offload}                  up tunnels by what the kernel gave them: none, crypto, packet, fallback
     offload_usable{device, mode}             1 when the start-up probe SA was accepted (0: packet mode refused)
     sas, sa_bytes{direction}, sa_packets{direction}
@@ -72,6 +74,10 @@ class Admin:
         self.vf_map = vf_map
         self.offload = offload
         self.tunnels = metrics.gauge("zt_bridge_tunnels", "Tunnels this bridge keeps, by state (up, pending, failing)")
+        self.pairs = metrics.gauge(
+            "zt_bridge_pairs",
+            "Pod pairs by activity: active (bytes lately), idle (none lately), reclaimed (removed when idle, not back)",
+        )
         self.sas = metrics.gauge("zt_bridge_sas", "SAs of this bridge in the kernel (larval ALLOCSPI states included)")
         self.sa_bytes = metrics.gauge("zt_bridge_sa_bytes", "Bytes through this bridge's SAs, by direction")
         self.sa_packets = metrics.gauge("zt_bridge_sa_packets", "Packets through this bridge's SAs, by direction")
@@ -103,6 +109,8 @@ class Admin:
     async def refresh(self) -> None:
         for state, count in self.manager.counts().items():
             self.tunnels.set(count, state=state)
+        for state, count in self.manager.pair_counts().items():
+            self.pairs.set(count, state=state)
         offloads = dict.fromkeys((s.value for s in OffloadStatus), 0)
         for t in self.manager.tunnels.values():
             if t.current is not None:

@@ -1,6 +1,8 @@
 """The bridge's certificates: one SVID per identity of its node's pods (CreateCertificate with
 ImpersonatedIdentity, through ztcore.identity.manager.SecretManager: renewed at half life, kept when a renewal
-fails) and, for --tunnel-scope node, its own. TLS contexts are built once per certificate, off the loop.
+fails) and, for --tunnel-scope node, its own. TLS contexts are built once per certificate, off the loop, and
+again every ticket lifetime: a context holds the server-side session ticket keys (random, in memory, per context),
+so a new context rotates them; tickets made under a replaced context are no longer accepted (full handshake).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Callable, Iterable
 
 from OpenSSL import SSL
 
-from ipsec_bridge.handshake import Credential, HandshakeError, tls_context
+from ipsec_bridge.handshake import DEFAULT_TICKET_LIFETIME, BridgeContext, Credential, HandshakeError, tls_context
 from ztcore.identity import Identity
 from ztcore.identity.manager import SecretEvent, SecretManager
 
@@ -22,10 +24,17 @@ log = logging.getLogger(__name__)
 
 class Certificates:
     def __init__(
-        self, secrets: SecretManager, clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+        self,
+        secrets: SecretManager,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        *,
+        ticket_lifetime: int = DEFAULT_TICKET_LIFETIME,
     ) -> None:
+        if not 0 < ticket_lifetime <= 7 * 24 * 3600:
+            raise ValueError(f"ticket lifetime {ticket_lifetime}s: must be positive and at most 7 days (RFC 8446)")
         self._secrets = secrets
         self._clock = clock
+        self.ticket_lifetime = ticket_lifetime
         self._wanted: set[Identity] = set()
         self._ready: dict[Identity, asyncio.Event] = {}
         self._contexts: dict[tuple[Identity, int, str], SSL.Context] = {}
@@ -90,8 +99,11 @@ class Certificates:
             raise HandshakeError("no-cert", why)
         key = (identity, cert.serial, hashlib.sha256(cred.roots_pem).hexdigest())
         ctx = self._contexts.get(key)
+        now = self._clock().timestamp()
+        if isinstance(ctx, BridgeContext) and now - ctx.created >= self.ticket_lifetime:
+            ctx = None  # rotate the ticket keys
         if ctx is None:
-            ctx = await asyncio.to_thread(tls_context, cred)
+            ctx = await asyncio.to_thread(tls_context, cred, ticket_lifetime=self.ticket_lifetime, created=now)
             # one context per identity: drop the ones of replaced certificates
             for old in [k for k in self._contexts if k[0] == identity]:
                 del self._contexts[old]

@@ -24,7 +24,18 @@ both SPIs and the key size: a preamble altered on the way yields different keys 
 weaker tunnel. A second preamble kind (answered by a status byte) asks the pair's initiator to rekey now.
 
 Crypto-heavy steps (do_handshake: signatures, ECDHE) run in a worker thread; IO stays on the event loop
-through memory BIOs. Session tickets are not used: every handshake, rekeys included, is a full one.
+through memory BIOs.
+
+Resumption. A rekey, or the re-establishment of a recently removed pair, may resume the TLS session of an
+earlier handshake with the same peer bridge and identity pair (`Plan.ticket`): RFC 8446 PSK with psk_dhe_ke
+only, so every generation still runs a fresh ECDHE (forward secrecy) while neither side signs anything.
+OpenSSL offers only psk_dhe_ke unless SSL_OP_ALLOW_NO_DHE_KEX is set (never here), and `TlsChannel` checks
+the ServerHello of every resumed handshake for a key_share anyway. The keys come from the resumed session's
+exporter with the same context as a full handshake's, so they are fresh. Before any SPI, each side checks the
+certificate the session was made with exactly as after a full handshake (WDS identity, policy) plus its
+expiry; a side that refuses a resumed session says so (`Reject.full`) and the initiator runs a full handshake
+on a new connection. Tickets live in memory only (`TicketStore`, client side; the server's ticket keys live in
+its SSL_CTX, which `ipsec_bridge.certs` replaces on renewal and every ticket lifetime).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import enum
+import hashlib
 import json
 import struct
 import time
@@ -42,8 +54,11 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, Protocol
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
 
 from ipsec_bridge.keys import (
     EXPORTER_LABEL,
@@ -184,6 +199,7 @@ class Done:
 @dataclass(frozen=True, slots=True)
 class Reject:
     reason: str
+    full: bool = False  # the sender refuses the resumed session only: a full handshake may succeed
 
 
 Message = Accept | Ready | Done | Reject
@@ -200,6 +216,8 @@ def encode_message(msg: Message) -> bytes:
             body = {"t": "done"}
         case Reject():
             body = {"t": "reject", "reason": msg.reason[:1000]}
+            if msg.full:
+                body["full"] = True
     raw = json.dumps(body, separators=(",", ":")).encode()
     return _FRAME.pack(len(raw)) + raw
 
@@ -229,7 +247,10 @@ def decode_message(raw: bytes) -> Message:
         if kind == "done":
             return Done()
         if kind == "reject":
-            return Reject(str(body["reason"]))
+            full = body.get("full", False)
+            if not isinstance(full, bool):
+                raise ValueError(f"bad full {full!r}")
+            return Reject(str(body["reason"]), full)
         raise ValueError(f"unknown message {kind!r}")
     except (ValueError, KeyError, TypeError) as err:
         raise HandshakeError("protocol", f"malformed message from the peer: {err}") from None
@@ -249,14 +270,112 @@ class Credential:
     not_after: dt.datetime
 
 
-def tls_context(cred: Credential) -> SSL.Context:
+# TLS 1.3 handshake message types and extensions (RFC 8446 §4, §4.2) the trace reads
+_MSG_SERVER_HELLO = 2
+_MSG_NEW_SESSION_TICKET = 4
+_MSG_CERTIFICATE_VERIFY = 15
+_EXT_PRE_SHARED_KEY = 41
+_EXT_KEY_SHARE = 51
+_CONTENT_HANDSHAKE = 22
+DEFAULT_TICKET_LIFETIME = 3600  # seconds; RFC 8446 caps a ticket's lifetime at 7 days
+
+
+def hello_extensions(msg: bytes) -> frozenset[int]:
+    """The extension types of a ServerHello handshake message (header included); ValueError if malformed."""
+    if len(msg) < 4 or msg[0] != _MSG_SERVER_HELLO:
+        raise ValueError("not a ServerHello")
+    body = memoryview(msg)[4:]
+    pos = 2 + 32  # legacy_version, random
+    if len(body) < pos + 1:
+        raise ValueError("truncated ServerHello")
+    pos += 1 + body[pos] + 2 + 1  # legacy_session_id_echo, cipher_suite, legacy_compression_method
+    if len(body) < pos + 2:
+        raise ValueError("truncated ServerHello")
+    end = pos + 2 + int.from_bytes(body[pos : pos + 2])
+    if end > len(body):
+        raise ValueError("ServerHello extensions overrun the message")
+    pos += 2
+    found: set[int] = set()
+    while pos < end:
+        if pos + 4 > end:
+            raise ValueError("truncated ServerHello extension")
+        found.add(int.from_bytes(body[pos : pos + 2]))
+        pos += 4 + int.from_bytes(body[pos + 2 : pos + 4])
+    if pos != end:
+        raise ValueError("ServerHello extension overruns the list")
+    return frozenset(found)
+
+
+def key_exchange(server_hello_extensions: frozenset[int]) -> str:
+    """The key exchange: "full" (certificates), "psk_dhe_ke" (resumed, with a fresh ECDHE) or "psk_ke"
+    (resumed without one)."""
+    if _EXT_PRE_SHARED_KEY not in server_hello_extensions:
+        return "full"
+    return "psk_dhe_ke" if _EXT_KEY_SHARE in server_hello_extensions else "psk_ke"
+
+
+class HandshakeTrace:
+    """What one connection's handshake did, from OpenSSL's message callback (run in the handshake's worker
+    thread): the private-key signatures this side made (its CertificateVerify messages: in TLS 1.3 the only
+    use of the key) and the ServerHello's extensions (resumed or not, and with which key exchange)."""
+
+    def __init__(self) -> None:
+        self.signatures = 0
+        self.server_hello: frozenset[int] | None = None
+        self.tickets_received = 0
+        self.malformed = ""
+
+    def record(self, sent: bool, msg: bytes) -> None:
+        kind = msg[0] if msg else -1
+        if kind == _MSG_CERTIFICATE_VERIFY and sent:
+            self.signatures += 1
+        elif kind == _MSG_SERVER_HELLO:  # after a HelloRetryRequest, the second one decides
+            try:
+                self.server_hello = hello_extensions(msg)
+            except ValueError as err:
+                self.malformed = str(err)
+        elif kind == _MSG_NEW_SESSION_TICKET and not sent:
+            self.tickets_received += 1
+
+    @property
+    def mode(self) -> str:
+        return key_exchange(self.server_hello or frozenset())
+
+
+def _on_message(write_p: int, _version: int, content_type: int, buf: Any, length: int, ssl: Any, _arg: Any) -> None:
+    if content_type != _CONTENT_HANDSHAKE or length < 1:
+        return
+    conn = SSL.Connection._reverse_mapping.get(ssl)  # pyOpenSSL's own SSL* -> Connection map
+    trace = conn.get_app_data() if conn is not None else None
+    if isinstance(trace, HandshakeTrace):
+        trace.record(bool(write_p), bytes(_ffi.buffer(buf, length)))
+
+
+_MSG_CALLBACK = _ffi.callback("void(int, int, int, void *, size_t, SSL *, void *)", _on_message)
+
+
+class BridgeContext(SSL.Context):
+    """An SSL.Context that traces every handshake's messages (signatures, resumption). `created`: wall-clock
+    seconds, for rotating the server-side ticket keys (OpenSSL makes them per SSL_CTX)."""
+
+    created: float = 0.0
+
+
+def tls_context(
+    cred: Credential, *, ticket_lifetime: int = DEFAULT_TICKET_LIFETIME, created: float = 0.0
+) -> SSL.Context:
     """TLS 1.3 only, mutual: present `cred`, require and verify the peer's chain against `cred`'s roots.
+    Session tickets on (stateless, keys random per context): the server rejects a ticket older than
+    `ticket_lifetime`; clients keep their sessions themselves (no OpenSSL session cache).
 
     CPU work (key parsing): build contexts off the event loop and reuse them.
     """
+    if not 0 < ticket_lifetime <= 7 * 24 * 3600:
+        raise ValueError(f"ticket lifetime {ticket_lifetime}s: must be positive and at most 7 days (RFC 8446)")
     certs = x509.load_pem_x509_certificates(cred.chain_pem)
     roots = x509.load_pem_x509_certificates(cred.roots_pem)
-    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx = BridgeContext(SSL.TLS_METHOD)
+    ctx.created = created
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
     ctx.use_certificate(certs[0])
@@ -271,8 +390,11 @@ def tls_context(cred: Credential) -> SSL.Context:
         store.add_cert(crypto.X509.from_cryptography(root))
     # OpenSSL's own chain verification decides; the SPIFFE ID is checked after the handshake
     ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda _c, _x, _e, _d, ok: bool(ok))
-    ctx.set_options(SSL.OP_NO_TICKET)
+    # a server that verifies clients resumes only within a session id context: this certificate's
+    ctx.set_session_id(hashlib.sha256(cred.chain_pem).digest()[:32])
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    ctx.set_timeout(int(ticket_lifetime))
+    _lib.SSL_CTX_set_msg_callback(ctx._context, _MSG_CALLBACK)  # pyOpenSSL has no wrapper
     return ctx
 
 
@@ -288,13 +410,23 @@ class TlsChannel:
     """pyOpenSSL over asyncio streams through memory BIOs."""
 
     def __init__(
-        self, ctx: SSL.Context, *, server: bool, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        ctx: SSL.Context,
+        *,
+        server: bool,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        session: SSL.Session | None = None,
     ) -> None:
         self._conn = SSL.Connection(ctx, None)
+        self.trace = HandshakeTrace()
+        self._conn.set_app_data(self.trace)
         if server:
             self._conn.set_accept_state()
         else:
             self._conn.set_connect_state()
+            if session is not None:
+                self._conn.set_session(session)  # offered; OpenSSL falls back to a full handshake by itself
         self._reader = reader
         self._writer = writer
         self._plain = bytearray()
@@ -349,8 +481,21 @@ class TlsChannel:
                 with contextlib.suppress(Exception):
                     await self._flush()  # the alert tells the peer why
                 raise HandshakeError("tls", f"TLS handshake failed: {_ssl_reason(err)}") from None
+        if self.trace.malformed:
+            raise HandshakeError("tls", f"unreadable ServerHello: {self.trace.malformed}")
+        if self.trace.mode == "psk_ke":
+            # resumption without a fresh ECDHE would reuse the old secret's keys: no forward secrecy
+            raise HandshakeError("tls", "the session was resumed with psk_ke (no ECDHE); only psk_dhe_ke is allowed")
         if flush:
             await self._flush()
+
+    @property
+    def resumed(self) -> bool:
+        return self.trace.mode != "full"
+
+    def session(self) -> SSL.Session | None:
+        """This connection's session: after the server's NewSessionTicket arrived, one that can be resumed."""
+        return self._conn.get_session() if self.trace.tickets_received else None
 
     async def flush(self) -> None:
         await self._flush()
@@ -395,8 +540,15 @@ class TlsChannel:
         del self._plain[: _FRAME.size + length]
         return decode_message(raw)
 
+    def peer_fingerprint(self) -> bytes:
+        cert = self._conn.get_peer_certificate(as_cryptography=True)
+        if cert is None:
+            raise HandshakeError("identity", "the peer presented no certificate")
+        return cert.fingerprint(hashes.SHA256())
+
     def peer(self) -> tuple[Identity, dt.datetime]:
-        """The peer's SPIFFE identity (exactly one URI SAN) and the leaf's expiry."""
+        """The peer's SPIFFE identity (exactly one URI SAN) and the leaf's expiry. After a resumption: those of
+        the certificate the peer presented in the full handshake the session comes from (kept in the session)."""
         cert = self._conn.get_peer_certificate(as_cryptography=True)
         if cert is None:
             raise HandshakeError("identity", "the peer presented no certificate")
@@ -419,6 +571,7 @@ class TlsChannel:
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
+            # close_notify also keeps the session resumable: OpenSSL marks a session freed without it unusable
             self._conn.shutdown()
             await self._flush()
 
@@ -443,6 +596,26 @@ class Installer(Protocol):
 AdmissionCheck = Callable[[], str | None]  # None: still admitted; else why not (state can change mid-handshake)
 
 
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """A resumable session the initiator holds for one peer bridge and identity pair (memory only), with the
+    certificate it was made with. `chain_started`/`resumptions`: when the full handshake at the root of this
+    chain of resumptions ran (monotonic) and how many resumptions followed it."""
+
+    session: SSL.Session = field(repr=False)
+    context: SSL.Context = field(repr=False)  # the client context the session belongs to (renewal replaces it)
+    peer: Identity
+    peer_fingerprint: bytes = field(repr=False)
+    peer_not_after: dt.datetime
+    chain_started: float
+    resumptions: int
+    issued: float
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """Everything one side needs for one handshake."""
@@ -456,6 +629,8 @@ class Plan:
     recheck: AdmissionCheck
     esn: bool = True  # this side can key with ESN (false: its offload device cannot offload ESN SAs)
     monotonic: Callable[[], float] = time.monotonic  # the caller's clock: Result.seconds is measured on it
+    ticket: Ticket | None = None  # initiator: a session to offer for resumption (None: a full handshake)
+    wall: Callable[[], dt.datetime] = _utc_now  # a resumed session's certificate must not have expired since
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,20 +644,30 @@ class Result:
     key_bytes: int
     seconds: float
     esn: bool = True
+    resumed: bool = False  # the TLS session was resumed (psk_dhe_ke): no certificate was sent or signed for
+    signatures: int = 0  # private-key signatures this side made (its CertificateVerify messages)
+    ticket: Ticket | None = field(default=None, repr=False, compare=False)  # initiator: the session to keep
 
 
 def _check_peer(channel: TlsChannel, plan: Plan, role: str) -> tuple[Identity, dt.datetime]:
     identity, not_after = channel.peer()
+    what = "resumed a session made with" if channel.resumed else "presented"
     if identity != plan.expected_peer:
         raise HandshakeError(
-            "identity", f"the {role} presented {identity.uri}, but WDS says that address is {plan.expected_peer.uri}"
+            "identity", f"the {role} {what} {identity.uri}, but WDS says that address is {plan.expected_peer.uri}"
         )
+    if channel.resumed:
+        # a full handshake would have refused an expired certificate; a session outlives none
+        if not_after <= plan.wall():
+            raise HandshakeError("resumption", f"the {role}'s certificate in the session expired at {not_after}")
+        if plan.ticket is not None and channel.peer_fingerprint() != plan.ticket.peer_fingerprint:
+            raise HandshakeError("resumption", f"the {role} resumed a session other than the one offered")
     return identity, not_after
 
 
-async def _reject(channel: TlsChannel, err: HandshakeError) -> None:
+async def _reject(channel: TlsChannel, err: HandshakeError, *, full: bool = False) -> None:
     with contextlib.suppress(Exception):
-        await channel.send(Reject(f"{err.code}: {err}"))
+        await channel.send(Reject(f"{err.code}: {err}", full))
 
 
 def _keys(channel: TlsChannel, plan: Plan, spi_i: int, spi_r: int, key_bytes: int, scope: KeyScope) -> DirectionalKeys:
@@ -499,7 +684,8 @@ async def initiate(
     """The initiator's side, on a connected stream. Raises HandshakeError; leaves nothing half-installed."""
     started = plan.monotonic()
     writer.write(preamble.encode())  # the ClientHello follows in the same segment
-    channel = TlsChannel(plan.context, server=False, reader=reader, writer=writer)
+    offered = plan.ticket.session if plan.ticket is not None else None
+    channel = TlsChannel(plan.context, server=False, reader=reader, writer=writer, session=offered)
     await channel.handshake(flush=False)
     allocated = False
     try:
@@ -507,7 +693,8 @@ async def initiate(
         await channel.flush()  # our Finished: the responder verifies us now
         answer = await channel.recv()
         if isinstance(answer, Reject):
-            raise HandshakeError("refused", f"the responder refused: {answer.reason}")
+            code = "resumption" if answer.full and channel.resumed else "refused"
+            raise HandshakeError(code, f"the responder refused: {answer.reason}")
         if not isinstance(answer, Accept):
             raise HandshakeError("protocol", f"expected accept, got {type(answer).__name__.lower()}")
         allocated = True
@@ -521,6 +708,7 @@ async def initiate(
             reason = final.reason if isinstance(final, Reject) else type(final).__name__.lower()
             raise HandshakeError("refused", f"the responder did not finish: {reason}")
         await plan.installer.install(None, (answer.spi, keys.initiator_to_responder), esn=esn)
+        ticket = _next_ticket(channel, plan, peer, peer_not_after, started)
     except BaseException:
         if allocated:
             await plan.installer.rollback()
@@ -529,19 +717,41 @@ async def initiate(
         await channel.close()
     return Result(
         True, peer, peer_not_after, plan.credential.not_after, spi_i, answer.spi, preamble.key_bytes,
-        plan.monotonic() - started, esn,
+        plan.monotonic() - started, esn, channel.resumed, channel.trace.signatures, ticket,
+    )  # fmt: skip
+
+
+def _next_ticket(
+    channel: TlsChannel, plan: Plan, peer: Identity, peer_not_after: dt.datetime, started: float
+) -> Ticket | None:
+    """The session the server's NewSessionTicket made resumable, carrying on the chain of the one resumed."""
+    session = channel.session()
+    if session is None:
+        return None
+    prior = plan.ticket if channel.resumed else None
+    return Ticket(
+        session, plan.context, peer, channel.peer_fingerprint(), peer_not_after,
+        chain_started=prior.chain_started if prior is not None else started,
+        resumptions=prior.resumptions + 1 if prior is not None else 0,
+        issued=plan.monotonic(),
     )  # fmt: skip
 
 
 async def _verify_peer(channel: TlsChannel, plan: Plan, role: str) -> tuple[Identity, dt.datetime]:
     """The peer's SVID must be the identity WDS holds for its pod IP, and policy must still admit the pair;
-    otherwise tell the peer (in-channel) and raise. No key exists yet at this point."""
+    otherwise tell the peer (in-channel) and raise. No key exists yet at this point. A resumed session is
+    checked the same way, on the certificate it was made with; when that is what fails, the peer learns that
+    a full handshake (its current certificate) may succeed."""
     try:
         checked = _check_peer(channel, plan, role)
         why_not = plan.recheck()
         if why_not is not None:
             raise HandshakeError("denied", why_not)
     except HandshakeError as err:
+        if channel.resumed and err.code in ("identity", "resumption"):
+            stale = HandshakeError("resumption", f"resumed session refused: {err}")
+            await _reject(channel, stale, full=True)
+            raise stale from None
         await _reject(channel, err)
         raise
     return checked
@@ -564,7 +774,7 @@ async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pr
         peer, peer_not_after = await _verify_peer(channel, plan, "initiator")
         early = channel.poll()  # the initiator may have refused us along with its Finished
         if isinstance(early, Reject):
-            raise HandshakeError("refused", f"the initiator refused: {early.reason}")
+            raise HandshakeError("resumption" if early.full else "refused", f"the initiator refused: {early.reason}")
         if early is not None:
             raise HandshakeError("protocol", f"unexpected {type(early).__name__.lower()} before accept")
         allocated = True
@@ -591,7 +801,7 @@ async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pr
         await channel.close()
     return Result(
         False, peer, peer_not_after, plan.credential.not_after, spi_r, ready.spi, preamble.key_bytes,
-        plan.monotonic() - started, ready.esn,
+        plan.monotonic() - started, ready.esn, channel.resumed, channel.trace.signatures,
     )  # fmt: skip
 
 

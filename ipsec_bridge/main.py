@@ -68,6 +68,14 @@ class BridgeConfig:
     )
     node_address: str = option("", "this node's underlay address [default: its bridge pod's address in WDS]")
     tunnel_scope: str = option("pod", "one handshake per pod pair, or per node pair", choices=("pod", "node"))
+    setup: str = option(
+        "eager",
+        "tunnels for every admitted pair at once, or on a pair's first packet (XFRM ACQUIRE; pod scope)",
+        choices=("eager", "on-demand"),
+    )
+    idle_timeout: Duration = option(
+        Duration(600), "with --setup on-demand: remove a tunnel whose SAs carried no byte this long (0 = never)"
+    )
     listen_address: str = option("0.0.0.0", "address the handshake listener binds (in --netns)")  # noqa: S104
     port: int = option(15009, "handshake port of every bridge")
     netns: str = option("", "network namespace of the XFRM state, pods' routes and the handshake sockets")
@@ -88,6 +96,12 @@ class BridgeConfig:
     admin_port: int = option(15030, "HTTP port for /config_dump, /metrics, /ready, POST /rekey (0 = off)")
     config_poll: Duration = option(Duration(0.5), "how often --config-dir is checked for changes")
     log_level: str = option("info", "debug, info, warning or error", choices=("debug", "info", "warning", "error"))
+    # TLS 1.3 resumption for rekeys and re-established pairs (issue 15)
+    resumption: bool = option(True, "rekey by resuming the TLS session (psk_dhe_ke: fresh ECDHE, no signatures)")
+    max_resumptions: int = option(8, "a full handshake after this many resumptions in a row")
+    ticket_max_age: Duration = option(
+        Duration(3600), "a full handshake this long after the last one; also the TLS ticket lifetime and key rotation"
+    )
 
     def __post_init__(self) -> None:
         if not self.node:
@@ -110,6 +124,12 @@ class BridgeConfig:
             raise ValueError("--rekey-interval must be at least 1s, --grace and --handshake-timeout positive")
         if not 0 < self.sa_soft_packets < (1 << 62) or not 0 < self.sa_soft_bytes < (1 << 62):
             raise ValueError("--sa-soft-bytes and --sa-soft-packets must be positive")
+        if self.setup == "on-demand" and self.tunnel_scope != "pod":
+            raise ValueError("--setup on-demand needs --tunnel-scope pod (node tunnels carry many pairs at once)")
+        if self.idle_timeout < 0:
+            raise ValueError(f"--idle-timeout {self.idle_timeout}s: must be 0 (never) or positive")
+        if self.max_resumptions < 0 or not 1 <= self.ticket_max_age <= 7 * 24 * 3600:
+            raise ValueError("--max-resumptions must be >= 0 and --ticket-max-age between 1s and 7 days (RFC 8446)")
         self.view_settings()
 
     def view_settings(self) -> ViewSettings:
@@ -125,6 +145,11 @@ class BridgeConfig:
             grace=float(self.grace),
             handshake_timeout=float(self.handshake_timeout),
             key_bytes=self.key_bits // 8,
+            on_demand=self.setup == "on-demand",
+            idle_timeout=float(self.idle_timeout),
+            resumption=self.resumption,
+            max_resumptions=self.max_resumptions,
+            ticket_max_age=float(self.ticket_max_age),
         )
 
 
@@ -212,6 +237,7 @@ class Bridge:
                 hard_packets=cfg.sa_soft_packets + cfg.sa_soft_packets // 2,
                 offload_mode=cfg.offload,
                 offload_ifindex=ifindex,
+                on_demand=cfg.setup == "on-demand",
             ),
         )
         closers.callback(sa.close)
@@ -224,6 +250,8 @@ class Bridge:
                  ", ".join(map(str, view_settings.mesh_cidrs)), adopt_summary(adoption))  # fmt: skip
         if cfg.offload != "none":
             await self._probe_offload(xfrm, sa)
+        if cfg.setup == "on-demand":
+            await self._hold_first_packets(netns)
 
         monotonic = time.monotonic  # the one clock of the state store and the tunnels (latencies span both)
         store = StateStore(view_settings, monotonic=monotonic)
@@ -281,7 +309,7 @@ class Bridge:
             keep=credential if scope is TunnelScope.NODE else None,
             metrics=AgentMetrics(self.metrics),
         )
-        certs = Certificates(secrets)
+        certs = Certificates(secrets, ticket_lifetime=max(1, int(cfg.ticket_max_age)))
         manager = self.manager = TunnelManager(
             cfg.settings(), store, sa, certs, netns, BridgeMetrics(self.metrics), monotonic=monotonic
         )
@@ -299,13 +327,21 @@ class Bridge:
         closers.push_async_callback(close_server)
         events = await XfrmEvents.open((XfrmGroup.EXPIRE,), netns=cfg.netns or None)
         closers.callback(events.close)
+        acquires: XfrmEvents | None = None
+        if cfg.setup == "on-demand":
+            # a socket of its own: a burst of ACQUIREs must not overflow the one that carries EXPIREs
+            acquires = await XfrmEvents.open((XfrmGroup.ACQUIRE,), netns=cfg.netns or None)
+            closers.callback(acquires.close)
         if cfg.admin_port:
             admin = Admin(
                 manager,
                 store,
                 netns,
                 self.metrics,
-                extra=lambda: {"xds": dataclasses.asdict(source.status)} if isinstance(source, DeltaXdsClient) else {},
+                extra=lambda: {
+                    "resumption": manager.generations.resumption_dump(),
+                    **({"xds": dataclasses.asdict(source.status)} if isinstance(source, DeltaXdsClient) else {}),
+                },
                 vf_map=self.vf_map,
                 offload=self.offload,
             )
@@ -325,12 +361,29 @@ class Bridge:
                 tg.create_task(source.run(), name="state-source")
                 tg.create_task(manager.run(), name="tunnels")
                 tg.create_task(manager.watch_expire(events), name="expire-events")
+                if acquires is not None:
+                    tg.create_task(manager.watch_acquire(acquires), name="acquire-events")
                 if self.vf_map is not None:
                     tg.create_task(self.vf_map.run(), name="vf-map")
                 await stop.wait()
                 raise _Stop
         except* _Stop:
             pass
+
+    async def _hold_first_packets(self, netns: Netns) -> None:
+        """On-demand: the kernel holds a new pair's first packets while its tunnel is set up, instead of dropping
+        them (net.core.xfrm_larval_drop=0: a queue of <= 100 packets per trap policy, held for up to ~5 s)."""
+
+        def write() -> None:
+            with open("/proc/sys/net/core/xfrm_larval_drop", "w", encoding="ascii") as f:
+                f.write("0")
+
+        try:
+            await netns.run(write)
+        except OSError as err:
+            raise BridgeError(f"--setup on-demand: cannot set net.core.xfrm_larval_drop=0: {err.strerror}") from None
+        log.info("on-demand set-up: net.core.xfrm_larval_drop=0 in %s: first packets wait for their tunnel",
+                 f"netns {self.cfg.netns}" if self.cfg.netns else "this netns")  # fmt: skip
 
     async def _probe_offload(self, xfrm: XfrmSocket, sa: SaManager) -> None:
         """One throwaway SA built like a tunnel's (on documentation addresses): says at start, in one line,

@@ -5,8 +5,10 @@ Layout in the node's netns (lower priority value wins):
     prio 100   per tunnel, per pod pair:  out  local -> peer   tmpl tunnel(local node -> peer node, reqid R)
                                           in   peer -> local   tmpl tunnel(peer node -> local node, reqid 0)
                                           fwd  peer -> local   (same)
+               on-demand, denied pair:    out  local -> peer   BLOCK, expires after deny_seconds (kernel lifetime)
     prio 200   per local pod:             out  mesh -> pod     allow (delivery to our own pods, also decrypted)
                                           fwd  pod -> mesh     allow (our pods' packets on their way out)
+    prio 500   on-demand, per local pod:  out  pod -> mesh     TRAP: tmpl transport(reqid TRAP_REQID), never an SA
     prio 1000  installed at start:        out  mesh -> mesh    BLOCK   fwd mesh -> mesh   BLOCK
 
 So before any SA exists, and after a tunnel is removed, traffic between pods of different nodes is dropped,
@@ -14,6 +16,18 @@ never sent in clear: out BLOCK stops it leaving, fwd BLOCK stops plaintext arriv
 packets decrypted by an SA of the tunnel satisfy the pair's fwd template). In/fwd templates use reqid 0 so
 they accept the old and the new SA during a rekey; each generation's outbound SA has a fresh reqid and the
 out policy is switched to it with UPDPOLICY (make-before-break, see `GenerationInstaller`).
+
+On-demand set-up (`SaSettings.on_demand`): a local pod's packet to a pod of another node with no pair policy
+yet hits its pod's trap. The trap's template can never be satisfied, so the kernel keeps the packet (with
+net.core.xfrm_larval_drop=0: in the policy's queue, <= 100 packets, re-looked up after 0.1, 0.2, 0.4 ... s,
+dropped after ~5 s) and sends XFRM_MSG_ACQUIRE. The template is in transport mode on purpose: the kernel then
+takes the larval state's addresses from the packet (pod -> pod), not from the template, so each pod pair gets
+its own larval state and ACQUIRE (a tunnel-mode template would key one larval state per node pair, and while it
+exists no other pair to that node is reported). A pair being set up is asked about once: its larval state
+suppresses further ACQUIREs until the bridge releases it (ALLOCSPI with the ACQUIRE's seq, then DELSA) or it
+expires (net.core.xfrm_acq_expires, 30 s). When the pair's tunnel is up, re-writing the trap (UPDPOLICY)
+moves its queue to the new policy object and re-runs the lookup at once, so the held packets leave under the
+pair policy without waiting for the queue's timer. All of this was measured on Linux 6.1 (tests/kernel).
 
 Ownership: every object carries `BRIDGE_MARK`; SA reqids come from `REQID_BASE`. At start (`start`), the
 kernel's objects are dumped and `ipsec_bridge.adopt.plan_adoption` decides which form tunnels this bridge can
@@ -51,6 +65,9 @@ REQID_MASK = 0xFF00_0000
 PAIR_PRIORITY = 100
 BYPASS_PRIORITY = 200
 BLOCK_PRIORITY = 1000
+TRAP_PRIORITY = 500
+TRAP_REQID = REQID_BASE | 0x00FF_FFFF  # transport mode: no SA of ours (all tunnel mode) ever matches it
+LARVAL_SPI_MIN, LARVAL_SPI_MAX = 0x100, 0xFFF  # below SPI_MIN: only ever given to a larval state, then deleted
 SPI_MIN = 0x1000
 SPI_MAX = 0xFFFF_FFFF
 NO_ESN_SOFT_PACKETS = 1 << 31  # a 32-bit sequence number wraps at 2^32 packets
@@ -72,6 +89,9 @@ class SaSettings:
     # This node can key with 64-bit sequence numbers: false only behind an offload device without ESN
     # offload. A tunnel uses ESN when both of its sides can (negotiated in the handshake).
     esn: bool = True
+    # on-demand set-up: trap policies per local pod (see the module docstring); a denied pair's block lifetime
+    on_demand: bool = False
+    deny_seconds: int = 30
 
     def __post_init__(self) -> None:
         if self.offload_mode not in ("none", "crypto", "packet"):
@@ -276,7 +296,62 @@ class SaManager:
                 continue
             out.append(m.Policy(m.Selector(mesh, pod), PolicyDir.OUT, priority=BYPASS_PRIORITY, mark=BRIDGE_MARK))
             out.append(m.Policy(m.Selector(pod, mesh), PolicyDir.FWD, priority=BYPASS_PRIORITY, mark=BRIDGE_MARK))
+        if self.settings.on_demand:
+            out.extend(self.trap_policies(ip))
         return out
+
+    # --- on-demand set-up --------------------------------------------------------------------------------
+
+    def trap_policies(self, ip: IPAddress) -> list[m.Policy]:
+        """A local pod's traps: out pod -> mesh with a template no SA satisfies, so the kernel holds the pair's
+        first packets and sends ACQUIRE (transport mode: one larval state per pod pair, see the docstring)."""
+        pod = host_net(ip)
+        tmpl = (m.Template(None, None, reqid=TRAP_REQID, mode=Mode.TRANSPORT),)
+        return [
+            m.Policy(m.Selector(pod, mesh), PolicyDir.OUT, priority=TRAP_PRIORITY, templates=tmpl, mark=BRIDGE_MARK)
+            for mesh in self.settings.mesh_cidrs
+            if mesh.version == pod.version
+        ]
+
+    def deny_policy(self, local: IPAddress, peer: IPAddress) -> m.Policy:
+        """A pair policy refuses: its packets are dropped here (not held, not asked about) until the kernel
+        expires this block, after which the next packet asks again."""
+        return m.Policy(
+            m.Selector(host_net(local), host_net(peer)), PolicyDir.OUT, PolicyAction.BLOCK, PAIR_PRIORITY,
+            mark=BRIDGE_MARK, lifetime=m.Lifetime(hard_add_seconds=self.settings.deny_seconds),
+        )  # fmt: skip
+
+    async def deny_pairs(self, pairs: Sequence[tuple[IPAddress, IPAddress]]) -> None:
+        if pairs:
+            requests = [m.new_policy(self.deny_policy(local, peer), update=True) for local, peer in pairs]
+            _first_error(await self._batches.submit(requests))
+
+    async def undeny_pairs(self, pairs: Sequence[tuple[IPAddress, IPAddress]]) -> None:
+        """Policy admits these pairs now: their blocks go (if the kernel has not expired them already)."""
+        await self._delete_policies([self.deny_policy(local, peer).id() for local, peer in pairs])
+
+    async def release_acquire(self, acquire: m.Acquire) -> None:
+        """Delete the larval state behind an ACQUIRE, so the pair's next trapped packet is reported again.
+
+        The larval state has no SPI, and DELSA finds ESP states only by SPI: ALLOCSPI with the ACQUIRE's seq
+        gives it one (from a range no SA of ours uses), then DELSA removes it. Gone already (expired): fine."""
+        request = m.SpiRequest(
+            acquire.src, acquire.dst, LARVAL_SPI_MIN, LARVAL_SPI_MAX, reqid=TRAP_REQID, mode=Mode.TRANSPORT,
+            seq=acquire.seq, mark=BRIDGE_MARK,
+        )  # fmt: skip
+        (result,) = await self._batches.submit([m.alloc_spi(request)])
+        if isinstance(result, XfrmError):
+            if _ignore_missing(result):
+                return
+            raise result
+        for info in m.decode_sas(result):
+            await self.delete_sas([m.SaId(info.sa.dst, info.sa.spi, mark=BRIDGE_MARK, src=info.sa.src)])
+
+    async def kick(self, ip: IPAddress) -> None:
+        """Send the packets a local pod's trap holds now: UPDPOLICY of the same trap moves its queue to the new
+        policy object and runs the queue at once (instead of at the queue timer's next tick, up to seconds)."""
+        if ip in self._bypass:
+            _first_error(await self._batches.submit([m.new_policy(p, update=True) for p in self.trap_policies(ip)]))
 
     # --- SAs ---------------------------------------------------------------------------------------------
 
@@ -340,9 +415,11 @@ class SaManager:
         switch: bool = True,
         in_place: Iterable[PairSelector] = (),
         esn: bool = True,
+        inbound_policies: bool = False,
     ) -> tuple[OffloadStatus, OffloadStatus]:
-        """One netlink batch, applied in order: the inbound SA (UPDSA over ALLOCSPI's larval state), then the
-        outbound SA, then (with `switch`, see `switch_policies`) the pairs' policies switched to `reqid`.
+        """One netlink batch, applied in order: the inbound SA (UPDSA over ALLOCSPI's larval state) and, with
+        `inbound_policies`, the pairs' in/fwd policies, then the outbound SA, then (with `switch`, see
+        `switch_policies`) the pairs' policies switched to `reqid`.
 
         Returns the offload each SA really got (read back only when offload was asked for)."""
         requests: list[m.Request] = []
@@ -350,6 +427,8 @@ class SaManager:
         if inbound is not None:
             sa_in = self.inbound_sa(ep, inbound[0], inbound[1], reqid, esn=esn)
             requests.append(m.new_sa(sa_in, update=True))
+            if inbound_policies:
+                requests.extend(m.new_policy(p, update=True) for sel in selectors for p in self.in_policies(ep, sel))
         if outbound is not None:
             sa_out = self.outbound_sa(ep, outbound[0], outbound[1], reqid, esn=esn)
             requests.append(m.new_sa(sa_out))
@@ -487,6 +566,7 @@ class GenerationInstaller:
     guard: list[str] = field(default_factory=list)  # non-empty: the tunnel went away, stop installing
     defer_policies: bool = False
     in_place: tuple[PairSelector, ...] = ()  # pairs whose in/fwd policies a previous generation put in
+    inbound_early: bool = False  # this generation put in/fwd policies in with its inbound SA (on-demand)
 
     def _check(self) -> None:
         if self.guard:
@@ -502,10 +582,17 @@ class GenerationInstaller:
         if outbound is not None:
             self.spi_out = outbound[0]  # known before the batch: a failed batch is rolled back whole
             self.switched = self.switched or not self.defer_policies
+        # On-demand, a new tunnel's first packets are waiting: the in/fwd policies go in with the inbound SA, so
+        # they exist before the peer learns our SPI and none of its first packets meets the fwd block here.
+        early = self.manager.settings.on_demand and inbound is not None and self.defer_policies and not self.in_place
+        if early:
+            self.inbound_early = True  # before the batch: a failed one is rolled back whole
         status_in, status_out = await self.manager.install(
             self.endpoints, self.reqid, self.selectors, inbound, outbound,
-            switch=not self.defer_policies, in_place=self.in_place, esn=esn,
+            switch=not self.defer_policies, in_place=self.in_place, esn=esn, inbound_policies=early,
         )  # fmt: skip
+        if early:
+            self.in_place = self.selectors  # the deferred switch changes the out policies only
         if inbound is not None:
             self.offload_in = status_in
         if outbound is not None:
@@ -535,7 +622,7 @@ class GenerationInstaller:
     async def rollback(self) -> None:
         """Undo this generation: out policies back to the previous one (or gone), then its SAs."""
         try:
-            if self.switched:
+            if self.switched or self.inbound_early:
                 if self.previous_reqid is not None and not self.guard:
                     await self.manager.switch_policies(
                         self.endpoints, self.selectors, self.previous_reqid, self.in_place

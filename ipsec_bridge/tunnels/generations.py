@@ -1,11 +1,17 @@
 """A new generation of a tunnel, as both roles make it: the handshake's plan, the SAs and pair policies
-(through sa_manager.GenerationInstaller), and the commit that makes it current and retires the old one."""
+(through sa_manager.GenerationInstaller), and the commit that makes it current and retires the old one.
+
+The initiator's plan offers the TLS session the last handshake with that peer bridge and identity pair left
+(`ipsec_bridge.tickets`): a rekey or a re-established pair resumes it (psk_dhe_ke, no signatures) within the
+bounds that force a full handshake. Tickets outlive a removed tunnel, so a pair that comes back resumes too."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
+from collections import Counter
+from typing import Any
 
 from ipsec_bridge.certs import Certificates
 from ipsec_bridge.handshake import Kind, Plan, Preamble, Result
@@ -13,6 +19,7 @@ from ipsec_bridge.keys import KeyScope
 from ipsec_bridge.pairs import TunnelScope
 from ipsec_bridge.sa_manager import GenerationInstaller, SaManager
 from ipsec_bridge.state import StateStore
+from ipsec_bridge.tickets import ResumptionPolicy, TicketKey, TicketStore
 from ipsec_bridge.tunnels.desired import TunnelSpec, spec_now
 from ipsec_bridge.tunnels.records import Generation, Tunnel, describe, error_code, rekey_trigger
 from ipsec_bridge.tunnels.settings import BridgeMetrics, BridgeSettings, Monotonic, Wall
@@ -46,6 +53,12 @@ class Generations:
         self._rng = rng
         self._monotonic = monotonic
         self._wall = wall
+        self.tickets = TicketStore(
+            ResumptionPolicy(settings.resumption, settings.max_resumptions, settings.ticket_max_age)
+        )
+        self.modes: Counter[tuple[str, str]] = Counter()  # (kind, mode) -> successful handshakes
+        self.signatures: Counter[tuple[str, str]] = Counter()  # (kind, mode) -> signatures they made here
+        certs.on_renewed(self.tickets.forget)  # belt and braces: a renewed certificate has a new context anyway
 
     def recheck(self, spec: TunnelSpec) -> str | None:
         """Why the current view no longer admits `spec` (None: it still does); asked mid-handshake."""
@@ -86,12 +99,20 @@ class Generations:
             return Preamble(kind, KeyScope.POD, str(spec.local_address), str(spec.peer_address), key_bytes)
         return Preamble(kind, KeyScope.NODE, spec.local_name, spec.peer_name, key_bytes)
 
-    async def plan(self, t: Tunnel, installer: GenerationInstaller) -> Plan:
+    @staticmethod
+    def ticket_key(spec: TunnelSpec) -> TicketKey:
+        return TicketKey(str(spec.endpoints.peer_node), spec.local_identity, spec.peer_identity)
+
+    async def plan(self, t: Tunnel, installer: GenerationInstaller, *, resume: bool = True) -> Plan:
+        """`resume`: the initiator offers its ticket for the pair, if one is within bounds (else: full handshake)."""
         spec = t.spec
         cred, ctx = await self.certs.credential(spec.local_identity, self.settings.cert_wait)
         ends = (spec.local_address, spec.peer_address)
         if not spec.initiator:
             ends = (spec.peer_address, spec.local_address)
+        ticket = None
+        if spec.initiator and resume:
+            ticket = self.tickets.take(self.ticket_key(spec), ctx, self._monotonic())
         return Plan(
             credential=cred,
             context=ctx,
@@ -102,6 +123,8 @@ class Generations:
             recheck=lambda: self.recheck(spec),
             esn=self.sa.settings.esn,
             monotonic=self._monotonic,
+            ticket=ticket,
+            wall=self._wall,
         )
 
     def failed(self, t: Tunnel, role: str, err: BaseException) -> None:
@@ -117,6 +140,9 @@ class Generations:
 
     async def commit(self, t: Tunnel, installer: GenerationInstaller, result: Result, switch_seconds: float) -> None:
         role = "initiator" if result.initiator else "responder"
+        if result.ticket is not None:  # kept even if the tunnel went meanwhile: the pair may come back
+            self.tickets.put(self.ticket_key(t.spec), result.ticket)
+        kind, mode = ("rekey" if t.current is not None else "new"), ("resumed" if result.resumed else "full")
         if t.removed:
             await installer.rollback()
             await self.sa.remove_policies(t.spec.endpoints, t.spec.selectors)
@@ -163,11 +189,35 @@ class Generations:
             t.next_rekey = now + self.settings.rekey_interval * jitter
         self.metrics.handshakes.inc(role=role, result="ok")
         self.metrics.handshake_seconds.observe(gen.handshake_seconds)
+        self.metrics.handshake_modes.inc(role=role, kind=kind, mode=mode)
+        self.metrics.handshake_signatures.inc(result.signatures, role=role, kind=kind, mode=mode)
+        self.modes[(kind, mode)] += 1
+        self.signatures[(kind, mode)] += result.signatures
         if gen.offload is OffloadStatus.FALLBACK:
             self.metrics.offload_fallbacks.inc()
             log.warning("tunnel %s: offload requested but the kernel runs its SAs in software", describe(t.spec))
         log.info(
-            "tunnel %s generation %d up: spi in 0x%08x out 0x%08x (%s, %.1f ms)",
-            describe(t.spec), gen.number, gen.spi_in, gen.spi_out, role, result.seconds * 1000,
+            "tunnel %s generation %d up: spi in 0x%08x out 0x%08x (%s, %s, %d signatures, %.1f ms)",
+            describe(t.spec), gen.number, gen.spi_in, gen.spi_out, role, mode, result.signatures,
+            result.seconds * 1000,
         )  # fmt: skip
         self.table.wake.set()
+
+    def resumption_dump(self) -> dict[str, Any]:
+        """For /config_dump: the bounds, the tickets held (count only) and full vs resumed handshakes."""
+        policy = self.tickets.policy
+
+        def per_rekey(mode: str) -> float | None:
+            count = self.modes[("rekey", mode)]
+            return round(self.signatures[("rekey", mode)] / count, 3) if count else None
+
+        return {
+            "enabled": policy.enabled,
+            "max_resumptions": policy.max_resumptions,
+            "ticket_max_age_seconds": policy.max_age,
+            "tickets": len(self.tickets),
+            "tickets_dropped": dict(self.tickets.dropped),
+            "handshakes": {f"{kind}/{mode}": n for (kind, mode), n in sorted(self.modes.items())},
+            "signatures": {f"{kind}/{mode}": n for (kind, mode), n in sorted(self.signatures.items())},
+            "signatures_per_rekey": {"full": per_rekey("full"), "resumed": per_rekey("resumed")},
+        }

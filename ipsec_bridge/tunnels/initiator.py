@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from ipsec_bridge.handshake import HandshakeError, Kind, initiate, request_rekey
+from ipsec_bridge.handshake import HandshakeError, Kind, Plan, Result, initiate, request_rekey
 from ipsec_bridge.netns import Netns
 from ipsec_bridge.sa_manager import GenerationInstaller
 from ipsec_bridge.tunnels.generations import Generations
@@ -39,14 +39,16 @@ class Initiator:
                 async with asyncio.timeout(s.handshake_timeout):
                     installer = g.installer(t)
                     plan = await g.plan(t, installer)
-                    peer = str(t.spec.endpoints.peer_node)
-                    reader, writer = await self.netns.connect(
-                        peer, s.port, s.handshake_timeout, source=str(t.spec.endpoints.local_node)
-                    )
                     try:
-                        result = await initiate(reader, writer, g.preamble(t.spec, Kind.HANDSHAKE), plan)
-                    finally:
-                        writer.close()
+                        result = await self._exchange(t, plan)
+                    except HandshakeError as err:
+                        if err.code != "resumption":
+                            raise
+                        # the resumed session (the certificate it was made with) was refused before any SPI
+                        # existed: the current certificates may well pass, in a full handshake
+                        log.info("resumption for %s refused, full handshake: %s", describe(t.spec), err)
+                        self.metrics.handshakes.inc(role="initiator", result="resumption")
+                        result = await self._exchange(t, await g.plan(t, installer, resume=False))
                 switch_seconds = await g.switch(t, installer)
                 await g.commit(t, installer, result, switch_seconds)
         except asyncio.CancelledError:
@@ -56,6 +58,16 @@ class Initiator:
         except Exception as err:  # a bug must not stop the other tunnels
             log.exception("handshake for %s", describe(t.spec))
             g.failed(t, "initiator", err)
+
+    async def _exchange(self, t: Tunnel, plan: Plan) -> Result:
+        s = self.settings
+        reader, writer = await self.netns.connect(
+            str(t.spec.endpoints.peer_node), s.port, s.handshake_timeout, source=str(t.spec.endpoints.local_node)
+        )
+        try:
+            return await initiate(reader, writer, self.generations.preamble(t.spec, Kind.HANDSHAKE), plan)
+        finally:
+            writer.close()
 
     async def nudge(self, t: Tunnel) -> None:
         """Ask the initiator to (re)key this tunnel."""

@@ -23,6 +23,7 @@ from ipsec_bridge.tunnels.adoption import Adoption
 from ipsec_bridge.tunnels.desired import TunnelKey, TunnelSpec, desired
 from ipsec_bridge.tunnels.generations import Generations
 from ipsec_bridge.tunnels.initiator import Initiator
+from ipsec_bridge.tunnels.ondemand import OnDemand
 from ipsec_bridge.tunnels.records import Tunnel
 from ipsec_bridge.tunnels.responder import Responder
 from ipsec_bridge.tunnels.scheduler import Scheduler
@@ -70,6 +71,9 @@ class TunnelManager:
             settings, store, self.table, self.generations, metrics,
             ready=lambda: self.adoption.settled, monotonic=monotonic,
         )  # fmt: skip
+        self.on_demand = (
+            OnDemand(settings, store, self.table, sa, metrics, monotonic=monotonic) if settings.on_demand else None
+        )
         self.refused: tuple[PodPair, ...] = ()
         self.view_version = -1
         self.errors: dict[str, str] = {}
@@ -90,6 +94,8 @@ class TunnelManager:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._follow_view(), name="reconcile")
             tg.create_task(self.scheduler.run(tg), name="scheduler")
+            if self.on_demand is not None:
+                tg.create_task(self.on_demand.run_reclaim(), name="idle-reclaim")
 
     async def _follow_view(self) -> None:
         version = -1
@@ -129,9 +135,12 @@ class TunnelManager:
         for key, spec in specs.items():
             t = tunnels.get(key)
             if t is None:
-                tunnels[key] = Tunnel(spec, self._monotonic())
+                if self.on_demand is None:  # on-demand: a record comes with the pair's first packet
+                    tunnels[key] = Tunnel(spec, self._monotonic())
             elif spec.selectors != t.spec.selectors:
                 await self._update_selectors(t, spec)
+        if self.on_demand is not None:
+            await self.on_demand.forgive([(s.local_address, s.peer_address) for s in specs.values()])
         await self.sa.set_local_pods(list(want.local_pods))
         self.certs.want(set(want.identities))
         self.table.wake.set()
@@ -155,6 +164,10 @@ class TunnelManager:
     async def watch_expire(self, events: XfrmEvents) -> None:
         await self.scheduler.watch_expire(events)
 
+    async def watch_acquire(self, events: XfrmEvents) -> None:
+        if self.on_demand is not None:
+            await self.on_demand.watch(events)
+
     def rekey(self, match: Callable[[Tunnel], bool] = lambda _t: True) -> int:
         return self.scheduler.rekey(match)
 
@@ -168,14 +181,30 @@ class TunnelManager:
             "node": self.settings.node,
             "scope": self.settings.scope.value,
             "state_version": self.view_version,
+            "setup": "on-demand" if self.on_demand is not None else "eager",
             "tunnels": admin_view.tunnel_rows(
-                self.table.tunnels.values(), a.pending, counters, self._monotonic(), self._wall()
+                self.table.tunnels.values(),
+                a.pending,
+                counters,
+                self._monotonic(),
+                self._wall(),
+                idle_after=self._idle_after(),
             ),
             "refused_pairs": admin_view.refused_rows(self.refused),
             "recent_removals": list(self.table.removals),
             "errors": dict(self.errors),
             "adoption": {**a.stats, "pending": len(a.pending), "settled": a.settled},
+            **({"on_demand": self.on_demand.dump()} if self.on_demand is not None else {}),
         }
+
+    def _idle_after(self) -> float:
+        """A tunnel counts as idle once its SAs carried no byte for this long (one reclaim check)."""
+        return 2 * self.on_demand.reclaim_interval() if self.on_demand is not None else 0.0
 
     def counts(self) -> dict[str, int]:
         return admin_view.counts(self.table.tunnels.values(), len(self.adoption.pending))
+
+    def pair_counts(self) -> dict[str, int]:
+        """Active, idle and reclaimed pod pairs (on-demand; eager tunnels count as active when up)."""
+        reclaimed = len(self.on_demand.reclaimed) if self.on_demand is not None else 0
+        return admin_view.pair_counts(self.table.tunnels.values(), self._monotonic(), self._idle_after(), reclaimed)

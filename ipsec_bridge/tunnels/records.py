@@ -58,6 +58,10 @@ class Tunnel:
     rekey_reason: str = ""
     limit_kind: str = ""  # "bytes" or "packets": which kernel limit the last EXPIRE was about (metrics)
     history: collections.deque[tuple[int, str, str]] = field(default_factory=lambda: collections.deque(maxlen=8))
+    # idle reclaim (on-demand): the SA byte counters last read, and when they last moved (monotonic)
+    seen_bytes: tuple[int, int] = (-1, -1)  # (in, out)
+    active_at: float = 0.0
+    origin: str = "eager"  # eager, acquire (this node's first packet) or peer (the peer's handshake or request)
 
     def want_rekey(self, reason: str) -> None:
         self.rekey_wanted = True
@@ -67,6 +71,14 @@ class Tunnel:
     @property
     def removed(self) -> bool:
         return bool(self.guard)
+
+
+def activity(t: Tunnel, now: float, idle_after: float) -> str:
+    """active: its SAs carried bytes within `idle_after` seconds (or it is new); idle: they did not."""
+    if t.current is None:
+        return ""
+    last = max(t.active_at, t.current.established_mono)
+    return "idle" if idle_after > 0 and now - last >= idle_after else "active"
 
 
 def tunnel_state(t: Tunnel) -> str:

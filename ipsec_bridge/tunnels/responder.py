@@ -146,7 +146,7 @@ class Responder:
             key: TunnelKey = ("pod", preamble.dst, preamble.src)
         else:
             key = ("node", preamble.dst, preamble.src)
-        t = self.table.tunnels.get(key)
+        t = self.table.get_or_activate(key)  # on-demand: the peer's first packet asks for the tunnel
         if t is None or not t.spec.initiator:
             return f"this node initiates no tunnel {preamble.dst} <-> {preamble.src}"
         now = self._monotonic()

@@ -45,6 +45,28 @@ class BridgeSettings:
     # bridges' shared service account, so without this one node's bridge could claim another node's tunnel.
     # Off only where bridges share one host address (tests over loopback).
     check_source_address: bool = True
+    # TLS 1.3 resumption (psk_dhe_ke) for rekeys and re-established pairs (issue 15): a full handshake after
+    # max_resumptions resumptions, ticket_max_age seconds after the chain's full handshake, and at renewal
+    resumption: bool = True
+    max_resumptions: int = 8
+    ticket_max_age: float = 3600.0
+    # --setup on-demand: no tunnel until a pod pair's first packet (XFRM ACQUIRE from the trap policies); eager
+    # (the default) sets up every admitted pair as soon as WDS and policy admit it.
+    on_demand: bool = False
+    # on-demand: a tunnel whose SAs carried no byte for this long is removed, the trap takes over (0: never)
+    idle_timeout: float = 600.0
+    # on-demand: at most this many ACQUIREs handled at once; more wait for the kernel to ask again
+    max_acquires: int = 256
+    # on-demand: a denied pair's BLOCK policy lives this long (then the kernel asks again, and policy decides anew)
+    deny_seconds: int = 30
+
+    def __post_init__(self) -> None:
+        if self.on_demand and self.scope is not TunnelScope.POD:
+            raise ValueError("--setup on-demand needs --tunnel-scope pod (node tunnels carry many pairs at once)")
+        if self.idle_timeout < 0:
+            raise ValueError(f"idle timeout must be >= 0 (0: never), got {self.idle_timeout}")
+        if self.max_acquires < 1 or self.deny_seconds < 1:
+            raise ValueError("max_acquires and deny_seconds must be at least 1")
 
 
 class BridgeMetrics:
@@ -72,6 +94,22 @@ class BridgeMetrics:
         self.adoption = registry.counter(
             "zt_bridge_adoption_total",
             "Restart decisions: tunnels adopted at start, then kept (rekeyed) or removed; unprovable objects removed",
+        )
+        # resumption (issue 15): signatures per rekey = signatures{kind="rekey"} / modes{kind="rekey"}
+        self.handshake_modes = registry.counter(
+            "zt_bridge_handshake_modes_total", "Successful handshakes by role, kind (new, rekey), mode (full, resumed)"
+        )
+        self.handshake_signatures = registry.counter(
+            "zt_bridge_handshake_signatures_total",
+            "Private-key signatures (CertificateVerify) this bridge made in successful handshakes, by role, kind, mode",
+        )
+        self.acquires = registry.counter(
+            "zt_bridge_acquires_total",
+            "On-demand set-up: kernel ACQUIREs by result (received, admitted, denied, duplicate, over_cap, foreign, "
+            "failed)",
+        )
+        self.reclaims = registry.counter(
+            "zt_bridge_reclaims_total", "On-demand set-up: idle tunnels removed (the trap policy took over again)"
         )
         self.removal_seconds = registry.histogram(
             "zt_bridge_removal_duration_seconds",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ipsec_bridge.sa_manager import SaManager
@@ -17,6 +17,26 @@ from ipsec_bridge.xfrm.netlink import XfrmError
 log = logging.getLogger(__name__)
 
 
+class Wake(asyncio.Event):
+    """The scheduler's event, which it clears; `changed()` lets others wait for the next `set` as well."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watchers: list[asyncio.Future[None]] = []
+
+    def set(self) -> None:
+        super().set()
+        waiters, self._watchers = self._watchers, []
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)
+
+    async def changed(self) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._watchers.append(future)
+        await future
+
+
 class TunnelTable:
     def __init__(self, sa: SaManager, metrics: BridgeMetrics, monotonic: Monotonic) -> None:
         self.sa = sa
@@ -25,10 +45,19 @@ class TunnelTable:
         self.tunnels: dict[TunnelKey, Tunnel] = {}
         self.removals: collections.deque[dict[str, Any]] = collections.deque(maxlen=32)
         # The scheduler sleeps on it; whatever gives a tunnel work (a view, a commit, a request) sets it.
-        self.wake = asyncio.Event()
+        self.wake = Wake()
+        # on-demand set-up: makes the record of an admitted tunnel the table does not hold yet (None: eager)
+        self.activator: Callable[[TunnelKey], Tunnel | None] | None = None
 
     def add(self, t: Tunnel) -> Tunnel:
         self.tunnels[t.spec.key] = t
+        return t
+
+    def get_or_activate(self, key: TunnelKey) -> Tunnel | None:
+        """The tunnel `key`, made now if on-demand set-up is on and the view admits it (a peer asks for it)."""
+        t = self.tunnels.get(key)
+        if t is None and self.activator is not None:
+            t = self.activator(key)
         return t
 
     async def remove(self, t: Tunnel, reason: str, since: float | None = None) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from ipsec_bridge.adopt import AdoptedTunnel
 from ipsec_bridge.pairs import PodPair, TunnelScope
-from ipsec_bridge.tunnels.records import Tunnel, adopted_endpoints, tunnel_state
+from ipsec_bridge.tunnels.records import Tunnel, activity, adopted_endpoints, tunnel_state
 from ipsec_bridge.xfrm import messages as m
 
 Counters = Mapping[tuple[str, int], m.SaInfo]  # (SA destination, SPI) -> the kernel's SA with its counters
@@ -19,6 +19,16 @@ def counts(tunnels: Iterable[Tunnel], adopted: int) -> dict[str, int]:
     out = {"up": 0, "adopted": adopted, "pending": 0, "failing": 0}
     for t in tunnels:
         out[tunnel_state(t)] += 1
+    return out
+
+
+def pair_counts(tunnels: Iterable[Tunnel], now: float, idle_after: float, reclaimed: int) -> dict[str, int]:
+    """Up tunnels by activity (bytes within `idle_after`, or not), and pairs reclaimed and not back yet."""
+    out = {"active": 0, "idle": 0, "reclaimed": reclaimed}
+    for t in tunnels:
+        state = activity(t, now, idle_after)
+        if state:
+            out[state] += 1
     return out
 
 
@@ -78,7 +88,7 @@ def adopted_row(a: AdoptedTunnel, counters: Counters, wall: dt.datetime) -> dict
     }
 
 
-def tunnel_row(t: Tunnel, counters: Counters, now: float) -> dict[str, Any]:
+def tunnel_row(t: Tunnel, counters: Counters, now: float, idle_after: float = 0.0) -> dict[str, Any]:
     spec, g = t.spec, t.current
     row: dict[str, Any] = {
         "key": "/".join(spec.key),
@@ -99,6 +109,7 @@ def tunnel_row(t: Tunnel, counters: Counters, now: float) -> dict[str, Any]:
         "last_error": t.last_error,
         "retiring_spis": [f"0x{r.spi_in:08x}/0x{r.spi_out:08x}" for r, _ in t.retiring],
         "history": [{"generation": n, "reason": why, "at": at} for n, why, at in t.history],
+        "origin_setup": t.origin,
     }
     if g is None:
         return row
@@ -121,14 +132,22 @@ def tunnel_row(t: Tunnel, counters: Counters, now: float) -> dict[str, Any]:
         bytes_out=outbound.current.bytes if outbound else None,
         packets_out=outbound.current.packets if outbound else None,
         next_rekey_seconds=(round(t.next_rekey - now, 1) if spec.initiator and t.next_rekey is not None else None),
+        activity=activity(t, now, idle_after),
+        idle_seconds=round(max(0.0, now - max(t.active_at, g.established_mono)), 1),
     )
     return row
 
 
 def tunnel_rows(
-    tunnels: Iterable[Tunnel], adopted: Iterable[AdoptedTunnel], counters: Counters, now: float, wall: dt.datetime
+    tunnels: Iterable[Tunnel],
+    adopted: Iterable[AdoptedTunnel],
+    counters: Counters,
+    now: float,
+    wall: dt.datetime,
+    *,
+    idle_after: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Every tunnel by key, then the adopted ones still waiting for the workload state."""
-    rows = [tunnel_row(t, counters, now) for t in sorted(tunnels, key=lambda t: t.spec.key)]
+    rows = [tunnel_row(t, counters, now, idle_after) for t in sorted(tunnels, key=lambda t: t.spec.key)]
     rows.extend(adopted_row(a, counters, wall) for a in adopted)
     return rows

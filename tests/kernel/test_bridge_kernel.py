@@ -173,6 +173,9 @@ def test_rekey_under_a_ping_flood_loses_nothing(facts: dict[str, Any]) -> None:
         stat = facts["metrics"][node]
         assert stat["XfrmInNoStates"] == 0 and stat["XfrmInStateProtoError"] == 0, stat
     assert facts["metrics"]["a"]["zt_bridge_rekeys_total"] >= 1
+    # the rekey resumed the first handshake's TLS session (psk_dhe_ke): no signature on either node
+    assert rekey["handshakes"] == {n: {"full": 0, "resumed": 1, "signatures": 0} for n in ("a", "b")}, rekey
+    assert rekey["resumption"]["signatures_per_rekey"]["resumed"] == 0
 
 
 def test_a_responder_can_ask_for_a_rekey(facts: dict[str, Any]) -> None:
@@ -722,10 +725,13 @@ class Stories(Guest):
         flood = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
         start = old.get("packets_out") or 0  # earlier tests' traffic is on this SA too
         await self.wait_rows("a", lambda r: (r[key_a].get("packets_out") or 0) >= start + 120, 30)
+        counted = {n: await self.resumption_counters(n) for n in ("a", "b")}
         async with self.http.post(f"http://127.0.0.1:{ADMIN['a']}/rekey", params={"peer": B1}) as resp:
             answer = await resp.json()
         rows_a = await self.wait_rows("a", lambda r: r[key_a].get("generation") == 2, 20)
         rows_b = await self.wait_rows("b", lambda r: r[key_b].get("generation") == 2, 20)
+        after = {n: await self.resumption_counters(n) for n in ("a", "b")}
+        handshakes = {n: {k: after[n][k] - counted[n][k] for k in after[n]} for n in ("a", "b")}
         out_text, _ = await flood.communicate()
         found = re.search(r"(\d+) packets transmitted, (\d+) received", out_text.decode())
         assert found, out_text
@@ -751,7 +757,20 @@ class Stories(Guest):
             "wire_a": wires["a"]["esp_by_spi"],
             "wire_b": wires["b"]["esp_by_spi"],
             "mesh_plaintext": wires["a"]["mesh_plaintext"] + wires["b"]["mesh_plaintext"],
+            "handshakes": handshakes,
+            "resumption": (await self.dump("a"))["resumption"],
         }
+
+    async def resumption_counters(self, name: str) -> dict[str, int]:
+        """Successful rekey handshakes by mode and the signatures they made, on one node (all its tunnels)."""
+        raw = await self.raw_metrics(name)
+        out = {"full": 0, "resumed": 0, "signatures": 0}
+        for key, value in raw.items():
+            if key.startswith("zt_bridge_handshake_modes_total{") and 'kind="rekey"' in key:
+                out["resumed" if 'mode="resumed"' in key else "full"] += int(value)
+            elif key.startswith("zt_bridge_handshake_signatures_total{") and 'kind="rekey"' in key:
+                out["signatures"] += int(value)
+        return out
 
     async def policy_change(self) -> dict[str, Any]:
         from tests.support.bridge_mesh import PODS as MESH_PODS

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import itertools
+import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from ipaddress import ip_address
@@ -27,6 +28,7 @@ from cryptography.x509.oid import NameOID
 from ipsec_bridge import handshake as hs
 from ipsec_bridge.certs import Certificates
 from ipsec_bridge.keys import KeyScope
+from ipsec_bridge.tickets import ResumptionPolicy, TicketKey, TicketStore
 from ipsec_bridge.xfrm.messages import Aead
 from tests.helpers import running_ztd
 from tests.support.bridge_mesh import PODS, identity, write_mesh
@@ -407,7 +409,7 @@ async def test_a_responder_without_esn_refuses_an_initiator_that_keys_with_it(me
 @pytest.mark.parametrize(
     "msg",
     [hs.Accept(0x1234), hs.Accept(0x1234, esn=False), hs.Ready(0xFFFF_FFFF), hs.Ready(7, esn=False), hs.Done(),
-     hs.Reject("no")],
+     hs.Reject("no"), hs.Reject("stale", full=True)],
 )  # fmt: skip
 def test_messages_round_trip(msg: hs.Message) -> None:
     encoded = hs.encode_message(msg)
@@ -424,6 +426,7 @@ def test_messages_round_trip(msg: hs.Message) -> None:
         (b'{"t":"accept","spi":7,"esn":1}', "bad esn 1"),
         (b'{"t":"offer","src":"a","dst":"b","key_bytes":16}', "unknown message 'offer'"),
         (b'{"t":"hello"}', "unknown message 'hello'"),
+        (b'{"t":"reject","reason":"x","full":1}', "bad full 1"),
         (b"not json", "malformed message from the peer"),
     ],
 )
@@ -431,3 +434,239 @@ def test_malformed_messages_are_protocol_errors(raw: bytes, fragment: str) -> No
     with pytest.raises(hs.HandshakeError) as err:
         hs.decode_message(raw)
     assert err.value.code == "protocol" and fragment in str(err.value)
+
+
+# --- resumption (psk_dhe_ke) -----------------------------------------------------------------------------------
+
+
+async def _full_then(mesh: Mesh, **responder_kw: Any) -> tuple[hs.Result, RecordingInstaller]:
+    """A full a1 -> b1 handshake; returns the initiator's result (its ticket inside) and installer."""
+    a1, b1 = PODS["a1"][4], PODS["b1"][4]
+    ins_i = RecordingInstaller()
+    out = await run_pair(
+        pod_preamble("a1", "b1"),
+        plan(mesh.creds["a1"], identity("b1"), ins_i, a1, b1),
+        lambda _: plan(mesh.creds["b1"], identity("a1"), RecordingInstaller(spis=itertools.count(0x9000)), a1, b1,
+                       **responder_kw),
+    )  # fmt: skip
+    assert isinstance(out.initiator, hs.Result) and isinstance(out.responder, hs.Result), out
+    return out.initiator, ins_i
+
+
+async def _rekey(
+    mesh: Mesh, ticket: hs.Ticket | None, *, responder: str = "b1", expected: str = "b1", responder_ctx: Any = None
+) -> tuple[Outcome, RecordingInstaller, RecordingInstaller]:
+    """a1 -> b1 again, offering `ticket`, with the same SPIs as the first generation had."""
+    a1, b1 = PODS["a1"][4], PODS["b1"][4]
+    ins_i, ins_r = RecordingInstaller(), RecordingInstaller(spis=itertools.count(0x9000))
+    cred_r = mesh.creds[responder] if responder_ctx is None else (mesh.creds[responder][0], responder_ctx)
+    out = await run_pair(
+        pod_preamble("a1", "b1"),
+        plan(mesh.creds["a1"], identity(expected), ins_i, a1, b1, ticket=ticket),
+        lambda _: plan(cred_r, identity("a1"), ins_r, a1, b1),
+    )
+    return out, ins_i, ins_r
+
+
+async def test_a_resumed_rekey_makes_no_signature_and_gets_fresh_keys(mesh: Mesh) -> None:
+    first, ins_first = await _full_then(mesh)
+    assert (first.resumed, first.signatures) == (False, 1)  # a full handshake: one CertificateVerify per side
+    assert first.ticket is not None and first.ticket.resumptions == 0
+    assert first.ticket.peer.uri == identity("b1")
+
+    out, ins_i, ins_r = await _rekey(mesh, first.ticket)
+    ri, rr = out.initiator, out.responder
+    assert isinstance(ri, hs.Result) and isinstance(rr, hs.Result), out
+    assert (ri.resumed, ri.signatures, rr.resumed, rr.signatures) == (True, 0, True, 0)
+    # the identities checked are those of the certificates the session was made with
+    assert ri.peer_identity.uri == identity("b1") and rr.peer_identity.uri == identity("a1")
+    assert ins_i.key("outbound") == ins_r.key("inbound") and ins_r.key("outbound") == ins_i.key("inbound")
+    # same SPIs, same addresses as generation 1, yet other keys: the resumed session's own secret (fresh ECDHE)
+    assert (ri.spi_in, ri.spi_out) == (first.spi_in, first.spi_out)
+    assert ins_i.key("outbound") != ins_first.key("outbound") and ins_i.key("inbound") != ins_first.key("inbound")
+    # the chain goes on: the next ticket counts this resumption and keeps the full handshake's time
+    assert ri.ticket is not None and ri.ticket.resumptions == 1
+    assert ri.ticket.chain_started == first.ticket.chain_started
+
+
+async def test_a_session_whose_certificate_wds_no_longer_names_is_refused_then_a_full_handshake_passes(
+    mesh: Mesh,
+) -> None:
+    """b1's address now belongs to cart (b2's identity) in WDS: the resumed session (made with ledger's
+    certificate) is refused before any SPI, and the peer is told a full handshake may pass, which it does once
+    the address's current pod presents its own certificate."""
+    first, _ = await _full_then(mesh)
+    out, ins_i, ins_r = await _rekey(mesh, first.ticket, expected="b2")
+    assert isinstance(out.initiator, hs.HandshakeError) and out.initiator.code == "resumption", out
+    assert "resumed a session made with spiffe://cluster.local/ns/payments/sa/ledger" in str(out.initiator)
+    assert isinstance(out.responder, hs.HandshakeError) and out.responder.code == "resumption", out
+    assert ins_i.calls == [] and ins_r.calls == []
+
+    again, ins_i, ins_r = await _rekey(mesh, None, responder="b2", expected="b2")
+    assert isinstance(again.initiator, hs.Result) and not again.initiator.resumed and again.initiator.signatures == 1
+    assert ins_i.key("outbound") == ins_r.key("inbound")
+
+
+async def test_the_responder_refuses_a_session_whose_client_certificate_wds_no_longer_names(mesh: Mesh) -> None:
+    first, _ = await _full_then(mesh)
+    a1, b1 = PODS["a1"][4], PODS["b1"][4]
+    ins_i, ins_r = RecordingInstaller(), RecordingInstaller()
+    out = await run_pair(
+        pod_preamble("a1", "b1"),
+        plan(mesh.creds["a1"], identity("b1"), ins_i, a1, b1, ticket=first.ticket),
+        lambda _: plan(mesh.creds["b1"], identity("a2"), ins_r, a1, b1),  # WDS: a1's address is debug's now
+    )
+    assert isinstance(out.responder, hs.HandshakeError) and out.responder.code == "resumption", out
+    assert "resumed a session made with spiffe://cluster.local/ns/shop/sa/frontend" in str(out.responder)
+    assert isinstance(out.initiator, hs.HandshakeError) and out.initiator.code == "resumption", out
+    assert ins_i.calls == [] and ins_r.calls == []
+
+
+async def test_a_resumed_session_is_checked_against_policy_like_a_full_one(mesh: Mesh) -> None:
+    first, _ = await _full_then(mesh)
+    a1, b1 = PODS["a1"][4], PODS["b1"][4]
+    ins_i, ins_r = RecordingInstaller(), RecordingInstaller()
+    out = await run_pair(
+        pod_preamble("a1", "b1"),
+        plan(mesh.creds["a1"], identity("b1"), ins_i, a1, b1, ticket=first.ticket),
+        lambda _: plan(mesh.creds["b1"], identity("a1"), ins_r, a1, b1, recheck=lambda: "DENY policy x matched"),
+    )
+    assert isinstance(out.responder, hs.HandshakeError) and out.responder.code == "denied"
+    # a denial is no reason to try a full handshake: the initiator sees a plain refusal
+    assert isinstance(out.initiator, hs.HandshakeError) and out.initiator.code == "refused"
+    assert ins_i.calls == [] and ins_r.calls == []
+
+
+async def test_a_session_made_with_a_since_expired_certificate_is_refused(mesh: Mesh) -> None:
+    first, _ = await _full_then(mesh)
+    assert first.ticket is not None
+    later = first.ticket.peer_not_after + dt.timedelta(seconds=1)
+    a1, b1 = PODS["a1"][4], PODS["b1"][4]
+    out = await run_pair(
+        pod_preamble("a1", "b1"),
+        plan(mesh.creds["a1"], identity("b1"), RecordingInstaller(), a1, b1, ticket=first.ticket, wall=lambda: later),
+        lambda _: plan(mesh.creds["b1"], identity("a1"), RecordingInstaller(), a1, b1),
+    )
+    assert isinstance(out.initiator, hs.HandshakeError) and out.initiator.code == "resumption"
+    assert "certificate in the session expired" in str(out.initiator)
+
+
+async def test_n_resumptions_and_the_age_bound_force_a_full_handshake(mesh: Mesh) -> None:
+    """Through a TicketStore as the bridge keeps them: at most 2 resumptions per full handshake, then full."""
+    store = TicketStore(ResumptionPolicy(max_resumptions=2, max_age=100.0))
+    key = TicketKey("192.168.50.2", Identity.parse(identity("a1")), Identity.parse(identity("b1")))
+    ctx = mesh.creds["a1"][1]
+    first, _ = await _full_then(mesh)
+    assert first.ticket is not None
+    store.put(key, first.ticket)
+    modes = []
+    for _ in range(4):
+        out, _, _ = await _rekey(mesh, store.take(key, ctx, first.ticket.issued + 1))
+        assert isinstance(out.initiator, hs.Result), out
+        modes.append((out.initiator.resumed, out.initiator.signatures))
+        assert out.initiator.ticket is not None
+        store.put(key, out.initiator.ticket)
+    assert modes == [(True, 0), (True, 0), (False, 1), (True, 0)]  # the third started a new chain
+    assert store.dropped == {"resumptions": 1}
+    # the age bound counts from the chain's full handshake, not from the last resumption
+    ticket = store.take(key, ctx, 0.0)
+    assert ticket is not None and ticket.resumptions == 1
+    store.put(key, ticket)
+    assert store.take(key, ctx, ticket.chain_started + 100.0) is None
+    assert store.dropped["age"] == 1
+
+
+async def test_a_renewed_certificate_forces_a_full_handshake_on_either_side(mesh: Mesh) -> None:
+    first, _ = await _full_then(mesh)
+    assert first.ticket is not None
+    # the responder renewed: its new context has new ticket keys and cannot read the ticket -> full handshake
+    renewed = hs.tls_context(mesh.creds["b1"][0])
+    out, ins_i, ins_r = await _rekey(mesh, first.ticket, responder_ctx=renewed)
+    assert isinstance(out.initiator, hs.Result) and isinstance(out.responder, hs.Result), out
+    assert (out.initiator.resumed, out.initiator.signatures, out.responder.signatures) == (False, 1, 1)
+    assert ins_i.key("outbound") == ins_r.key("inbound")
+    # the initiator renewed: its tickets belong to the old context and are not offered
+    store = TicketStore(ResumptionPolicy())
+    key = TicketKey("192.168.50.2", Identity.parse(identity("a1")), Identity.parse(identity("b1")))
+    store.put(key, first.ticket)
+    assert store.take(key, hs.tls_context(mesh.creds["a1"][0]), first.ticket.issued) is None
+    assert store.dropped == {"renewed": 1}
+    store.put(key, first.ticket)
+    store.forget(Identity.parse(identity("a1")))  # what Certificates' renewal callback does
+    assert len(store) == 0 and store.take(key, mesh.creds["a1"][1], first.ticket.issued) is None
+
+
+def _allow_psk_ke(cred: hs.Credential) -> Any:
+    ctx = hs.tls_context(cred)
+    ctx.set_options(_ALLOW_NO_DHE_KEX | _PREFER_NO_DHE_KEX)  # what a misconfigured or hostile peer would run
+    return ctx
+
+
+_ALLOW_NO_DHE_KEX = 1 << 10  # OpenSSL's SSL_OP_ALLOW_NO_DHE_KEX / SSL_OP_PREFER_NO_DHE_KEX (never set by us)
+_PREFER_NO_DHE_KEX = 1 << 35
+
+
+async def test_psk_ke_is_never_accepted(mesh: Mesh) -> None:
+    a1, b1 = PODS["a1"][4], PODS["b1"][4]
+    # both ends configured to resume without ECDHE: our channel refuses the handshake on either side
+    client, server = _allow_psk_ke(mesh.creds["a1"][0]), _allow_psk_ke(mesh.creds["b1"][0])
+    cred_a, cred_b = (mesh.creds["a1"][0], client), (mesh.creds["b1"][0], server)
+    first = await run_pair(
+        pod_preamble("a1", "b1"),
+        plan(cred_a, identity("b1"), RecordingInstaller(), a1, b1),
+        lambda _: plan(cred_b, identity("a1"), RecordingInstaller(), a1, b1),
+    )
+    assert isinstance(first.initiator, hs.Result) and first.initiator.ticket is not None
+    ins_i, ins_r = RecordingInstaller(), RecordingInstaller()
+    out = await run_pair(
+        pod_preamble("a1", "b1"),
+        plan(cred_a, identity("b1"), ins_i, a1, b1, ticket=first.initiator.ticket),
+        lambda _: plan(cred_b, identity("a1"), ins_r, a1, b1),
+    )
+    # the initiator reads the ServerHello first and stops before its Finished: the responder never completes
+    assert isinstance(out.initiator, hs.HandshakeError) and out.initiator.code == "tls", out
+    assert str(out.initiator) == "the session was resumed with psk_ke (no ECDHE); only psk_dhe_ke is allowed"
+    assert isinstance(out.responder, hs.HandshakeError) and out.responder.code == "tls", out
+    assert ins_i.calls == [] and ins_r.calls == []
+
+    # our responder, offered psk_ke by such a client, picks psk_dhe_ke (OpenSSL: ALLOW_NO_DHE_KEX is not set)
+    first = await run_pair(
+        pod_preamble("a1", "b1"),
+        plan(cred_a, identity("b1"), RecordingInstaller(), a1, b1),
+        lambda _: plan(mesh.creds["b1"], identity("a1"), RecordingInstaller(), a1, b1),
+    )
+    assert isinstance(first.initiator, hs.Result)
+    out = await run_pair(
+        pod_preamble("a1", "b1"),
+        plan(cred_a, identity("b1"), RecordingInstaller(), a1, b1, ticket=first.initiator.ticket),
+        lambda _: plan(mesh.creds["b1"], identity("a1"), RecordingInstaller(), a1, b1),
+    )
+    assert isinstance(out.responder, hs.Result) and out.responder.resumed and out.responder.signatures == 0
+
+
+def _server_hello(*extensions: int) -> bytes:
+    exts = b"".join(struct.pack("!HH", e, 2) + b"\x00\x17" for e in extensions)
+    body = b"\x03\x03" + bytes(32) + b"\x00" + b"\x13\x01" + b"\x00" + struct.pack("!H", len(exts)) + exts
+    return bytes([2]) + len(body).to_bytes(3) + body
+
+
+def test_the_key_exchange_is_read_from_the_server_hello() -> None:
+    assert hs.key_exchange(hs.hello_extensions(_server_hello(43, 51))) == "full"
+    assert hs.key_exchange(hs.hello_extensions(_server_hello(43, 51, 41))) == "psk_dhe_ke"
+    assert hs.key_exchange(hs.hello_extensions(_server_hello(43, 41))) == "psk_ke"
+    for bad, why in ((_server_hello(43)[:-3], "overrun"), (b"\x01\x00\x00\x00", "not a ServerHello")):
+        with pytest.raises(ValueError, match=why):
+            hs.hello_extensions(bad)
+
+
+def test_resumption_policy_bounds_are_checked() -> None:
+    for kw, why in (
+        ({"max_resumptions": -1}, "negative"),
+        ({"max_age": 8 * 24 * 3600.0}, "at most 7 days"),
+        ({"max_age": 0.0}, "positive"),
+        ({"max_tickets": 0}, "at least 1"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            ResumptionPolicy(**kw)
+    with pytest.raises(ValueError, match="at most 7 days"):
+        hs.tls_context(_foreign_credential(identity("a1"), b""), ticket_lifetime=8 * 24 * 3600)

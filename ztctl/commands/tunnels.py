@@ -1,11 +1,12 @@
 """`ztctl tunnels [--node N]`: a zt-bridge's tunnels, from its admin port; `ztctl tunnels rekey`: rekey them.
 
 `--bridge ADDR` (repeatable) names the bridges' admin addresses; `--node N` keeps the bridges of node N.
-Columns: NODE LOCAL PEER LOCAL IDENTITY PEER IDENTITY SPI IN SPI OUT AGE BYTES PACKETS OFFLOAD [VF] NEXT REKEY
-(bytes and packets as in/out; offload none, crypto, packet, or fallback when the kernel ignored the request;
-VF only when a bridge runs with --vf-map). Tunnels that are not up show their state and last error instead
-of SPIs; pod pairs that policy refuses both ways, local pods the VF map refuses, and a refused --offload, are
-listed under the table with the reason.
+Columns: NODE LOCAL PEER STATE LOCAL IDENTITY PEER IDENTITY SPI IN SPI OUT AGE BYTES PACKETS OFFLOAD [VF]
+NEXT REKEY (state: active or idle for an up tunnel, else pending, failing, adopted; bytes and packets as
+in/out; offload none, crypto, packet, or fallback when the kernel ignored the request; VF only when a bridge
+runs with --vf-map). Tunnels that are not up show their last error instead of SPIs; pod pairs that policy
+refuses both ways, local pods the VF map refuses, a refused --offload, and (--setup on-demand) pairs reclaimed
+when idle, are listed under the table.
 `-o json` prints the bridges' /config_dump documents.
 
 `ztctl tunnels rekey [--peer P] [--local L]` asks each bridge to rekey its tunnels now (all, or the chosen
@@ -29,7 +30,7 @@ from ztctl.commands.proxy_config import tabulate
 from ztctl.errors import CliError
 
 COLUMNS = (
-    "NODE", "LOCAL", "PEER", "LOCAL IDENTITY", "PEER IDENTITY", "SPI IN", "SPI OUT", "AGE", "BYTES IN/OUT",
+    "NODE", "LOCAL", "PEER", "STATE", "LOCAL IDENTITY", "PEER IDENTITY", "SPI IN", "SPI OUT", "AGE", "BYTES IN/OUT",
     "PACKETS IN/OUT", "OFFLOAD", "NEXT REKEY",
 )  # fmt: skip
 VF_COLUMNS = (*COLUMNS[:-1], "VF", COLUMNS[-1])  # with --vf-map: the local pod's VF
@@ -122,14 +123,17 @@ def rows(dumps: Sequence[Mapping[str, Any]], vf: bool = False) -> list[tuple[str
             local = f"{t.get('local')} ({t.get('local_address')})"
             peer = f"{t.get('peer')} ({t.get('peer_address')})"
             vf_cell = (str(t["vf"]) if t.get("vf") is not None else "-",) if vf else ()
-            if t.get("state") not in ("up", "adopted"):  # adopted: left by a previous run, being rekeyed
+            state = str(t.get("state", "?"))
+            if state not in ("up", "adopted"):  # adopted: left by a previous run, being rekeyed
                 error = _short_error(t.get("last_error") or "")
-                out.append((node, local, peer, t.get("local_identity", ""), t.get("peer_identity", ""),
-                            t.get("state", "?"), error[:90], "-", "-", "-", "-", *vf_cell, "-"))  # fmt: skip
+                out.append((node, local, peer, state, t.get("local_identity", ""), t.get("peer_identity", ""),
+                            "-", error[:90], "-", "-", "-", "-", *vf_cell, "-"))  # fmt: skip
                 continue
+            if state == "up":
+                state = str(t.get("activity") or "active")  # an eager tunnel that is up is active
             out.append(
                 (
-                    node, local, peer, t["local_identity"], t["peer_identity"], t["spi_in"], t["spi_out"],
+                    node, local, peer, state, t["local_identity"], t["peer_identity"], t["spi_in"], t["spi_out"],
                     _age(t.get("age_seconds")),
                     f"{_bytes(t.get('bytes_in'))}/{_bytes(t.get('bytes_out'))}",
                     f"{t.get('packets_in', '-')}/{t.get('packets_out', '-')}",
@@ -164,6 +168,13 @@ def notes(dumps: Sequence[Mapping[str, Any]]) -> list[str]:
             out.append(f"{node}: VF map {vf_map.get('path')}: {vf_map['last_error']} (the previous map stays)")
         for pod in ((dump.get("state") or {}).get("vf") or {}).get("refused", []):
             out.append(f"{node}: no tunnels for {pod.get('pod')} ({pod.get('ip')}): {pod.get('reason')}")
+        on_demand = dump.get("on_demand") or {}
+        for pair in on_demand.get("reclaimed_pairs", []):
+            out.append(f"{node}: reclaimed {pair} (idle; the next packet sets it up again)")
+        if on_demand:
+            counts = on_demand.get("acquires") or {}
+            out.append(f"{node}: on-demand: acquires received {counts.get('received', 0)}, admitted "
+                       f"{counts.get('admitted', 0)}, denied {counts.get('denied', 0)}")  # fmt: skip
     return out
 
 
