@@ -17,7 +17,7 @@ from envoy.config.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from google.protobuf import json_format
 
-from tests.support.envoy import envoy_binary
+from tests.support.envoy import validate as envoy_validate
 from tests.support.rbac_cases import GOLDEN, ROOT_NAMESPACE, cases, load
 from ztcore.envoy import rbac
 from ztcore.envoy.common import pack
@@ -96,24 +96,7 @@ def bootstrap(built: rbac.RbacFilters) -> dict[str, Any]:
 
 
 async def validate(config: dict[str, Any], path: Path, limit: asyncio.Semaphore) -> tuple[int, str]:
-    await asyncio.to_thread(path.write_text, json.dumps(config))
-    async with limit:
-        proc = await asyncio.create_subprocess_exec(
-            str(envoy_binary()),
-            "--mode",
-            "validate",
-            "-c",
-            str(path),
-            "--use-dynamic-base-id",
-            "--log-level",
-            "error",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        out, _ = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace")
+    return await envoy_validate(json.dumps(config), path, limit)
 
 
 def build_case(case: str) -> rbac.RbacFilters:

@@ -17,7 +17,7 @@ import pytest
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf import json_format, message
 
-from tests.support.envoy import envoy_binary
+from tests.support.envoy import validate as envoy_validate
 from tests.support.envoy_cases import CASES, Sidecar, mesh_of
 from ztcore.envoy import resource_name
 from ztcore.envoy.bootstrap import ads_bootstrap, node, static_bootstrap
@@ -56,24 +56,7 @@ def bootstraps(sidecar: Sidecar, built: Mapping[str, Sequence[message.Message]])
 
 
 async def validate(config: message.Message, path: Path, limit: asyncio.Semaphore) -> tuple[int, str]:
-    await asyncio.to_thread(path.write_text, json_format.MessageToJson(config))
-    async with limit:
-        proc = await asyncio.create_subprocess_exec(
-            str(envoy_binary()),
-            "--mode",
-            "validate",
-            "-c",
-            str(path),
-            "--use-dynamic-base-id",
-            "--log-level",
-            "error",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        out, _ = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace")
+    return await envoy_validate(json_format.MessageToJson(config), path, limit)
 
 
 async def test_envoy_accepts_every_generated_sidecar(tmp_path: Path) -> None:

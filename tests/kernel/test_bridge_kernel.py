@@ -773,28 +773,10 @@ class Stories(Guest):
         return out
 
     async def policy_change(self) -> dict[str, Any]:
+        from tests.support.bridge_mesh import DENY_FRONTEND_LEDGER, POLICIES, write_mesh
         from tests.support.bridge_mesh import PODS as MESH_PODS
-        from tests.support.bridge_mesh import POLICIES, write_mesh
 
-        deny_both_ways = (
-            POLICIES
-            + """---
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-frontend, namespace: payments}
-spec:
-  action: DENY
-  rules: [{from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]}]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: frontend-deny-ledger, namespace: shop}
-spec:
-  selector: {matchLabels: {app: frontend}}
-  action: DENY
-  rules: [{from: [{source: {principals: ["cluster.local/ns/payments/sa/ledger"]}}]}]
-"""
-        )
+        deny_both_ways = POLICIES + DENY_FRONTEND_LEDGER
         rows = {n: await self.rows(n) for n in ("a", "b")}
         doomed = {
             "nodeA": {int(rows["a"][k][s], 16) for k in (f"{A1}-{B1}", f"{A2}-{B2}") for s in ("spi_in", "spi_out")},

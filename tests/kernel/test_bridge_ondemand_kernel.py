@@ -358,27 +358,9 @@ class OnDemandStory(Guest):
         f["revoke"] = await self.revoke()
 
     async def revoke(self) -> dict[str, Any]:
-        from tests.support.bridge_mesh import POLICIES, write_mesh
+        from tests.support.bridge_mesh import DENY_FRONTEND_LEDGER, POLICIES, write_mesh
 
-        deny = (
-            POLICIES
-            + """---
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-frontend, namespace: payments}
-spec:
-  action: DENY
-  rules: [{from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]}]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: frontend-deny-ledger, namespace: shop}
-spec:
-  selector: {matchLabels: {app: frontend}}
-  action: DENY
-  rules: [{from: [{source: {principals: ["cluster.local/ns/payments/sa/ledger"]}}]}]
-"""
-        )
+        deny = POLICIES + DENY_FRONTEND_LEDGER
         flood = await asyncio.create_subprocess_exec(
             *ns("a1", "ping", "-n", "-q", "-c", "100", "-i", "0.05", B1), stdout=asyncio.subprocess.DEVNULL
         )

@@ -78,6 +78,25 @@ spec:
 """
 
 
+# Added to POLICIES: frontend and ledger denied to each other both ways (the revoke the kernel tests apply).
+DENY_FRONTEND_LEDGER = """---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-frontend, namespace: payments}
+spec:
+  action: DENY
+  rules: [{from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: frontend-deny-ledger, namespace: shop}
+spec:
+  selector: {matchLabels: {app: frontend}}
+  action: DENY
+  rules: [{from: [{source: {principals: ["cluster.local/ns/payments/sa/ledger"]}}]}]
+"""
+
+
 def mesh_yaml(pods: dict[str, tuple[str, str, str, str, str]] | None = None) -> str:
     docs = [
         """apiVersion: v1

@@ -370,3 +370,26 @@ def sidecar_bootstrap(
         clusters=[sds_cluster(socket_path), *clusters],
         listeners=listeners,
     )
+
+
+async def validate(config_json: str, path: Path, limit: asyncio.Semaphore) -> tuple[int, str]:
+    """`envoy --mode validate` on a bootstrap (JSON text, written to `path`): (exit code, output); `limit` bounds
+    how many Envoys validate at once."""
+    await asyncio.to_thread(path.write_text, config_json)
+    async with limit:
+        proc = await asyncio.create_subprocess_exec(
+            str(envoy_binary()),
+            "--mode",
+            "validate",
+            "-c",
+            str(path),
+            "--use-dynamic-base-id",
+            "--log-level",
+            "error",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace")
