@@ -1,0 +1,715 @@
+"""State ∝ traffic (issue 15): zt-bridge --setup on-demand with 200 local and 9,800 remote pods, in UML.
+
+    .venv/bin/python bench/ondemand_scale.py [--local-pods 200] [--remote-pods 9800] [--peers 10]
+        [--eager-local 20] [--eager-remote 100] [--sequential 30] [--concurrency 32] [--rekey-pods 10] [--json]
+
+Two boots of user-mode-linux (Linux 6.1, tests/kernel/uml.py), each the real processes: ztd (CA + xDS) with a
+mesh config folder (tests/kernel/bridge_guest.py's Guest), and two `zt-bridge` processes, node-a and node-b, in
+their own netns, joined by a veth underlay.
+
+- Pods are addresses, not netns: node-a's local pods all live in one netns "podsA" behind one veth to node-a,
+  node-b's in "podsB". Each side answers for its whole pod range with one AnyIP route (`local 10.x.0.0/17 dev
+  lo`), so a pod is a source address a client binds to (node-a) or a destination a listener accepts on (node-b).
+  Every pod is a Pod in the mesh config (its own address, node, service account); the policy is one allow-all
+  AuthorizationPolicy in the root namespace. Local pod i runs as service account client-(i % 20), remote pod j as
+  server-(j % 98).
+- on-demand boot: both bridges `--setup on-demand` (idle reclaim far away: nothing is reclaimed while measuring).
+  Each local pod opens one TCP connection (connect + 12-byte echo) to `peers` distinct remote pods, in three
+  waves (1/4, 1/4, 1/2 of the local pods) so the state can be read at three numbers of active pairs. The first
+  `sequential` pairs go one at a time before the waves (unloaded first-connection latency, each followed by a
+  second connection over the tunnel it built); the waves go `concurrency` connections at a time (setup rate).
+  Then `rekey-pods` local pods' tunnels are rekeyed (POST /rekey) and the bridges' handshake counters read.
+- eager boot: the same mesh shape at a size eager set-up reaches (eager-local x eager-remote, every pair
+  admitted), both bridges eager (the default): the time until every pair's SAs are in on both nodes, and the
+  same state figures. The state eager mode would hold for the full mesh is projected from the count formula the
+  small run checks exactly.
+- peers measured in the same boot: mutual TLS 1.3 handshakes (ECDSA P-256, as the bridges' SVIDs) between the
+  two node netns, one at a time, before and after the first-connection sample.
+
+The defaults are the issue's size. Today its bridges die in UML before any traffic: on demand, reconcile still
+materializes every admitted pair (docs/benchmarks.md, finding 1), so use --remote-pods 500 or less.
+
+State is read from the kernel (an XFRM dump per node netns: SAs with the bridge's mark, policies by priority),
+RSS from /proc/<bridge pid>/status (VmRSS, VmHWM). UML has one CPU shared by ztd, both bridges and the clients,
+and slow syscalls: times are functional; the counts and ratios are the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+# run as a script, bench/ is sys.path[0]: its xds.py would shadow the generated `xds` protos that ztd imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
+sys.path.insert(0, str(REPO))
+
+from bench.inside_uml import run_inside  # noqa: E402
+
+NODE_A_IP, NODE_B_IP = "192.168.50.1", "192.168.50.2"
+GATEWAY = {"a": "10.1.255.254", "b": "10.2.255.254"}  # the node's address on its pods' link, outside the pod range
+POD_RANGE = {"a": "10.1.0.0/17", "b": "10.2.0.0/17"}  # each side's AnyIP route: up to 32,000 pods
+CLIENT_ACCOUNTS, SERVER_ACCOUNTS = 20, 98
+ECHO_PORT = 8080
+PATTERN = bytes.fromhex("5a7e5a7e0ddba11cafe0f00d")
+MESH_CIDRS = 1  # --mesh-cidr 10.0.0.0/8: one trap per local pod and mesh CIDR
+BLOCKS = 2  # out + fwd mesh -> mesh
+
+
+def pod_ip(node: str, i: int) -> str:
+    """Pod i of node a (10.1/16) or b (10.2/16): 10.<n>.<i // 250>.<i % 250 + 1>."""
+    hi, lo = divmod(i, 250)
+    return f"10.{1 if node == 'a' else 2}.{hi}.{lo + 1}"
+
+
+def peers_of(i: int, peers: int, remote: int) -> list[int]:
+    """The `peers` distinct remote pods local pod i talks to: spread over the whole remote range."""
+    stride = max(1, remote // peers)
+    return [(i * 7 + k * stride) % remote for k in range(peers)]
+
+
+def eager_projection(local: int, remote: int) -> dict[str, int]:
+    """What node-a holds with eager set-up and an allow-all policy: every pair a tunnel (tunnel_scale's formula)."""
+    pairs = local * remote
+    return {"pairs": pairs, "sas": 2 * pairs, "policies": BLOCKS + 2 * local + 3 * pairs}
+
+
+def ondemand_expected(local: int, active: int) -> dict[str, int]:
+    """What node-a holds on demand: per active pair 2 SAs + 3 policies, per local pod a bypass pair and a trap."""
+    return {"sas": 2 * active, "policies": BLOCKS + (2 + MESH_CIDRS) * local + 3 * active}
+
+
+def mesh_yaml(local: int, remote: int) -> str:
+    """The mesh config: nodes, bridge pods, `local` pods on node-a, `remote` on node-b, one allow-all policy."""
+    accounts = [f"client-{k}" for k in range(CLIENT_ACCOUNTS)] + [f"server-{k}" for k in range(SERVER_ACCOUNTS)]
+    items = [
+        "  - {apiVersion: v1, kind: Namespace, metadata: {name: istio-system}}",
+        "  - {apiVersion: v1, kind: Namespace, metadata: {name: apps, labels: {istio.io/dataplane-mode: ambient}}}",
+        "  - {apiVersion: v1, kind: ServiceAccount, metadata: {name: ztunnel, namespace: istio-system}}",
+        *(f"  - {{apiVersion: v1, kind: ServiceAccount, metadata: {{name: {a}, namespace: apps}}}}" for a in accounts),
+    ]
+    for node, ip in (("node-a", NODE_A_IP), ("node-b", NODE_B_IP)):
+        items.append(f"  - {{apiVersion: v1, kind: Node, metadata: {{name: {node}}}, "
+                     f"status: {{addresses: [{{type: InternalIP, address: {ip}}}]}}}}")  # fmt: skip
+        items.append(_pod(f"zt-bridge-{node}", "istio-system", "ztunnel", node, ip, host=True))
+    for i in range(local):
+        items.append(_pod(f"client-{i}", "apps", f"client-{i % CLIENT_ACCOUNTS}", "node-a", pod_ip("a", i)))
+    for j in range(remote):
+        items.append(_pod(f"server-{j}", "apps", f"server-{j % SERVER_ACCOUNTS}", "node-b", pod_ip("b", j)))
+    return "apiVersion: v1\nkind: List\nitems:\n" + "\n".join(items) + "\n"
+
+
+def _pod(name: str, ns: str, sa: str, node: str, ip: str, host: bool = False) -> str:
+    return (
+        f"  - {{apiVersion: v1, kind: Pod, metadata: {{name: {name}, namespace: {ns}, labels: {{app: {sa}}}}}, "
+        f"spec: {{serviceAccountName: {sa}, nodeName: {node}, hostNetwork: {'true' if host else 'false'}, "
+        f"containers: [{{name: main, image: example.com/{sa}:1}}]}}, status: {{phase: Running, podIP: {ip}}}}}"
+    )
+
+
+ALLOW_ALL = """apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-all, namespace: istio-system}
+spec:
+  action: ALLOW
+  rules: [{}]
+"""
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, p90 and max (ms), and how many."""
+    if not values:
+        return {"n": 0}
+    ordered = sorted(values)
+    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+    return {"n": len(ordered), "median": round(statistics.median(ordered), 2), "p90": round(p90, 2),
+            "max": round(ordered[-1], 2), "min": round(ordered[0], 2)}  # fmt: skip
+
+
+# ================================================================================================================
+# guest side (inside UML, as root)
+
+ECHO_SERVER = """
+import asyncio, sys
+async def echo(r, w):
+    try:
+        w.write(await r.read(100)); await w.drain()
+    finally:
+        w.close()
+async def main():
+    s = await asyncio.start_server(echo, "0.0.0.0", int(sys.argv[1]), backlog=1024)
+    print("ready", flush=True)
+    await s.serve_forever()
+asyncio.run(main())
+"""
+
+# One client process for many pairs: `concurrency` at a time, each: bind the local pod's address, connect, echo.
+# Prints one JSON line: per pair [start offset s, connect ms or -1, error].
+CLIENT = """
+import asyncio, json, socket, sys, time
+spec = json.loads(sys.argv[1]); pattern = bytes.fromhex(spec["pattern"])
+async def one(src, dst, t0):
+    start = time.perf_counter()
+    s = socket.socket(); s.setblocking(False); s.bind((src, 0))
+    try:
+        async with asyncio.timeout(spec["timeout"]):
+            await asyncio.get_running_loop().sock_connect(s, (dst, spec["port"]))
+            ms = (time.perf_counter() - start) * 1000
+            r, w = await asyncio.open_connection(sock=s)
+            w.write(pattern); await w.drain()
+            echo = await r.readexactly(len(pattern)); w.close()
+        return [round(start - t0, 4), round(ms, 2), "" if echo == pattern else "mismatch"]
+    except (OSError, TimeoutError, asyncio.IncompleteReadError) as err:
+        s.close()
+        return [round(start - t0, 4), -1, type(err).__name__ + ": " + str(err)]
+async def main():
+    sem = asyncio.Semaphore(spec["concurrency"]); t0 = time.perf_counter()
+    async def gated(p):
+        async with sem:
+            return await one(p[0], p[1], t0)
+    out = await asyncio.gather(*(gated(p) for p in spec["pairs"]))
+    print(json.dumps({"results": out, "wall": time.perf_counter() - t0}))
+asyncio.run(main())
+"""
+
+TLS_SERVER = """
+import socket, ssl, sys
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+ctx.load_cert_chain(sys.argv[1], sys.argv[2]); ctx.load_verify_locations(sys.argv[1])
+ctx.verify_mode = ssl.CERT_REQUIRED; ctx.num_tickets = 0
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", 7443)); s.listen(8)
+print("ready", flush=True)
+for _ in range(int(sys.argv[3])):
+    c, _ = s.accept()
+    with ctx.wrap_socket(c, server_side=True) as t:
+        t.recv(1)
+"""
+
+TLS_CLIENT = """
+import socket, ssl, sys, time
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+ctx.load_verify_locations(sys.argv[1]); ctx.check_hostname = False; ctx.load_cert_chain(sys.argv[1], sys.argv[4])
+out = []
+for _ in range(int(sys.argv[3])):
+    t0 = time.perf_counter()
+    with ctx.wrap_socket(socket.create_connection((sys.argv[2], 7443), 5)) as t:
+        t.getpeercert()
+        out.append((time.perf_counter() - t0) * 1000)
+        t.send(b"x")
+print(" ".join("%.2f" % x for x in out))
+"""
+
+
+def guest_classes() -> type:
+    """The guest's story class (imports that only exist in the guest's run: pytest via bridge_guest, aiohttp)."""
+    from tests.kernel.bridge_guest import ADMIN, Guest, ns, sh
+
+    class ScaleGuest(Guest):
+        def __init__(self, mode: str, opts: dict[str, int]) -> None:
+            super().__init__()
+            self.mode, self.opts = mode, opts
+            self.local = opts["eager_local"] if mode == "eager" else opts["local"]
+            self.remote = opts["eager_remote"] if mode == "eager" else opts["remote"]
+
+        # --- set-up ---------------------------------------------------------------------------------------
+
+        async def topology(self) -> None:
+            lines: list[str] = []
+            for name in ("nodeA", "nodeB", "podsA", "podsB"):
+                await sh("ip", "netns", "add", name)
+                lines.append(f"-n {name} link set lo up")
+            lines += ["link add eth0 netns nodeA type veth peer eth0 netns nodeB"]
+            for node, addr in (("nodeA", NODE_A_IP), ("nodeB", NODE_B_IP)):
+                lines += [f"-n {node} addr add {addr}/24 dev eth0", f"-n {node} link set eth0 up"]
+            for side, node, pods, other in (("a", "nodeA", "podsA", "b"), ("b", "nodeB", "podsB", "a")):
+                gw = GATEWAY[side]
+                lines += [
+                    f"link add eth0 netns {pods} type veth peer vpods netns {node}",
+                    f"-n {node} addr add {gw}/32 dev vpods", f"-n {node} link set vpods up",
+                    f"-n {node} route add {POD_RANGE[side]} dev vpods",
+                    f"-n {node} route add {POD_RANGE[other]} via {NODE_A_IP if other == 'a' else NODE_B_IP}",
+                    f"-n {pods} link set eth0 up", f"-n {pods} route add {gw} dev eth0",
+                    f"-n {pods} route add default via {gw} dev eth0",
+                    # AnyIP: every address of the side's pod range is local to its pods' netns
+                    f"-n {pods} route add local {POD_RANGE[side]} dev lo",
+                ]  # fmt: skip
+            for line in lines:  # a few dozen; `ip -batch` takes no -n per line
+                await sh("ip", *line.split())
+            for netns in ("nodeA", "nodeB", "podsA", "podsB"):
+                await sh(*ns(netns, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
+                             "net.ipv4.conf.default.rp_filter=0", "net.ipv4.tcp_syn_retries=6"))  # fmt: skip
+
+        async def start_ztd(self) -> None:
+            from xds_server.main import Ztd, ZtdConfig
+
+            self.mesh = Path("/run/mesh")
+            self.mesh.mkdir(parents=True, exist_ok=True)
+            text = mesh_yaml(self.local, self.remote)
+            await asyncio.to_thread((self.mesh / "mesh.yaml").write_text, text)
+            await asyncio.to_thread((self.mesh / "policies.yaml").write_text, ALLOW_ALL)
+            cfg = ZtdConfig(listen_address="127.0.0.1", xds_port=15010, secure_port=15012, monitoring_port=15014,
+                            state_dir=Path("/run/ztd"), config_dir=self.mesh)  # fmt: skip
+            self.ztd_cfg = cfg
+            self.ztd = Ztd(cfg)
+            self.ztd_stop = asyncio.Event()
+            self.ztd_task = asyncio.create_task(self.ztd.run(self.ztd_stop))
+            await asyncio.wait_for(self.ztd.ready.wait(), 600)
+
+        async def run(self, scenario: str) -> dict[str, Any]:
+            import aiohttp
+
+            await self.topology()
+            watch = asyncio.create_task(self.progress())
+            started = time.monotonic()
+            await self.start_ztd()
+            self.facts["ztd_start_seconds"] = round(time.monotonic() - started, 1)
+            self.facts["mesh"] = {"local": self.local, "remote": self.remote}
+            async with aiohttp.ClientSession() as self.http:
+                try:
+                    await (self.eager() if self.mode == "eager" else self.ondemand())
+                finally:
+                    watch.cancel()
+                    await self.stop()
+            return self.facts
+
+        async def progress(self) -> None:
+            """Every 10 s on stderr: the resident sets, so a run that dies of memory still says who grew."""
+            started = time.monotonic()
+            while True:
+                rss = {"guest+ztd": self.rss_of("self").get("VmRSS")}
+                for name, proc in list(self.procs.items()):
+                    with contextlib.suppress(OSError):
+                        rss[name] = self.rss_of(str(proc.pid)).get("VmRSS")
+                print(f"progress {time.monotonic() - started:.0f}s RSS MiB {rss}", file=sys.stderr, flush=True)
+                await asyncio.sleep(10)
+
+        async def stop(self) -> None:
+            import signal
+
+            for proc in self.procs.values():
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in self.procs.values():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), 30)
+            self.ztd_stop.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.ztd_task, 30)
+
+        async def start_bridges(self, *extra: str) -> float:
+            """Both bridges, until each has the whole mesh in its view (seconds from launch)."""
+            started = time.monotonic()
+            await asyncio.gather(self.start_bridge("a", "node-a", "nodeA", *extra),
+                                 self.start_bridge("b", "node-b", "nodeB", *extra))  # fmt: skip
+            want = self.local + self.remote  # the bridges (host network) are not mesh pods
+            await poll(lambda: self.mesh_pods(want), 600)
+            return time.monotonic() - started
+
+        async def mesh_pods(self, want: int) -> bool:
+            return all([int((await self.dump(n))["state"]["mesh_pods"]) >= want for n in ("a", "b")])
+
+        # --- probes ---------------------------------------------------------------------------------------
+
+        async def state(self, netns: str) -> dict[str, int]:
+            """The node's XFRM state from the kernel: keyed SAs of the bridge, policies by role (priority)."""
+            from ipsec_bridge.sa_manager import (
+                BLOCK_PRIORITY,
+                BRIDGE_MARK,
+                BYPASS_PRIORITY,
+                PAIR_PRIORITY,
+                TRAP_PRIORITY,
+            )
+            from ipsec_bridge.xfrm.netlink import XfrmSocket
+
+            async with await XfrmSocket.open(netns) as sock:
+                sas = await sock.list_sas()
+                pols = await sock.list_policies()
+            roles = {PAIR_PRIORITY: "pair", BYPASS_PRIORITY: "bypass", TRAP_PRIORITY: "trap", BLOCK_PRIORITY: "block"}
+            out = {"sas": len([i for i in sas if i.sa.mark == BRIDGE_MARK and i.sa.aead is not None]),
+                   "sas_all": len(sas), "policies": len(pols)}  # fmt: skip
+            for p in pols:
+                role = roles.get(p.policy.priority, "other")
+                out[f"pol_{role}"] = out.get(f"pol_{role}", 0) + 1
+            return out
+
+        def rss(self, name: str) -> dict[str, float]:
+            """The bridge process's resident set (MiB), now and its peak."""
+            return self.rss_of(str(self.procs[name].pid))
+
+        @staticmethod
+        def rss_of(pid: str) -> dict[str, float]:
+            fields = {}
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    fields[key] = round(int(value.split()[0]) / 1024, 1)
+            return fields
+
+        async def snapshot(self, label: str, active: int) -> dict[str, Any]:
+            snap: dict[str, Any] = {"label": label, "active_pairs": active}
+            for name, netns in (("a", "nodeA"), ("b", "nodeB")):
+                snap[name] = {**await self.state(netns), **self.rss(name)}
+                snap[name]["tunnels"] = len((await self.dump(name))["tunnels"])
+            snap["ztd_rss_mib"] = self.rss_of("self")["VmRSS"]  # ztd runs in this (the guest's) process
+            return snap
+
+        async def counters(self, name: str) -> dict[str, int]:
+            """Successful handshakes by kind/mode and the signatures they made; rekeys completed."""
+            out: dict[str, int] = {}
+            for key, value in (await self.raw_metrics(name)).items():
+                if key.startswith(("zt_bridge_handshake_modes_total{", "zt_bridge_handshake_signatures_total{")):
+                    kind = "rekey" if 'kind="rekey"' in key else "new"
+                    mode = "resumed" if 'mode="resumed"' in key else "full"
+                    what = "sig" if "signatures" in key else "hs"
+                    out[f"{what}_{kind}_{mode}"] = out.get(f"{what}_{kind}_{mode}", 0) + int(value)
+                elif key.startswith("zt_bridge_rekeys_total{"):
+                    out["rekeys"] = out.get("rekeys", 0) + int(value)
+                elif key.startswith("zt_bridge_acquires_total{"):
+                    result = key.split('result="', 1)[1].split('"', 1)[0]
+                    out[f"acq_{result}"] = int(value)
+            return out
+
+        async def traps_in(self) -> bool:
+            a, b = await self.state("nodeA"), await self.state("nodeB")
+            return a.get("pol_trap", 0) >= self.local and b.get("pol_trap", 0) >= self.remote
+
+        async def rekeyed(self, total: int) -> bool:
+            return (await self.counters("a")).get("rekeys", 0) >= total
+
+        async def serve_echo(self) -> asyncio.subprocess.Process:
+            proc = await asyncio.create_subprocess_exec(
+                *ns("podsB", sys.executable, "-S", "-c", ECHO_SERVER, str(ECHO_PORT)), stdout=asyncio.subprocess.PIPE
+            )
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 60)
+            if line.strip() != b"ready":
+                raise RuntimeError(f"echo server: {line!r}")
+            self.procs["echo"] = proc
+            return proc
+
+        async def connect(self, pairs: list[tuple[str, str]], concurrency: int) -> dict[str, Any]:
+            spec = {"pairs": pairs, "concurrency": concurrency, "port": ECHO_PORT, "timeout": 60,
+                    "pattern": PATTERN.hex()}  # fmt: skip
+            out = await sh(*ns("podsA", sys.executable, "-S", "-c", CLIENT, json.dumps(spec)))
+            done: dict[str, Any] = json.loads(out)
+            return done
+
+        async def raw_tls(self, count: int) -> list[float]:
+            """Mutual TLS 1.3 handshakes nodeA -> nodeB (one self-signed ECDSA P-256 cert on both ends)."""
+            if not await asyncio.to_thread(Path("/run/tls.crt").exists):
+                await asyncio.to_thread(make_cert, Path("/run/tls.crt"), Path("/run/tls.key"))
+            server = await asyncio.create_subprocess_exec(
+                *ns("nodeB", sys.executable, "-S", "-c", TLS_SERVER, "/run/tls.crt", "/run/tls.key", str(count)),
+                stdout=asyncio.subprocess.PIPE,
+            )
+            assert server.stdout is not None
+            await asyncio.wait_for(server.stdout.readline(), 30)
+            out = await sh(*ns("nodeA", sys.executable, "-S", "-c", TLS_CLIENT, "/run/tls.crt", NODE_B_IP,
+                               str(count), "/run/tls.key"))  # fmt: skip
+            await asyncio.wait_for(server.wait(), 30)
+            return [float(x) for x in out.split()]
+
+        async def wait_tunnels(self, want: int, seconds: float) -> float:
+            """Until node-a and node-b both hold `want` keyed tunnels' SAs (2 each); when (monotonic)."""
+            async with asyncio.timeout(seconds):
+                while True:
+                    a, b = await self.state("nodeA"), await self.state("nodeB")
+                    if a["sas"] >= 2 * want and b["sas"] >= 2 * want:
+                        return time.monotonic()
+                    await asyncio.sleep(2)  # two dumps of thousands of objects: not too often on one CPU
+
+        # --- the runs -------------------------------------------------------------------------------------
+
+        async def ondemand(self) -> None:
+            f, o = self.facts, self.opts
+            f["bridges_sync_seconds"] = round(await self.start_bridges("--setup", "on-demand", "--idle-timeout",
+                                                                       "86400s"), 1)  # fmt: skip
+            # the first reconcile evaluates the mesh before the traps go in: until then a packet meets the block
+            t0 = time.monotonic()
+            await poll(lambda: self.traps_in(), 600)
+            f["traps_in_seconds"] = round(time.monotonic() - t0, 1)
+            await self.serve_echo()
+            snaps = [await self.snapshot("traps in, no traffic", 0)]
+            all_pairs = [(pod_ip("a", i), pod_ip("b", j)) for i in range(self.local)
+                         for j in peers_of(i, o["peers"], self.remote)]  # fmt: skip
+            assert len(set(all_pairs)) == len(all_pairs), "peers must be distinct"
+            c0 = {n: await self.counters(n) for n in ("a", "b")}
+
+            # unloaded first connections, between two raw TLS samples
+            seq = all_pairs[: o["sequential"]]
+            tls_before = await self.raw_tls(15)
+            firsts: list[float] = []
+            seconds: list[float] = []
+            errors: list[str] = []
+            for pair in seq:
+                done = (await self.connect([pair, pair], 1))["results"]  # the first builds the tunnel
+                for (_, ms, err), sink in zip(done, (firsts, seconds), strict=True):
+                    if ms >= 0 and not err:
+                        sink.append(ms)
+                    else:
+                        errors.append(err)
+            tls_after = await self.raw_tls(15)
+            f["latency"] = {"first_ms": spread(firsts), "second_ms": spread(seconds), "errors": errors,
+                            "tls_before_ms": spread(tls_before), "tls_after_ms": spread(tls_after),
+                            "tls_ms": spread(tls_before + tls_after), "first_all": firsts}  # fmt: skip
+
+            # the waves: 1/4, 1/4, 1/2 of the local pods, `concurrency` connections at a time
+            cuts = [self.local // 4, self.local // 2, self.local]
+            waves: list[dict[str, Any]] = []
+            lo = 0
+            for cut in cuts:
+                batch = [p for p in all_pairs[lo * o["peers"] : cut * o["peers"]] if p not in seq]
+                active = cut * o["peers"]
+                t0 = time.monotonic()
+                done = await self.connect(batch, o["concurrency"])
+                up = await self.wait_tunnels(active, 300)
+                ok = [r[1] for r in done["results"] if r[1] >= 0 and not r[2]]
+                waves.append({
+                    "pairs": len(batch), "active_after": active, "connected": len(ok),
+                    "errors": sorted({r[2] for r in done["results"] if r[2]})[:5],
+                    # every pair carried its echo both ways when the clients finish: the set-up time
+                    "clients_wall_s": round(done["wall"], 2), "kernel_check_s": round(up - t0, 2),
+                    "tunnels_per_s": round(len(batch) / done["wall"], 1), "connect_ms": spread(ok),
+                    # a SYN the kernel dropped instead of holding: TCP sends it again after its 1 s initial RTO
+                    "retransmitted": sum(1 for ms in ok if ms >= 1000),
+                })  # fmt: skip
+                snaps.append(await self.snapshot(f"after wave {len(waves)}", active))
+                lo = cut
+            f["waves"] = waves
+            c1 = {n: await self.counters(n) for n in ("a", "b")}
+            f["setup_counters"] = {n: diff(c1[n], c0[n]) for n in ("a", "b")}
+
+            # rekey a sample: every tunnel of `rekey_pods` local pods (POST /rekey on node-a, the initiator)
+            chosen = list(range(0, self.local, max(1, self.local // o["rekey_pods"])))[: o["rekey_pods"]]
+            sample = [pod_ip("a", i) for i in chosen]
+            want = len(sample) * o["peers"]
+            # tickets are kept per (peer bridge, local identity, peer identity): how many such keys the sample has
+            idents = {(i % CLIENT_ACCOUNTS, j % SERVER_ACCOUNTS) for i in chosen
+                      for j in peers_of(i, o["peers"], self.remote)}  # fmt: skip
+            r0 = {n: await self.counters(n) for n in ("a", "b")}
+            t0 = time.monotonic()
+            asked = 0
+            for local in sample:
+                async with self.http.post(f"http://127.0.0.1:{ADMIN['a']}/rekey", params={"local": local}) as resp:
+                    asked += int((await resp.json())["rekeyed"])
+            await poll(lambda: self.rekeyed(r0["a"].get("rekeys", 0) + want), 300)
+            rekey_s = time.monotonic() - t0
+            await asyncio.sleep(1)  # the responder's counters of the last ones
+            r1 = {n: await self.counters(n) for n in ("a", "b")}
+            f["rekey"] = {"asked": asked, "wanted": want, "seconds": round(rekey_s, 2),
+                          "identity_pairs": len(idents), "counters": {n: diff(r1[n], r0[n]) for n in ("a", "b")},
+                          "resumption": (await self.dump("a")).get("resumption")}  # fmt: skip
+            snaps.append(await self.snapshot("after the rekeys (old generations retired)", len(all_pairs)))
+            f["snapshots"] = snaps
+            f["expected"] = {str(s["active_pairs"]): ondemand_expected(self.local, s["active_pairs"]) for s in snaps}
+            f["eager_projection"] = eager_projection(self.local, self.remote)
+
+        async def eager(self) -> None:
+            f = self.facts
+            pairs = self.local * self.remote
+            f["bridges_sync_seconds"] = round(await self.start_bridges(), 1)
+            t0 = time.monotonic()  # both have the mesh: set-up is under way (polled every 0.5 s from here)
+            up = await self.wait_tunnels(pairs, 1800)
+            f["all_up_s"] = round(up - t0, 2)
+            f["tunnels_per_s"] = round(pairs / (up - t0), 1)
+            await self.serve_echo()
+            sample = [(pod_ip("a", i), pod_ip("b", j)) for i in range(self.local) for j in range(0, self.remote, 25)]
+            done = await self.connect(sample[:30], 1)
+            f["warm_connect_ms"] = spread([r[1] for r in done["results"] if r[1] >= 0 and not r[2]])
+            f["tls_ms"] = spread(await self.raw_tls(15))
+            f["counters"] = {n: await self.counters(n) for n in ("a", "b")}
+            f["snapshot"] = await self.snapshot("eager: every admitted pair up", pairs)
+            f["expected"] = eager_projection(self.local, self.remote)
+
+    return ScaleGuest
+
+
+async def poll(check: Callable[[], Awaitable[bool]], seconds: float) -> None:
+    """Until `check()` holds (TimeoutError after `seconds`)."""
+    async with asyncio.timeout(seconds):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(0.5)
+
+
+def diff(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
+def make_cert(crt: Path, key_path: Path) -> None:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key()).serial_number(1)
+        .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(hours=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+
+
+def inside(mode: str, opts: dict[str, int]) -> int:
+    os.environ.setdefault("TMPDIR", "/run")
+    guest = guest_classes()(mode, opts)
+    facts = asyncio.run(guest.run(mode))
+    for name in ("a", "b"):
+        log = Path(f"/run/bridge-{name}.log")
+        if log.exists():
+            warnings = [x for x in log.read_text().splitlines() if "WARNING" in x or "ERROR" in x]
+            facts.setdefault("log_warnings", {})[name] = {"count": len(warnings), "last": warnings[-3:]}
+    print("RESULT " + json.dumps(facts, default=str))
+    return 0
+
+
+# ================================================================================================================
+# host side: report
+
+
+def report(od: dict[str, Any], eg: dict[str, Any]) -> str:
+    local, remote = od["mesh"]["local"], od["mesh"]["remote"]
+    lat = od["latency"]
+    snaps = od["snapshots"]
+    lines = [
+        f"on demand: {local} local x {remote:,} remote pods ({local * remote:,} admitted pairs), allow-all;"
+        f" ztd up in {od['ztd_start_seconds']} s, both bridges synced in {od['bridges_sync_seconds']} s, their traps in"
+        f" {od.get('traps_in_seconds')} s later",
+        "  state per node, read from the kernel (keyed SAs / policies: pair+bypass+trap+block) and bridge RSS:",
+        f"  {'':44} {'node-a SAs':>10} {'policies':>9} {'RSS MiB':>8} {'peak':>6} | {'node-b SAs':>10}"
+        f" {'policies':>9} {'RSS MiB':>8} {'peak':>6}",
+    ]
+    for s in snaps:
+        a, b = s["a"], s["b"]
+        lines.append(
+            f"  {s['label'][:30]:30} {s['active_pairs']:>7,} pairs {a['sas']:>10,} {a['policies']:>9,}"
+            f" {a['VmRSS']:>8} {a['VmHWM']:>6} | {b['sas']:>10,} {b['policies']:>9,} {b['VmRSS']:>8} {b['VmHWM']:>6}"
+        )
+    exp = od["expected"]
+    expected = ", ".join(f"{int(k):,} pairs -> {v['sas']:,} SAs/{v['policies']:,} pol" for k, v in exp.items())
+    lines.append(f"  expected on node-a (2 SAs + 3 policies per active pair, 3 per local pod, 2 blocks): {expected}")
+    proj = od["eager_projection"]
+    last = snaps[-2] if len(snaps) > 1 else snaps[-1]
+    lines.append(
+        f"  eager, same mesh (projected): {proj['pairs']:,} tunnels, {proj['sas']:,} SAs + {proj['policies']:,}"
+        f" policies on node-a = {proj['sas'] / max(1, last['a']['sas']):,.0f}x the SAs on demand holds for"
+        f" {last['active_pairs']:,} active pairs"
+    )
+    for k, w in enumerate(od["waves"], 1):
+        lines.append(
+            f"  wave {k}: {w['pairs']:,} new pairs -> all connected in {w['clients_wall_s']} s = {w['tunnels_per_s']}"
+            f" tunnels/s ({w['connected']:,} connected; connect ms under load: median {w['connect_ms'].get('median')},"
+            f" p90 {w['connect_ms'].get('p90')}, max {w['connect_ms'].get('max')}; {w['retransmitted']} needed a SYN"
+            f" retransmit){' errors: ' if w['errors'] else ''}"
+            f"{'; '.join(w['errors'])}"
+        )
+    fm, tl = lat["first_ms"], lat["tls_ms"]
+    lines.append(
+        f"  first connection, one at a time ({fm['n']}): median {fm.get('median')} ms, p90 {fm.get('p90')}, max"
+        f" {fm.get('max')}; beside mutual TLS 1.3 in the same boot: median {tl.get('median')} ms (p90 {tl.get('p90')})"
+        f" -> {fm.get('median', 0) / max(tl.get('median', 1), 1e-9):.1f}x; second connection over the tunnel:"
+        f" median {lat['second_ms'].get('median')} ms"
+    )
+    sc = od["setup_counters"]["a"]
+    acquires = ", ".join(f"{k[4:]} {v}" for k, v in sc.items() if k.startswith("acq_"))
+    lines.append(f"  set-up on node-a: {sc.get('hs_new_full', 0):,} full handshakes, {sc.get('hs_new_resumed', 0):,}"
+                 f" resumed (a ticket of the same identity pair), {sc.get('sig_new_full', 0):,} signatures;"
+                 f" ACQUIREs: {acquires}")  # fmt: skip
+    rk = od["rekey"]
+    for n in ("a", "b"):
+        c = rk["counters"][n]
+        res, full = c.get("hs_rekey_resumed", 0), c.get("hs_rekey_full", 0)
+        sig_r, sig_f = c.get("sig_rekey_resumed", 0), c.get("sig_rekey_full", 0)
+        lines.append(
+            f"  rekey of {rk['wanted']} tunnels ({rk['identity_pairs']} identity pairs) on node-{n}: {res} resumed with"
+            f" {sig_r} signatures, {full} full with {sig_f}; {(sig_r + sig_f) / max(1, res + full):.2f} signatures per"
+            f" rekey; {rk['seconds']} s"
+        )
+    es = eg["snapshot"]
+    ep = eg["expected"]
+    lines += [
+        f"eager (peer): {eg['mesh']['local']} x {eg['mesh']['remote']} pods = {ep['pairs']:,} pairs, every one set up"
+        f" at start: all up {eg['all_up_s']} s after both synced = {eg['tunnels_per_s']} tunnels/s",
+        f"  node-a: {es['a']['sas']:,} SAs + {es['a']['policies']:,} policies"
+        f" (formula: {ep['sas']:,} + {ep['policies']:,}),"
+        f" RSS {es['a']['VmRSS']} MiB (peak {es['a']['VmHWM']}); node-b: {es['b']['sas']:,} SAs +"
+        f" {es['b']['policies']:,} policies, RSS {es['b']['VmRSS']} MiB",
+        f"  warm connect over an existing tunnel: median {eg['warm_connect_ms'].get('median')} ms; mutual TLS 1.3"
+        f" median {eg['tls_ms'].get('median')} ms",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--local-pods", type=int, default=200)
+    parser.add_argument("--remote-pods", type=int, default=9800)
+    parser.add_argument("--peers", type=int, default=10, help="distinct remote pods each local pod talks to")
+    parser.add_argument("--eager-local", type=int, default=20, help="eager peer run: local pods")
+    parser.add_argument("--eager-remote", type=int, default=100, help="eager peer run: remote pods")
+    parser.add_argument("--sequential", type=int, default=30, help="first connections timed one at a time")
+    parser.add_argument("--concurrency", type=int, default=32, help="connections in flight during the waves")
+    parser.add_argument("--rekey-pods", type=int, default=10, help="local pods whose tunnels are rekeyed")
+    parser.add_argument("--skip-eager", action="store_true", help="only the on-demand boot (no peer: a partial run)")
+    parser.add_argument("--timeout", type=int, default=3000, help="seconds before a UML run is stopped")
+    parser.add_argument("--json", action="store_true", help="print the raw results as JSON")
+    parser.add_argument("--inside", choices=("ondemand", "eager"), help=argparse.SUPPRESS)
+    parser.add_argument("--opts", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inside:
+        return inside(args.inside, json.loads(args.opts))
+    problems = []
+    if not (4 <= args.local_pods <= 30000 and 1 <= args.remote_pods <= 30000):
+        problems.append("--local-pods must be 4..30000 and --remote-pods 1..30000 (one /17 per side)")
+    if not 1 <= args.peers <= args.remote_pods:
+        problems.append("--peers must be 1..--remote-pods (distinct peers)")
+    if not (1 <= args.eager_local <= 30000 and 1 <= args.eager_remote <= 30000):
+        problems.append("--eager-local/--eager-remote must be 1..30000")
+    if not 0 <= args.sequential <= args.local_pods // 4 * args.peers:
+        problems.append("--sequential must fit in the first wave (0..local/4 x peers)")
+    if not (1 <= args.concurrency <= 1024 and 1 <= args.rekey_pods <= args.local_pods):
+        problems.append("--concurrency must be 1..1024 and --rekey-pods 1..--local-pods")
+    if problems:
+        print("ondemand_scale: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    opts = {"local": args.local_pods, "remote": args.remote_pods, "peers": args.peers, "eager_local": args.eager_local,
+            "eager_remote": args.eager_remote, "sequential": args.sequential, "concurrency": args.concurrency,
+            "rekey_pods": args.rekey_pods}  # fmt: skip
+    results: dict[str, Any] = {}
+    for mode in ("ondemand",) if args.skip_eager else ("eager", "ondemand"):
+        # run_inside passes `--inside` first: the mode is its value
+        got = run_inside(f"ondemand_scale ({mode})", __file__, [mode, "--opts", json.dumps(opts)],
+                         timeout=args.timeout, mem="3G")  # fmt: skip
+        if got is None:
+            if results:  # what the other boot measured is not lost
+                print(json.dumps(results, indent=2))
+            return 1
+        results[mode] = got
+    if args.json or args.skip_eager:
+        print(json.dumps(results, indent=2))
+    else:
+        print(report(results["ondemand"], results["eager"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
