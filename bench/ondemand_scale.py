@@ -18,6 +18,8 @@ their own netns, joined by a veth underlay.
   waves (1/4, 1/4, 1/2 of the local pods) so the state can be read at three numbers of active pairs. The first
   `sequential` pairs go one at a time before the waves (unloaded first-connection latency, each followed by a
   second connection over the tunnel it built); the waves go `concurrency` connections at a time (setup rate).
+  Per wave, from the kernel: held packets freed for want of an SA (XfrmOutNoStates of both nodes: the first
+  packets a shared trap queue dropped) and TCP segments sent again (TcpRetransSegs of both pods' netns).
   Then `rekey-pods` local pods' tunnels are rekeyed (POST /rekey) and the bridges' handshake counters read.
 - eager boot: the same mesh shape at a size eager set-up reaches (eager-local x eager-remote, every pair
   admitted), both bridges eager (the default): the time until every pair's SAs are in on both nodes, and the
@@ -325,7 +327,10 @@ def guest_classes() -> type:
                 BLOCK_PRIORITY,
                 BRIDGE_MARK,
                 BYPASS_PRIORITY,
+                FLOW_HOLD_PRIORITY,
                 PAIR_PRIORITY,
+                PAIR_TRAP_PRIORITY,
+                RELEASED_HOLD_PRIORITY,
                 TRAP_PRIORITY,
             )
             from ipsec_bridge.xfrm.netlink import XfrmSocket
@@ -334,6 +339,8 @@ def guest_classes() -> type:
                 sas = await sock.list_sas()
                 pols = await sock.list_policies()
             roles = {PAIR_PRIORITY: "pair", BYPASS_PRIORITY: "bypass", TRAP_PRIORITY: "trap", BLOCK_PRIORITY: "block"}
+            # on-demand holds of ACQUIREs in flight (transient: a pair's trap until it is up, a flow's for ~2 s)
+            roles |= dict.fromkeys((PAIR_TRAP_PRIORITY, FLOW_HOLD_PRIORITY, RELEASED_HOLD_PRIORITY), "hold")
             out = {"sas": len([i for i in sas if i.sa.mark == BRIDGE_MARK and i.sa.aead is not None]),
                    "sas_all": len(sas), "policies": len(pols)}  # fmt: skip
             for p in pols:
@@ -376,6 +383,18 @@ def guest_classes() -> type:
                 elif key.startswith("zt_bridge_acquires_total{"):
                     result = key.split('result="', 1)[1].split('"', 1)[0]
                     out[f"acq_{result}"] = int(value)
+            return out
+
+        async def kernel_counters(self) -> dict[str, int]:
+            """XfrmOutNoStates of both nodes, TcpRetransSegs of both pod netns (all counters are per netns)."""
+            out = {}
+            for side, node, pods in (("a", "nodeA", "podsA"), ("b", "nodeB", "podsB")):
+                stat = await sh(*ns(node, "cat", "/proc/net/xfrm_stat"))
+                out[f"held_freed_{side}"] = next(int(x.split()[1]) for x in stat.splitlines()
+                                                 if x.startswith("XfrmOutNoStates"))  # fmt: skip
+                rows = [x.split() for x in (await sh(*ns(pods, "cat", "/proc/net/snmp"))).splitlines()
+                        if x.startswith("Tcp:")]  # fmt: skip
+                out[f"tcp_resent_{side}"] = int(dict(zip(rows[0], rows[1], strict=True))["RetransSegs"])
             return out
 
         async def traps_in(self) -> bool:
@@ -469,18 +488,23 @@ def guest_classes() -> type:
             for cut in cuts:
                 batch = [p for p in all_pairs[lo * o["peers"] : cut * o["peers"]] if p not in seq]
                 active = cut * o["peers"]
+                k0 = await self.kernel_counters()
                 t0 = time.monotonic()
                 done = await self.connect(batch, o["concurrency"])
                 up = await self.wait_tunnels(active, 300)
                 ok = [r[1] for r in done["results"] if r[1] >= 0 and not r[2]]
+                k1 = await self.kernel_counters()
                 waves.append({
                     "pairs": len(batch), "active_after": active, "connected": len(ok),
                     "errors": sorted({r[2] for r in done["results"] if r[2]})[:5],
                     # every pair carried its echo both ways when the clients finish: the set-up time
                     "clients_wall_s": round(done["wall"], 2), "kernel_check_s": round(up - t0, 2),
                     "tunnels_per_s": round(len(batch) / done["wall"], 1), "connect_ms": spread(ok),
-                    # a SYN the kernel dropped instead of holding: TCP sends it again after its 1 s initial RTO
+                    # a SYN sent again (TCP's 1 s initial RTO): dropped, or held longer than that
                     "retransmitted": sum(1 for ms in ok if ms >= 1000),
+                    # exact: held packets the kernel freed for want of an SA (XfrmOutNoStates, both nodes), and
+                    # TCP segments the clients' and servers' netns sent again (TcpRetransSegs)
+                    **diff(k1, k0),
                 })  # fmt: skip
                 snaps.append(await self.snapshot(f"after wave {len(waves)}", active))
                 lo = cut
@@ -618,8 +642,9 @@ def report(od: dict[str, Any], eg: dict[str, Any]) -> str:
         lines.append(
             f"  wave {k}: {w['pairs']:,} new pairs -> all connected in {w['clients_wall_s']} s = {w['tunnels_per_s']}"
             f" tunnels/s ({w['connected']:,} connected; connect ms under load: median {w['connect_ms'].get('median')},"
-            f" p90 {w['connect_ms'].get('p90')}, max {w['connect_ms'].get('max')}; {w['retransmitted']} needed a SYN"
-            f" retransmit){' errors: ' if w['errors'] else ''}"
+            f" p90 {w['connect_ms'].get('p90')}, max {w['connect_ms'].get('max')}; {w['retransmitted']} took >= 1 s;"
+            f" TCP segments resent {w.get('tcp_resent_a', 0)} + {w.get('tcp_resent_b', 0)}, held packets freed"
+            f" {w.get('held_freed_a', 0)} + {w.get('held_freed_b', 0)}){' errors: ' if w['errors'] else ''}"
             f"{'; '.join(w['errors'])}"
         )
     fm, tl = lat["first_ms"], lat["tls_ms"]

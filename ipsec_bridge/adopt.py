@@ -31,6 +31,10 @@ SAs no complete policy set refers to - are removed at start, policies first (out
 traffic falls to the block), then SAs. The block policies are never removed: missing ones are (re)installed
 with UPDPOLICY, which replaces in place, and no policy sharing a block policy's id is ever deleted.
 
+On-demand set-up: a local pod's trap is kept with its pod's complete bypass set (`SaManager.start` re-writes
+the traps in place); the holds made for ACQUIREs (a pair's trap, a flow hold) are removed, since the ACQUIREs
+they served died with the previous run; a larval state's reqid (the trap's) never counts as a generation's.
+
 Nothing adopted is ever written again: no UPDSA, so no key is installed twice and a GCM nonce (the SA's
 sequence number under that key) cannot repeat; each replacement comes from a fresh handshake with fresh SPIs.
 Reqids continue above the highest one found, and SPIs held by adopted SAs are known to the allocator.
@@ -66,6 +70,12 @@ class Layout:
     pair_priority: int
     bypass_priority: int
     node_address: IPAddress | None = None
+    # on-demand set-up (ipsec_bridge/sa_manager.py): a local pod's trap (priority trap_priority, kept with its
+    # pod's bypass set; 0: set-up is eager, traps are removed) and the holds made for ACQUIREs (never kept: the
+    # ACQUIREs they were for died with the previous run, and the pod's trap asks again)
+    trap_priority: int = 0
+    trap_reqid: int = 0
+    hold_priorities: frozenset[int] = frozenset()
 
     def our_reqid(self, reqid: int) -> bool:
         return (reqid & self.reqid_mask) == self.reqid_base and bool(reqid & ~self.reqid_mask)
@@ -180,6 +190,23 @@ def _bypass_ip(p: m.Policy, layout: Layout) -> IPAddress | None:
     return None
 
 
+def _trap_shaped(p: m.Policy, layout: Layout) -> bool:
+    """An out policy whose only template is the on-demand trap's (transport mode, trap reqid, no addresses)."""
+    if p.direction != PolicyDir.OUT or p.action != PolicyAction.ALLOW or len(p.templates) != 1 or not layout.trap_reqid:
+        return False
+    t = p.templates[0]
+    return (t.mode == Mode.TRANSPORT and t.reqid == layout.trap_reqid and t.src is None and t.dst is None
+            and t.proto == IPPROTO_ESP and not t.optional)  # fmt: skip
+
+
+def _trap_ip(p: m.Policy, layout: Layout) -> IPAddress | None:
+    """The local pod a trap policy is for, when it has exactly the shape `SaManager.trap_policies` installs."""
+    s = p.selector
+    if p.priority != layout.trap_priority or not _trap_shaped(p, layout) or not _plain(s):
+        return None
+    return s.src.network_address if s.dst in layout.mesh_cidrs and layout.pod_net(s.src) else None
+
+
 def _pair_template(p: m.Policy, layout: Layout) -> m.Template | None:
     """The template of a per-pair policy of our shape, or None."""
     s = p.selector
@@ -241,6 +268,7 @@ def plan_adoption(sas: Sequence[m.SaInfo], policies: Sequence[m.PolicyInfo], lay
     block_ids = {p.id() for p in layout.block}
     present: set[tuple[object, ...]] = set()
     bypass: dict[IPAddress, list[m.Policy]] = {}
+    traps: dict[IPAddress, list[m.Policy]] = {}
     outs: list[tuple[m.Policy, m.Template]] = []
     inbound: dict[tuple[IPNetwork, IPNetwork, PolicyDir], tuple[m.Policy, m.Template]] = {}
     for info in policies:
@@ -257,8 +285,15 @@ def plan_adoption(sas: Sequence[m.SaInfo], policies: Sequence[m.PolicyInfo], lay
         if ip is not None:
             bypass.setdefault(ip, []).append(p)
             continue
+        if layout.trap_priority:
+            ip = _trap_ip(p, layout)
+            if ip is not None:
+                traps.setdefault(ip, []).append(p)
+                continue
         tmpl = _pair_template(p, layout)
-        if tmpl is None:
+        if tmpl is None and p.priority in layout.hold_priorities and _trap_shaped(p, layout):
+            remove_policies.append(_policy_removal(p, "an on-demand hold of the previous run (its ACQUIRE is gone)"))
+        elif tmpl is None:
             remove_policies.append(_policy_removal(p, "not a policy this bridge installs"))
         elif p.direction == PolicyDir.OUT:
             highest = max(highest, tmpl.reqid & ~layout.reqid_mask)
@@ -276,6 +311,10 @@ def plan_adoption(sas: Sequence[m.SaInfo], policies: Sequence[m.PolicyInfo], lay
             complete_bypass.append(ip)
         else:
             remove_policies.extend(_policy_removal(p, f"incomplete bypass set for pod {ip}") for p in found)
+    for ip, found in traps.items():  # a trap stays with its pod's bypass set (SaManager.start re-writes it)
+        if ip not in complete_bypass:
+            remove_policies.extend(_policy_removal(p, f"trap of pod {ip}, whose bypass set is not complete")
+                                   for p in found)  # fmt: skip
 
     # --- this node's address --------------------------------------------------------------------------------
     local = layout.node_address
@@ -356,7 +395,8 @@ def plan_adoption(sas: Sequence[m.SaInfo], policies: Sequence[m.PolicyInfo], lay
         sa = sa_info.sa
         if sa.mark != layout.mark and (sa.reqid & layout.reqid_mask) != layout.reqid_base:
             continue
-        if sa.mark == layout.mark and layout.our_reqid(sa.reqid):
+        if sa.mark == layout.mark and layout.our_reqid(sa.reqid) and sa.reqid != layout.trap_reqid:
+            # (an ACQUIRE's larval state carries the trap's reqid, the top of the range: never a generation's)
             highest = max(highest, sa.reqid & ~layout.reqid_mask)
         flaw = _sa_flaw(sa, layout)
         if flaw is not None:

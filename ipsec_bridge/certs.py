@@ -3,6 +3,10 @@ ImpersonatedIdentity, through ztcore.identity.manager.SecretManager: renewed at 
 fails) and, for --tunnel-scope node, its own. TLS contexts are built once per certificate, off the loop, and
 again every ticket lifetime: a context holds the server-side session ticket keys (random, in memory, per context),
 so a new context rotates them; tickets made under a replaced context are no longer accepted (full handshake).
+That rotation is what ends a chain of resumptions on the server side (with the responder's own count,
+`ipsec_bridge.tickets.ResumptionChains`): OpenSSL counts a ticket's lifetime from its issue, and every resumption
+issues a new ticket, so a chain that resumes within each ticket's lifetime would otherwise never expire. A chain
+never crosses contexts (each ticket is sealed by the context that issued it), so none outlives its context.
 """
 
 from __future__ import annotations

@@ -23,6 +23,15 @@ receiver cannot decrypt. The keys come from the TLS exporter (`ipsec_bridge.keys
 both SPIs and the key size: a preamble altered on the way yields different keys on the two sides, never a
 weaker tunnel. A second preamble kind (answered by a status byte) asks the pair's initiator to rekey now.
 
+Idle teardown (on-demand set-up, `ipsec_bridge.tunnels.ondemand`): a third preamble kind asks the peer to remove an
+idle pair together with this side, naming the generation by its SPIs (as the sender sees them). The peer answers
+with a status byte and a reason: KEEP (it saw bytes, runs a handshake, or sets tunnels up eagerly: nothing goes on
+either side), ABSENT (it has no such generation: the asker removes its own), or STOPPED: it removed its out policies
+(it sends nothing more under the pair's SAs, its traffic falls to its trap) and keeps its inbound SA until the asker
+has removed everything and sent one more byte (done). So neither side ever sends under an SA the other no longer
+has. A bridge that predates the kind closes the connection or refuses the preamble (status 1): the asker falls back
+to removing its own side alone.
+
 Crypto-heavy steps (do_handshake: signatures, ECDHE) run in a worker thread; IO stays on the event loop
 through memory BIOs.
 
@@ -36,6 +45,14 @@ certificate the session was made with exactly as after a full handshake (WDS ide
 expiry; a side that refuses a resumed session says so (`Reject.full`) and the initiator runs a full handshake
 on a new connection. Tickets live in memory only (`TicketStore`, client side; the server's ticket keys live in
 its SSL_CTX, which `ipsec_bridge.certs` replaces on renewal and every ticket lifetime).
+
+The responder enforces the bounds too (`Plan.chains`, `ipsec_bridge.tickets.ResumptionChains`), so an initiator
+that keeps offering tickets cannot resume forever: it refuses a resumed session (`Reject.full`) once the peer
+bridge and identity pair had `max_resumptions` resumptions, or `max_age` seconds, since its last full handshake
+with them. OpenSSL bounds each ticket by the context's timeout (`ticket_lifetime`) on the server as well (a client
+that offers an expired ticket gets a full handshake), but it counts that lifetime from each ticket's issue, and a
+resumption issues a new one: a chain of resumptions outlives it. What ends a chain on the server is that count,
+that age and the context rotation (a ticket made under a replaced context cannot be decrypted).
 """
 
 from __future__ import annotations
@@ -87,6 +104,7 @@ _READ_SIZE = 1 << 16
 class Kind(enum.IntEnum):
     HANDSHAKE = 1
     REKEY_REQUEST = 2
+    TEARDOWN_REQUEST = 3  # on-demand idle reclaim: both bridges remove the pair together
 
 
 class HandshakeError(Exception):
@@ -109,9 +127,12 @@ class Preamble:
     src: str
     dst: str
     key_bytes: int = 16
+    spis: tuple[int, int] | None = None  # teardown: the generation, (in, out) as the sender sees them
 
     def encode(self) -> bytes:
         fields: dict[str, Any] = {"src": self.src, "dst": self.dst, "key_bytes": self.key_bytes}
+        if self.spis is not None:
+            fields["spi_in"], fields["spi_out"] = self.spis
         body = json.dumps(fields, separators=(",", ":")).encode()
         return _PREAMBLE_HEAD.pack(MAGIC, self.kind, self.scope, len(body)) + body
 
@@ -138,7 +159,10 @@ async def read_preamble(reader: asyncio.StreamReader) -> Preamble:
         key_bytes = body.get("key_bytes", 16)
         if key_bytes not in KEY_BYTES:
             raise HandshakeError("protocol", f"unsupported key size {key_bytes!r} in the preamble")
-        return Preamble(Kind(kind), KeyScope(scope), str(body["src"]), str(body["dst"]), int(key_bytes))
+        spis = (_spi(body["spi_in"]), _spi(body["spi_out"])) if "spi_in" in body or "spi_out" in body else None
+        if Kind(kind) is Kind.TEARDOWN_REQUEST and spis is None:
+            raise HandshakeError("protocol", "a teardown request must name the generation (spi_in, spi_out)")
+        return Preamble(Kind(kind), KeyScope(scope), str(body["src"]), str(body["dst"]), int(key_bytes), spis)
     except asyncio.IncompleteReadError:
         raise HandshakeError("protocol", "connection closed inside the preamble") from None
     except (ValueError, KeyError, TypeError):
@@ -596,6 +620,17 @@ class Installer(Protocol):
 AdmissionCheck = Callable[[], str | None]  # None: still admitted; else why not (state can change mid-handshake)
 
 
+class ChainBounds(Protocol):
+    """The responder's side of the resumption bounds for one peer bridge and identity pair
+    (`ipsec_bridge.tickets.ResumptionChains.bounds`)."""
+
+    def resumed(self) -> str | None:
+        """Why a resumed session must not be accepted (None: it is, and counts against the chain)."""
+
+    def full(self) -> None:
+        """A verified full handshake: a new chain starts."""
+
+
 def _utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -631,6 +666,7 @@ class Plan:
     monotonic: Callable[[], float] = time.monotonic  # the caller's clock: Result.seconds is measured on it
     ticket: Ticket | None = None  # initiator: a session to offer for resumption (None: a full handshake)
     wall: Callable[[], dt.datetime] = _utc_now  # a resumed session's certificate must not have expired since
+    chains: ChainBounds | None = None  # responder: N resumptions / age since the last full handshake (None: unbounded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -747,6 +783,13 @@ async def _verify_peer(channel: TlsChannel, plan: Plan, role: str) -> tuple[Iden
         why_not = plan.recheck()
         if why_not is not None:
             raise HandshakeError("denied", why_not)
+        if plan.chains is not None:  # last: only a session every other check passed counts against its chain
+            if channel.resumed:
+                bound = plan.chains.resumed()
+                if bound is not None:
+                    raise HandshakeError("resumption", bound)
+            else:
+                plan.chains.full()
     except HandshakeError as err:
         if channel.resumed and err.code in ("identity", "resumption"):
             stale = HandshakeError("resumption", f"resumed session refused: {err}")
@@ -812,3 +855,57 @@ async def request_rekey(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
     refusal = await read_status(reader)
     if refusal is not None:
         raise HandshakeError("refused", f"rekey request refused: {refusal}")
+
+
+# --- idle teardown -------------------------------------------------------------------------------------------------
+
+
+class Teardown(enum.IntEnum):
+    """The answer to a teardown request (status 1 is the generic refusal of a preamble: see the module docstring)."""
+
+    STOPPED = 0  # the peer removed its out policies and keeps its inbound SA until this side says done
+    KEEP = 2  # the peer keeps the pair: nothing is removed on either side
+    ABSENT = 3  # the peer has no such generation: nothing of it sends to this side
+
+
+@dataclass(frozen=True, slots=True)
+class TeardownReply:
+    status: Teardown | None  # None: the peer does not know teardown requests (it refused the preamble or closed)
+    reason: str = ""
+
+
+def teardown_answer(status: Teardown, reason: str = "") -> bytes:
+    raw = reason.encode()[:MAX_FRAME]
+    return bytes([status]) + _FRAME.pack(len(raw)) + raw
+
+
+async def request_teardown(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, preamble: Preamble
+) -> TeardownReply:
+    """Ask the peer to remove an idle pair (this side is either end). After STOPPED, remove this side's pair and
+    then call `teardown_done` on the same connection."""
+    writer.write(preamble.encode())
+    await writer.drain()
+    try:
+        status = (await reader.readexactly(1))[0]
+        (length,) = _FRAME.unpack(await reader.readexactly(_FRAME.size))
+        reason = (await reader.readexactly(length)).decode(errors="replace")
+    except asyncio.IncompleteReadError:
+        return TeardownReply(None, "the peer closed the connection without an answer")
+    if status not in {t.value for t in Teardown}:
+        return TeardownReply(None, f"the peer refused the request: {reason}")
+    return TeardownReply(Teardown(status), reason)
+
+
+async def teardown_done(writer: asyncio.StreamWriter) -> None:
+    """This side's pair is gone (policies, then SAs): the peer may remove its inbound SA now."""
+    writer.write(b"\x00")
+    await writer.drain()
+
+
+async def wait_teardown_done(reader: asyncio.StreamReader) -> bool:
+    """The asker's done (True), or its connection closed without it (False: it crashed or gave up)."""
+    try:
+        return await reader.readexactly(1) == b"\x00"
+    except asyncio.IncompleteReadError:
+        return False

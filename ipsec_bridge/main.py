@@ -76,6 +76,11 @@ class BridgeConfig:
     idle_timeout: Duration = option(
         Duration(600), "with --setup on-demand: remove a tunnel whose SAs carried no byte this long (0 = never)"
     )
+    eager_for: tuple[str, ...] = option(
+        [],
+        "with --setup on-demand: pairs with a pod of this NS/SA (NS/* = the namespace) are latency-critical: "
+        "set up at once and never reclaimed (repeatable)",
+    )
     listen_address: str = option("0.0.0.0", "address the handshake listener binds (in --netns)")  # noqa: S104
     port: int = option(15009, "handshake port of every bridge")
     netns: str = option("", "network namespace of the XFRM state, pods' routes and the handshake sockets")
@@ -128,6 +133,8 @@ class BridgeConfig:
             raise ValueError("--setup on-demand needs --tunnel-scope pod (node tunnels carry many pairs at once)")
         if self.idle_timeout < 0:
             raise ValueError(f"--idle-timeout {self.idle_timeout}s: must be 0 (never) or positive")
+        if self.eager_for:
+            self.settings()  # its checks: NS/SA or NS/*, and only with --setup on-demand
         if self.max_resumptions < 0 or not 1 <= self.ticket_max_age <= 7 * 24 * 3600:
             raise ValueError("--max-resumptions must be >= 0 and --ticket-max-age between 1s and 7 days (RFC 8446)")
         self.view_settings()
@@ -147,6 +154,7 @@ class BridgeConfig:
             key_bytes=self.key_bits // 8,
             on_demand=self.setup == "on-demand",
             idle_timeout=float(self.idle_timeout),
+            eager_for=tuple(self.eager_for),
             resumption=self.resumption,
             max_resumptions=self.max_resumptions,
             ticket_max_age=float(self.ticket_max_age),
@@ -372,7 +380,8 @@ class Bridge:
 
     async def _hold_first_packets(self, netns: Netns) -> None:
         """On-demand: the kernel holds a new pair's first packets while its tunnel is set up, instead of dropping
-        them (net.core.xfrm_larval_drop=0: a queue of <= 100 packets per trap policy, held for up to ~5 s)."""
+        them (net.core.xfrm_larval_drop=0: a queue of <= 100 packets per trap policy, re-looked up with a doubling
+        wait from 0.1 s; Linux 6.1 frees it once the wait reaches 60 s, or at once when its head meets a BLOCK)."""
 
         def write() -> None:
             with open("/proc/sys/net/core/xfrm_larval_drop", "w", encoding="ascii") as f:

@@ -2,12 +2,17 @@
 
 Layout in the node's netns (lower priority value wins):
 
+    prio 50    on-demand, a pod's oldest   out  flow (5-tuple)  TRAP, until the pod's held first packets may go
+               held packet's flow:
     prio 100   per tunnel, per pod pair:  out  local -> peer   tmpl tunnel(local node -> peer node, reqid R)
                                           in   peer -> local   tmpl tunnel(peer node -> local node, reqid 0)
                                           fwd  peer -> local   (same)
                on-demand, denied pair:    out  local -> peer   BLOCK, expires after deny_seconds (kernel lifetime)
     prio 200   per local pod:             out  mesh -> pod     allow (delivery to our own pods, also decrypted)
                                           fwd  pod -> mesh     allow (our pods' packets on their way out)
+    prio 400   on-demand, a pair from its out  local -> peer   TRAP, in the slot of the pair's out policy, which
+               ACQUIRE until it is up:                         (or its BLOCK) replaces it
+    prio 450   on-demand, a released hold: out  flow (5-tuple)  TRAP, outranked by the pair's policy; expires (2 s)
     prio 500   on-demand, per local pod:  out  pod -> mesh     TRAP: tmpl transport(reqid TRAP_REQID), never an SA
     prio 1000  installed at start:        out  mesh -> mesh    BLOCK   fwd mesh -> mesh   BLOCK
 
@@ -19,15 +24,30 @@ out policy is switched to it with UPDPOLICY (make-before-break, see `GenerationI
 
 On-demand set-up (`SaSettings.on_demand`): a local pod's packet to a pod of another node with no pair policy
 yet hits its pod's trap. The trap's template can never be satisfied, so the kernel keeps the packet (with
-net.core.xfrm_larval_drop=0: in the policy's queue, <= 100 packets, re-looked up after 0.1, 0.2, 0.4 ... s,
-dropped after ~5 s) and sends XFRM_MSG_ACQUIRE. The template is in transport mode on purpose: the kernel then
-takes the larval state's addresses from the packet (pod -> pod), not from the template, so each pod pair gets
-its own larval state and ACQUIRE (a tunnel-mode template would key one larval state per node pair, and while it
-exists no other pair to that node is reported). A pair being set up is asked about once: its larval state
-suppresses further ACQUIREs until the bridge releases it (ALLOCSPI with the ACQUIRE's seq, then DELSA) or it
-expires (net.core.xfrm_acq_expires, 30 s). When the pair's tunnel is up, re-writing the trap (UPDPOLICY)
-moves its queue to the new policy object and re-runs the lookup at once, so the held packets leave under the
-pair policy without waiting for the queue's timer. All of this was measured on Linux 6.1 (tests/kernel).
+net.core.xfrm_larval_drop=0: in the policy's queue, <= 100 packets, see below) and sends XFRM_MSG_ACQUIRE. The
+template is in transport mode on purpose: the kernel then takes the larval state's addresses from the packet
+(pod -> pod), not from the template, so each pod pair gets its own larval state and ACQUIRE (a tunnel-mode
+template would key one larval state per node pair, and while it exists no other pair to that node is reported).
+A pair being set up is asked about once: its larval state suppresses further ACQUIREs until the bridge releases
+it (ALLOCSPI with the ACQUIRE's seq, then DELSA) or it expires (net.core.xfrm_acq_expires, 30 s).
+
+The hold queue belongs to the policy that matched (Linux 6.1 net/xfrm/xfrm_policy.c), so one pod's new pairs
+share its trap's queue, and that queue leaves all at once: its timer (xfrm_policy_queue_process: after 0.1,
+0.2, 0.4 ... s; the queue is purged once the step would pass 60 s) re-looks up only the oldest packet (the
+head). While the head has no SA nothing moves; once it has one, every queued packet is routed again without
+queueing (flags 0), so a packet whose own pair has no SA yet is freed (counted in XfrmOutNoStates), and a head
+that meets a BLOCK frees the whole queue. A policy written with UPDPOLICY over one in the same slot (type,
+selector, direction, mark, if_id: not the priority) takes over the old one's queue and runs it at once
+(xfrm_policy_requeue); DELPOLICY frees the queue. Hence, per ACQUIRE:
+- the pair gets its own trap in the slot its out policy will use (`hold`, NEWPOLICY: never over a policy that
+  is already there), so its later packets wait in their own queue and the generation's UPDPOLICY of the out
+  policy sends exactly them, at once, whatever the pod's other pairs are doing;
+- the pod's oldest held packet (its first ACQUIRE since the queue last left) also gets a hold on its flow
+  (the ACQUIRE's 5-tuple), above the pair policies, so its pair coming up does not let the pod's queue go while
+  other pairs in it are still being set up; `kick` lets it go: the hold steps below the pair's policy (or, if
+  that pair did not come up, becomes a BLOCK that frees the queue) and the pod's trap is re-written, which
+  runs the queue at once. Flow holds have kernel lifetimes; a pair's trap goes with its record (its slot).
+All of this was measured on Linux 6.1 (tests/kernel).
 
 Ownership: every object carries `BRIDGE_MARK`; SA reqids come from `REQID_BASE`. At start (`start`), the
 kernel's objects are dumped and `ipsec_bridge.adopt.plan_adoption` decides which form tunnels this bridge can
@@ -42,7 +62,7 @@ import asyncio
 import errno
 import itertools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 
@@ -67,6 +87,12 @@ BYPASS_PRIORITY = 200
 BLOCK_PRIORITY = 1000
 TRAP_PRIORITY = 500
 TRAP_REQID = REQID_BASE | 0x00FF_FFFF  # transport mode: no SA of ours (all tunnel mode) ever matches it
+# on-demand holds (module docstring): a pod's oldest held flow, a pair being set up, a released flow hold
+FLOW_HOLD_PRIORITY = 50
+PAIR_TRAP_PRIORITY = 400
+RELEASED_HOLD_PRIORITY = 450
+RELEASED_HOLD_SECONDS = 2  # the kernel runs the queue it took over at its next timer tick, long before this
+HOLD_PRIORITIES = frozenset({TRAP_PRIORITY, FLOW_HOLD_PRIORITY, PAIR_TRAP_PRIORITY, RELEASED_HOLD_PRIORITY})
 LARVAL_SPI_MIN, LARVAL_SPI_MAX = 0x100, 0xFFF  # below SPI_MIN: only ever given to a larval state, then deleted
 SPI_MIN = 0x1000
 SPI_MAX = 0xFFFF_FFFF
@@ -160,12 +186,19 @@ class Coalescer:
     """Requests of many handshakes that arrive while a batch is in flight go out together in the next one: one
     datagram and one worker-thread hop for all of them, each request still succeeding or failing on its own.
     Under load (a node bringing up many tunnels at once) this turns ~5 netlink round trips per tunnel into a
-    fraction of one."""
+    fraction of one. Requests nobody waits for (`later`) ride at the head of the next batch."""
 
     def __init__(self, xfrm: XfrmSocket) -> None:
         self._xfrm = xfrm
         self._queue: list[tuple[list[m.Request], asyncio.Future[list[Outcome]]]] = []
+        self._later: list[m.Request] = []
         self._task: asyncio.Task[None] | None = None
+
+    def later(self, requests: Sequence[m.Request]) -> None:
+        """Send these first in the next batch, whoever's it is: before anything submitted from now on, without a
+        worker-thread hop of their own (which costs the event loop milliseconds in a busy process). A refusal
+        other than EEXIST (an object already in that slot, see SaManager.hold) is logged."""
+        self._later.extend(requests)
 
     async def submit(self, requests: Sequence[m.Request]) -> list[Outcome]:
         loop = asyncio.get_running_loop()
@@ -180,12 +213,16 @@ class Coalescer:
         try:
             while self._queue:
                 batch, self._queue = self._queue, []
-                flat = [r for reqs, _ in batch for r in reqs]
+                later, self._later = self._later, []
+                flat = later + [r for reqs, _ in batch for r in reqs]
                 try:
                     results = await self._xfrm.call_each(flat)
                 except XfrmError as err:  # the socket itself failed: every request of the batch did
                     results = [err] * len(flat)
-                pos = 0
+                for result in results[: len(later)]:
+                    if isinstance(result, XfrmError) and result.errno != errno.EEXIST:
+                        log.warning("%s", result)
+                pos = len(later)
                 for reqs, future in batch:
                     if not future.done():
                         future.set_result(results[pos : pos + len(reqs)])
@@ -199,6 +236,21 @@ class Coalescer:
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+
+
+def _trap(selector: m.Selector, priority: int, lifetime: m.Lifetime | None = None) -> m.Policy:
+    """An out policy whose template no SA ever satisfies (transport mode, TRAP_REQID): the kernel holds what
+    matches it and asks with ACQUIRE."""
+    tmpl = (m.Template(None, None, reqid=TRAP_REQID, mode=Mode.TRANSPORT),)
+    return m.Policy(selector, PolicyDir.OUT, priority=priority, templates=tmpl, mark=BRIDGE_MARK,
+                    lifetime=lifetime if lifetime is not None else m.Lifetime())  # fmt: skip
+
+
+def held_flow(selector: m.Selector) -> m.Selector:
+    """The flow of an ACQUIRE's packet (its larval selector: addresses, protocol, ports with full masks), without
+    the output interface, which the kernel fills in for a forwarded packet and no hold needs."""
+    return m.Selector(selector.src, selector.dst, selector.proto, selector.sport, selector.sport_mask,
+                      selector.dport, selector.dport_mask)  # fmt: skip
 
 
 def _first_error(results: Sequence[Outcome], ignore_missing: bool = False) -> None:
@@ -217,6 +269,8 @@ class SaManager:
         self._bypass: set[IPAddress] = set()
         self._held: set[tuple[IPAddress, int]] = set()  # (dst, SPI) of adopted SAs
         self._batches = Coalescer(xfrm)
+        # on-demand (OnDemand's): requests to send right after a pair's out policy, in the same batch
+        self.switch_hook: Callable[[PairSelector], list[m.Request]] | None = None
 
     def close(self) -> None:
         self._batches.close()
@@ -247,6 +301,9 @@ class SaManager:
             pair_priority=PAIR_PRIORITY,
             bypass_priority=BYPASS_PRIORITY,
             node_address=node_address,
+            trap_priority=TRAP_PRIORITY if self.settings.on_demand else 0,
+            trap_reqid=TRAP_REQID,
+            hold_priorities=HOLD_PRIORITIES - {TRAP_PRIORITY},
         )
 
     async def start(self, scope: TunnelScope = TunnelScope.POD, node_address: IPAddress | None = None) -> AdoptionPlan:
@@ -267,6 +324,8 @@ class SaManager:
         for t in plan.tunnels:
             log.info("start: adopting tunnel %s (%d older generation(s))", t.describe(), len(t.older))
         self._bypass = set(plan.bypass)
+        if self.settings.on_demand and plan.bypass:  # in place (UPDPOLICY): the adopted pods' traps, none missing
+            await self.xfrm.add_policies([p for ip in plan.bypass for p in self.trap_policies(ip)], update=True)
         self._reqids = itertools.count(plan.highest_reqid + 1)
         self._held = set(plan.held_spis())
         log.info("start: %s", summary(plan))
@@ -306,12 +365,41 @@ class SaManager:
         """A local pod's traps: out pod -> mesh with a template no SA satisfies, so the kernel holds the pair's
         first packets and sends ACQUIRE (transport mode: one larval state per pod pair, see the docstring)."""
         pod = host_net(ip)
-        tmpl = (m.Template(None, None, reqid=TRAP_REQID, mode=Mode.TRANSPORT),)
-        return [
-            m.Policy(m.Selector(pod, mesh), PolicyDir.OUT, priority=TRAP_PRIORITY, templates=tmpl, mark=BRIDGE_MARK)
-            for mesh in self.settings.mesh_cidrs
-            if mesh.version == pod.version
-        ]
+        return [_trap(m.Selector(pod, mesh), TRAP_PRIORITY) for mesh in self.settings.mesh_cidrs
+                if mesh.version == pod.version]  # fmt: skip
+
+    def pair_trap(self, local: IPAddress, peer: IPAddress) -> m.Policy:
+        """A pair's own trap, from its ACQUIRE until its out policy (or block) takes the same slot over, and with
+        it the packets held here (see the docstring)."""
+        return _trap(m.Selector(host_net(local), host_net(peer)), PAIR_TRAP_PRIORITY)
+
+    @staticmethod
+    def flow_hold(flow: m.Selector, seconds: int) -> m.Policy:
+        """Holds a pod's oldest held packet's flow above its pair's policy; the kernel removes it after
+        `seconds` (a bound the bridge's own release always comes before)."""
+        return _trap(flow, FLOW_HOLD_PRIORITY, m.Lifetime(hard_add_seconds=seconds))
+
+    @staticmethod
+    def released_hold(flow: m.Selector, up: bool) -> m.Policy:
+        """What a flow hold becomes when the pod's queue may go (same slot: its own queue moves on). `up`: a trap
+        below the pair's policy, so the held packets are looked up again and take it; else a BLOCK, so they and
+        the pod's queue behind them are freed (their pair did not come up). Gone from the kernel shortly."""
+        lifetime = m.Lifetime(hard_add_seconds=RELEASED_HOLD_SECONDS)
+        if up:
+            return _trap(flow, RELEASED_HOLD_PRIORITY, lifetime)
+        return m.Policy(flow, PolicyDir.OUT, PolicyAction.BLOCK, FLOW_HOLD_PRIORITY, mark=BRIDGE_MARK,
+                        lifetime=lifetime)  # fmt: skip
+
+    def hold(self, local: IPAddress, peer: IPAddress, flow: m.Selector | None, seconds: int) -> None:
+        """The pair's trap (NEWPOLICY, so never over the out policy or block already in its slot: EEXIST then)
+        and, for the pod's oldest held packet, the hold on its `flow` (the ACQUIRE's selector, see `held_flow`).
+
+        They ride with the next batch (`Coalescer.later`), which comes before any policy the pair's handshake
+        switches (that is a batch too) or any kick, so they cost the handshake no netlink round trip of its own."""
+        requests = [m.new_policy(self.pair_trap(local, peer))]
+        if flow is not None:
+            requests.append(m.new_policy(self.flow_hold(flow, seconds), update=True))
+        self._batches.later(requests)
 
     def deny_policy(self, local: IPAddress, peer: IPAddress) -> m.Policy:
         """A pair policy refuses: its packets are dropped here (not held, not asked about) until the kernel
@@ -347,11 +435,20 @@ class SaManager:
         for info in m.decode_sas(result):
             await self.delete_sas([m.SaId(info.sa.dst, info.sa.spi, mark=BRIDGE_MARK, src=info.sa.src)])
 
-    async def kick(self, ip: IPAddress) -> None:
-        """Send the packets a local pod's trap holds now: UPDPOLICY of the same trap moves its queue to the new
-        policy object and runs the queue at once (instead of at the queue timer's next tick, up to seconds)."""
+    async def kick(self, ip: IPAddress, flow: m.Selector | None = None, *, up: bool = True) -> None:
+        """Let the packets a local pod's trap holds go now, in one batch (`kick_requests`)."""
+        requests = self.kick_requests(ip, flow, up=up)
+        if requests:
+            _first_error(await self._batches.submit(requests))
+
+    def kick_requests(self, ip: IPAddress, flow: m.Selector | None = None, *, up: bool = True) -> list[m.Request]:
+        """The hold on the queue's head `flow` steps aside (`released_hold`), then UPDPOLICY of the pod's trap
+        moves its queue to the new policy object and runs it at once (instead of at the queue timer's next tick,
+        up to seconds later)."""
+        requests = [m.new_policy(self.released_hold(flow, up), update=True)] if flow is not None else []
         if ip in self._bypass:
-            _first_error(await self._batches.submit([m.new_policy(p, update=True) for p in self.trap_policies(ip)]))
+            requests.extend(m.new_policy(p, update=True) for p in self.trap_policies(ip))
+        return requests
 
     # --- SAs ---------------------------------------------------------------------------------------------
 
@@ -434,6 +531,7 @@ class SaManager:
             requests.append(m.new_sa(sa_out))
             if switch:
                 requests.extend(self._switch_requests(ep, selectors, reqid, in_place))
+                requests.extend(self._after_switch(selectors))
         _first_error(await self._batches.submit(requests))
         status_in = await self._offload_of(sa_in)
         status_out = await self._offload_of(sa_out)
@@ -509,6 +607,13 @@ class SaManager:
             for d in (PolicyDir.IN, PolicyDir.FWD)
         ]
 
+    def _after_switch(self, selectors: Sequence[PairSelector]) -> list[m.Request]:
+        """What goes in the same batch right after these pairs' out policies: on demand, the release of a pod's
+        held queue whose last pair this is (`switch_hook`, OnDemand's), so its first packets leave with no round
+        trip of their own."""
+        hook = self.switch_hook
+        return [r for sel in selectors for r in hook(sel)] if hook is not None else []
+
     def _switch_requests(
         self, ep: Endpoints, selectors: Sequence[PairSelector], reqid: int, in_place: Iterable[PairSelector]
     ) -> list[m.Request]:
@@ -526,7 +631,8 @@ class SaManager:
     ) -> None:
         """Point the out policies of these pairs at generation `reqid` (UPDPOLICY: insert or replace), and put
         in their in/fwd policies, except for the pairs in `in_place` (a previous generation's are there)."""
-        _first_error(await self._batches.submit(self._switch_requests(ep, selectors, reqid, in_place)))
+        requests = self._switch_requests(ep, selectors, reqid, in_place)
+        _first_error(await self._batches.submit([*requests, *self._after_switch(selectors)]))
         await self._check_policy_offload(ep, selectors, reqid)
 
     async def remove_policies(self, ep: Endpoints, selectors: Sequence[PairSelector]) -> None:
@@ -550,7 +656,9 @@ class GenerationInstaller:
 
     With `defer_policies`, `install` puts in the SAs only and the caller switches the policies with `switch`
     once the exchange is over: a node tunnel carries thousands of pod pairs, and their policies must not
-    count against the peer-facing handshake deadline.
+    count against the peer-facing handshake deadline. A new on-demand pod pair is the exception: its in/fwd
+    policies go in with its inbound SA and its out policy with its outbound SA (`switch` then has nothing left
+    to do), because its first packets are waiting and one pair's policies cost no deadline.
     """
 
     manager: SaManager
@@ -567,6 +675,7 @@ class GenerationInstaller:
     defer_policies: bool = False
     in_place: tuple[PairSelector, ...] = ()  # pairs whose in/fwd policies a previous generation put in
     inbound_early: bool = False  # this generation put in/fwd policies in with its inbound SA (on-demand)
+    switched_with_sa: bool = False  # the out policies went in with the outbound SA (a new on-demand pair)
 
     def _check(self) -> None:
         if self.guard:
@@ -579,17 +688,24 @@ class GenerationInstaller:
 
     async def install(self, inbound: SaKey | None, outbound: SaKey | None, *, esn: bool = True) -> None:
         self._check()
-        if outbound is not None:
-            self.spi_out = outbound[0]  # known before the batch: a failed batch is rolled back whole
-            self.switched = self.switched or not self.defer_policies
         # On-demand, a new tunnel's first packets are waiting: the in/fwd policies go in with the inbound SA, so
         # they exist before the peer learns our SPI and none of its first packets meets the fwd block here.
         early = self.manager.settings.on_demand and inbound is not None and self.defer_policies and not self.in_place
+        # ... and then its out policy goes in with the outbound SA, in the same batch: the peer's inbound SA and
+        # in/fwd policies exist by then (it installed them before answering), and a pod pair's one policy costs
+        # the exchange's deadline nothing (what `defer_policies` is for: a node tunnel's thousands)
+        with_sa = outbound is not None and (early or self.inbound_early) and len(self.selectors) == 1
+        switch = not self.defer_policies or with_sa
+        if outbound is not None:
+            self.spi_out = outbound[0]  # known before the batch: a failed batch is rolled back whole
+            self.switched = self.switched or switch
+            self.switched_with_sa = with_sa
         if early:
             self.inbound_early = True  # before the batch: a failed one is rolled back whole
         status_in, status_out = await self.manager.install(
             self.endpoints, self.reqid, self.selectors, inbound, outbound,
-            switch=not self.defer_policies, in_place=self.in_place, esn=esn, inbound_policies=early,
+            switch=switch, in_place=self.selectors if self.inbound_early else self.in_place, esn=esn,
+            inbound_policies=early,
         )  # fmt: skip
         if early:
             self.in_place = self.selectors  # the deferred switch changes the out policies only
@@ -605,6 +721,8 @@ class GenerationInstaller:
         self._check()
         if not self.spi_in or not self.spi_out:
             raise XfrmError("switch", errno.EINVAL, "the generation's SAs are not installed")
+        if self.switched_with_sa and (selectors is None or tuple(selectors) == self.selectors):
+            return  # they went in with the outbound SA
         if selectors is not None:
             self.selectors = tuple(selectors)
         self.switched = True  # before the batch: a failed one is rolled back whole

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 from types import MappingProxyType
 from typing import Any
@@ -106,6 +106,10 @@ class NodeView:
     received_at: float = 0.0  # the store's monotonic clock when it published it (latency measurements only)
     # --vf-map: this node's pods under the map (those refused are left out of pods_by_ip); None without one
     vf: Assignment | None = None
+    # Moves whenever what every pair's admission depends on besides its two pods changes (policies, node
+    # addresses, address conflicts): a pair decided under the same rules_version and the same two workload
+    # objects is decided the same way again (on-demand reconcile re-checks only the others).
+    rules_version: int = 0
 
     def pod(self, ip: IPAddress) -> MeshPod | None:
         return self.pods_by_ip.get(ip)
@@ -283,7 +287,8 @@ class StateStore:
 
     def _publish(self, *, synced: bool) -> NodeView:
         self._version += 1
-        self._view = build_view(
+        old = self._view
+        view = build_view(
             self._content.workloads.values(),
             self._content.authorizations.values(),
             self.settings,
@@ -293,6 +298,12 @@ class StateStore:
             node=self._node,
             vf_map=self._vf_map,
         )
+        same_rules = (
+            view.authorizations == old.authorizations
+            and view.node_addresses == old.node_addresses
+            and view.conflicts == old.conflicts
+        )
+        self._view = replace(view, rules_version=old.rules_version + (0 if same_rules else 1))
         self._notify()
         return self._view
 

@@ -6,12 +6,21 @@ A ticket is handed out (`take`) only while
   context means a new one, so a renewal on this side forces a full handshake (the peer's renewal does the same
   on its side: its new context has new ticket keys and cannot read the old ticket);
 - fewer than `max_resumptions` resumptions followed the full handshake at the root of its chain, and that full
-  handshake is younger than `max_age` (the server rejects older tickets by itself too: tls_context's lifetime).
+  handshake is younger than `max_age`.
+
+The responder does not trust the initiator to stop (`ResumptionChains`): per peer bridge and identity pair it
+counts the resumptions it accepted since its last full handshake with them and refuses the next one past
+`max_resumptions` or `max_age` (`Reject.full`: the initiator runs a full handshake, which starts a new chain).
+Its memory is bounded (`max_tickets` pairs, the least recently used goes); a pair it holds nothing for gets a
+full handshake, so forgetting never lets a chain grow. Both bounds hold per pair, not per ticket: two tunnels of
+the same pair share one budget, as they share one ticket on the initiator. OpenSSL's own ticket lifetime cannot
+stand in for the age bound: it counts from each ticket's issue, and every resumption issues a new ticket.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from OpenSSL import SSL
@@ -92,3 +101,65 @@ class TicketStore:
     def discard(self, key: TicketKey, why: str) -> None:
         if self._tickets.pop(key, None) is not None:
             self.dropped[why] += 1
+
+
+class ResumptionChains:
+    """The responder's bounds: for each peer bridge and identity pair (a `TicketKey` as this side sees it: the peer
+    node, this side's identity, the peer's), when its last full handshake ran here (on `monotonic`) and how many
+    resumptions this side accepted since."""
+
+    def __init__(self, policy: ResumptionPolicy, monotonic: Callable[[], float]) -> None:
+        self.policy = policy
+        self._monotonic = monotonic
+        self._chains: dict[TicketKey, tuple[float, int]] = {}  # insertion order: least recently used first
+        self.refused: Counter[str] = Counter()  # why resumed sessions were refused: resumptions, age, unknown, off
+
+    def __len__(self) -> int:
+        return len(self._chains)
+
+    def bounds(self, key: TicketKey) -> ChainBounds:
+        return ChainBounds(self, key)
+
+    def resumed(self, key: TicketKey) -> str | None:
+        """Why a resumed session of `key` must not be accepted now (None: it is, and is counted)."""
+        if not self.policy.enabled:
+            self.refused["off"] += 1
+            return "resumption is off on this bridge"
+        chain = self._chains.get(key)
+        if chain is None:
+            self.refused["unknown"] += 1
+            return "no full handshake with this peer and identity pair on record here"
+        started, count = chain
+        limit = self.policy.max_resumptions
+        if count >= limit:
+            self.refused["resumptions"] += 1
+            return f"{count} resumptions since the last full handshake (at most {limit})"
+        age = self._monotonic() - started
+        if age >= self.policy.max_age:
+            self.refused["age"] += 1
+            return f"the last full handshake ran {age:.0f}s ago (at most {self.policy.max_age:.0f}s)"
+        self._put(key, (started, count + 1))
+        return None
+
+    def full(self, key: TicketKey) -> None:
+        self._put(key, (self._monotonic(), 0))
+
+    def _put(self, key: TicketKey, chain: tuple[float, int]) -> None:
+        self._chains.pop(key, None)
+        self._chains[key] = chain
+        while len(self._chains) > self.policy.max_tickets:
+            del self._chains[next(iter(self._chains))]
+
+
+@dataclass(frozen=True, slots=True)
+class ChainBounds:
+    """`ResumptionChains` for one pair, as a handshake's plan carries it (`ipsec_bridge.handshake.ChainBounds`)."""
+
+    chains: ResumptionChains
+    key: TicketKey
+
+    def resumed(self) -> str | None:
+        return self.chains.resumed(self.key)
+
+    def full(self) -> None:
+        self.chains.full(self.key)

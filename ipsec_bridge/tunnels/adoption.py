@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable
 from typing import Any
 
 from ipsec_bridge.adopt import AdoptedGeneration, AdoptedTunnel, AdoptionPlan, removal_reasons
 from ipsec_bridge.pairs import TunnelScope
-from ipsec_bridge.sa_manager import SaManager
-from ipsec_bridge.tunnels.desired import TunnelKey, TunnelSpec
+from ipsec_bridge.sa_manager import Endpoints, SaManager
+from ipsec_bridge.tunnels.desired import TunnelSpec
 from ipsec_bridge.tunnels.records import Generation, Tunnel, adopted_endpoints, adopted_sa_ids, describe
 from ipsec_bridge.tunnels.settings import BridgeMetrics, BridgeSettings, Monotonic, Wall
 from ipsec_bridge.tunnels.table import TunnelTable
@@ -85,14 +85,14 @@ class Adoption:
         if plan.remove_policies:
             self.metrics.adoption.inc(len(plan.remove_policies), decision="unprovable policy")
 
-    async def settle(self, specs: Mapping[TunnelKey, TunnelSpec]) -> None:
-        """First synced state: adopted tunnels it admits (same endpoints) are kept and rekeyed, the rest go."""
-        by_endpoints = {spec.endpoints: spec for spec in specs.values()}
+    async def settle(self, spec_for: Callable[[Endpoints], TunnelSpec | None]) -> None:
+        """First synced state: adopted tunnels it admits (`spec_for` their endpoints) are kept and rekeyed, the
+        rest go."""
         adopted, self.pending = self.pending, []
         now, wall = self._monotonic(), self._wall()
         grace = self.settings.grace
         for a in adopted:
-            spec = by_endpoints.get(adopted_endpoints(a))
+            spec = spec_for(adopted_endpoints(a))
             if spec is None:
                 await self.drop(a, "not admitted after restart")
                 continue

@@ -15,7 +15,7 @@ from ipaddress import ip_address, ip_network
 from ipsec_bridge.pairs import PodPair, TunnelScope, node_tunnels, pair_for, pod_pairs
 from ipsec_bridge.sa_manager import Endpoints, PairSelector, host_net
 from ipsec_bridge.state import NodeView
-from ipsec_bridge.tunnels.settings import BridgeSettings, IPAddress
+from ipsec_bridge.tunnels.settings import BridgeSettings, IPAddress, latency_critical
 from ztcore.identity import Identity
 
 TunnelKey = tuple[str, str, str]  # ("pod", local ip, peer ip) or ("node", local node, peer node)
@@ -60,6 +60,16 @@ class Desired:
 def local_address(view: NodeView, settings: BridgeSettings) -> IPAddress | None:
     """This node's underlay address: --node-address, else its bridge pod's address in WDS."""
     return settings.node_address or view.node_address(settings.node)
+
+
+def address_error(view: NodeView, settings: BridgeSettings) -> str | None:
+    """Why this node can have no tunnel at all (no underlay address), or None."""
+    if local_address(view, settings) is not None:
+        return None
+    return (
+        f"no address for node {settings.node}: no bridge pod of {view.settings.bridge_namespace}/"
+        f"{view.settings.bridge_service_account} on it in WDS, and no --node-address"
+    )
 
 
 def pod_spec(view: NodeView, pair: PodPair, local_address: IPAddress) -> TunnelSpec | None:
@@ -122,17 +132,22 @@ def desired_specs(
 def desired(view: NodeView, settings: BridgeSettings) -> Desired:
     """The tunnels, refused pairs, bypassed local pods and needed certificates of `settings.node` in `view`."""
     specs, refused = desired_specs(view, settings.node, settings.scope, settings.node_address)
-    error = None
-    if local_address(view, settings) is None:
-        error = (
-            f"no address for node {settings.node}: no bridge pod of {view.settings.bridge_namespace}/"
-            f"{view.settings.bridge_service_account} on it in WDS, and no --node-address"
-        )
+    error = address_error(view, settings)
     if settings.scope is TunnelScope.POD:
         identities = frozenset(spec.local_identity for spec in specs.values())
     else:  # node tunnels are keyed with the bridges' own identity, even before the first one exists
         identities = frozenset({view.settings.bridge_identity})
     return Desired(specs, tuple(refused), tuple(p.ip for p in view.pods_on(settings.node)), identities, error)
+
+
+def local_desired(view: NodeView, settings: BridgeSettings) -> Desired:
+    """On-demand set-up: what reconcile needs without asking about every pod pair (that would cost local x
+    remote pods on every state change): the local pods (their bypass and trap policies) and their identities
+    (a pair's handshake must not wait for a certificate). Tunnels come from ACQUIREs; existing ones and denied
+    pairs are re-checked one by one with `spec_now`."""
+    error = address_error(view, settings)
+    pods = view.pods_on(settings.node)
+    return Desired({}, (), tuple(p.ip for p in pods), frozenset(p.identity for p in pods), error)
 
 
 def spec_now(view: NodeView, settings: BridgeSettings, scope: TunnelScope, key: TunnelKey) -> TunnelSpec | str:
@@ -148,3 +163,37 @@ def spec_now(view: NodeView, settings: BridgeSettings, scope: TunnelScope, key: 
         return found if found is not None else f"no bridge address for node {pair.remote.node}"
     specs, _ = desired_specs(view, settings.node, scope, settings.node_address)
     return specs.get(key) or f"no admitted pod pair with node {key[2]}"
+
+
+def pair_basis(view: NodeView, spec: TunnelSpec) -> tuple[int, object, object] | None:
+    """What a pod tunnel's admission in `view` rests on, comparable across views by identity: the rules version
+    and the two pods' workload objects (the store keeps an unchanged workload's object). None: a pod is gone."""
+    local, peer = view.pod(spec.local_address), view.pod(spec.peer_address)
+    if local is None or peer is None:
+        return None
+    return (view.rules_version, local.workload, peer.workload)
+
+
+def pod_key_of(ep: Endpoints) -> TunnelKey:
+    """The pod tunnel an adopted SA set's endpoints belong to (pod scope: the selectors are the two pods)."""
+    return ("pod", str(ep.local_net.network_address), str(ep.peer_net.network_address))
+
+
+def latency_critical_specs(view: NodeView, settings: BridgeSettings) -> dict[TunnelKey, TunnelSpec]:
+    """On demand, the admitted pairs `--eager-for` marks: set up at once, as in eager mode. The cost is the marked
+    pods times the other side's pods, never the whole local x remote mesh."""
+    local = local_address(view, settings)
+    if local is None or not settings.eager_for:
+        return {}
+    remotes = [r for r in view.pods_not_on(settings.node) if view.node_address(r.node) is not None]
+    marked_remotes = [r for r in remotes if latency_critical(settings, r.identity)]
+    out: dict[TunnelKey, TunnelSpec] = {}
+    for pod in view.pods_on(settings.node):
+        for remote in remotes if latency_critical(settings, pod.identity) else marked_remotes:
+            if remote.ip.version != pod.ip.version:
+                continue
+            pair = pair_for(view, settings.node, pod.ip, remote.ip)
+            spec = pod_spec(view, pair, local) if not isinstance(pair, str) else None
+            if spec is not None:
+                out[spec.key] = spec
+    return out

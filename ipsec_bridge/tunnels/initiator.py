@@ -1,16 +1,32 @@
 """The initiator's role: connect to the peer's bridge and run the handshake (the scheduler decides when), or, as a
-responder that wants a new generation, ask the initiator for one."""
+responder that wants a new generation, ask the initiator for one; and, for idle reclaim (either role), ask the
+peer to remove an idle pair together with this side (`teardown`). Every connection leaves from this node's
+underlay address: the peer checks it."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
+from collections.abc import AsyncIterator
 
-from ipsec_bridge.handshake import HandshakeError, Kind, Plan, Result, initiate, request_rekey
+from ipsec_bridge.handshake import (
+    HandshakeError,
+    Kind,
+    Plan,
+    Result,
+    Teardown,
+    TeardownReply,
+    initiate,
+    request_rekey,
+    request_teardown,
+    teardown_done,
+)
 from ipsec_bridge.netns import Netns
 from ipsec_bridge.sa_manager import GenerationInstaller
 from ipsec_bridge.tunnels.generations import Generations
-from ipsec_bridge.tunnels.records import Tunnel, describe, error_code
+from ipsec_bridge.tunnels.records import Generation, Tunnel, describe, error_code
 from ipsec_bridge.tunnels.settings import BridgeMetrics, BridgeSettings
 from ipsec_bridge.xfrm.netlink import XfrmError
 
@@ -74,8 +90,10 @@ class Initiator:
         s = self.settings
         try:
             async with asyncio.timeout(s.handshake_timeout):
-                peer = str(t.spec.endpoints.peer_node)
-                reader, writer = await self.netns.connect(peer, s.port, s.handshake_timeout)
+                ep = t.spec.endpoints
+                reader, writer = await self.netns.connect(
+                    str(ep.peer_node), s.port, s.handshake_timeout, source=str(ep.local_node)
+                )
                 try:
                     await request_rekey(reader, writer, self.generations.preamble(t.spec, Kind.REKEY_REQUEST))
                 finally:
@@ -84,3 +102,36 @@ class Initiator:
         except (HandshakeError, OSError, TimeoutError) as err:
             t.last_error = f"rekey request: {error_code(err)}: {err}"
             log.info("rekey request for %s: %s", describe(t.spec), err)
+
+    @contextlib.asynccontextmanager
+    async def teardown(self, t: Tunnel, g: Generation) -> AsyncIterator[TeardownReply]:
+        """Ask the peer to remove the idle pair `t` (generation `g`) with this side; the body removes this side's
+        pair when the answer is STOPPED, and the peer hears done when the body is over. Connection errors and
+        timeouts come back as a reply without a status (the peer is gone or does not answer: this side decides
+        alone)."""
+        s = self.settings
+        ep = t.spec.endpoints
+        preamble = dataclasses.replace(
+            self.generations.preamble(t.spec, Kind.TEARDOWN_REQUEST), spis=(g.spi_in, g.spi_out)
+        )
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(s.handshake_timeout):
+                reader, writer = await self.netns.connect(
+                    str(ep.peer_node), s.port, s.handshake_timeout, source=str(ep.local_node)
+                )
+                reply = await request_teardown(reader, writer, preamble)
+        except (OSError, TimeoutError) as err:
+            if writer is not None:
+                writer.close()
+                writer = None
+            reply = TeardownReply(None, f"{error_code(err)}: {err}" if str(err) else error_code(err))
+        try:
+            yield reply
+        finally:
+            if writer is not None:
+                if reply.status is Teardown.STOPPED:  # even if the removal failed: the peer must not wait for long
+                    with contextlib.suppress(OSError, TimeoutError):
+                        async with asyncio.timeout(s.handshake_timeout):
+                            await teardown_done(writer)
+                writer.close()

@@ -9,18 +9,28 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ipsec_bridge.adopt import AdoptionPlan
 from ipsec_bridge.certs import Certificates
 from ipsec_bridge.netns import Netns
-from ipsec_bridge.pairs import PodPair
-from ipsec_bridge.sa_manager import SaManager
+from ipsec_bridge.pairs import PodPair, TunnelScope
+from ipsec_bridge.sa_manager import Endpoints, SaManager
 from ipsec_bridge.state import NodeView, StateStore
 from ipsec_bridge.tunnels import view as admin_view
 from ipsec_bridge.tunnels.adoption import Adoption
-from ipsec_bridge.tunnels.desired import TunnelKey, TunnelSpec, desired
+from ipsec_bridge.tunnels.desired import (
+    Desired,
+    TunnelKey,
+    TunnelSpec,
+    desired,
+    latency_critical_specs,
+    local_desired,
+    pair_basis,
+    pod_key_of,
+    spec_now,
+)
 from ipsec_bridge.tunnels.generations import Generations
 from ipsec_bridge.tunnels.initiator import Initiator
 from ipsec_bridge.tunnels.ondemand import OnDemand
@@ -74,6 +84,8 @@ class TunnelManager:
         self.on_demand = (
             OnDemand(settings, store, self.table, sa, metrics, monotonic=monotonic) if settings.on_demand else None
         )
+        if self.on_demand is not None:  # idle reclaim: both bridges remove a pair together (a teardown request)
+            self.responder.on_teardown = self.on_demand.use_peer(self.initiator.teardown)
         self.refused: tuple[PodPair, ...] = ()
         self.view_version = -1
         self.errors: dict[str, str] = {}
@@ -115,10 +127,17 @@ class TunnelManager:
         self.adoption.adopt(plan)
 
     async def reconcile(self, view: NodeView) -> None:
-        """Tunnels the view no longer admits go (all at once); new ones get a record for the scheduler."""
+        """Tunnels the view no longer admits go (all at once); new ones get a record for the scheduler.
+
+        Eager set-up asks the view about every pod pair of the node; on demand only the pairs that have a
+        record (or a block) are asked about again, so a change costs what talks, not local x remote pods."""
         if not view.synced:
             return
-        want = await asyncio.to_thread(desired, view, self.settings)
+        on_demand = self.on_demand is not None
+        if on_demand:
+            want = local_desired(view, self.settings)
+        else:
+            want = await asyncio.to_thread(desired, view, self.settings)
         self.refused = want.refused
         self.view_version = view.version
         if want.error is not None:
@@ -126,8 +145,13 @@ class TunnelManager:
         else:
             self.errors.pop("node-address", None)
         if not self.adoption.settled:
-            await self.adoption.settle(want.tunnels)
-        tunnels, specs = self.table.tunnels, want.tunnels
+            await self.adoption.settle(self._spec_for(view, want))
+        tunnels = self.table.tunnels
+        specs: Mapping[TunnelKey, TunnelSpec]
+        if on_demand:
+            specs = await asyncio.to_thread(self._on_demand_specs, view, list(tunnels.values()))
+        else:
+            specs = want.tunnels
         gone = [t for key, t in tunnels.items() if key not in specs or not specs[key].same_tunnel(t.spec)]
         if gone:
             since = view.received_at or None
@@ -135,15 +159,48 @@ class TunnelManager:
         for key, spec in specs.items():
             t = tunnels.get(key)
             if t is None:
-                if self.on_demand is None:  # on-demand: a record comes with the pair's first packet
-                    tunnels[key] = Tunnel(spec, self._monotonic())
+                # eager; on demand only the pairs --eager-for marks (the rest come with their first packet)
+                tunnels[key] = Tunnel(spec, self._monotonic())
             elif spec.selectors != t.spec.selectors:
                 await self._update_selectors(t, spec)
         if self.on_demand is not None:
-            await self.on_demand.forgive([(s.local_address, s.peer_address) for s in specs.values()])
+            await self.on_demand.forgive(view)
         await self.sa.set_local_pods(list(want.local_pods))
         self.certs.want(set(want.identities))
         self.table.wake.set()
+
+    def _on_demand_specs(self, view: NodeView, records: list[Tunnel]) -> dict[TunnelKey, TunnelSpec]:
+        """The records' pairs the view still admits, and the latency-critical pairs (--eager-for). A record whose
+        two pods and rules did not change since it was last checked keeps its spec: a change costs the pairs it
+        touches, not every pair that talks."""
+        marked = latency_critical_specs(view, self.settings)
+        out: dict[TunnelKey, TunnelSpec] = {}
+        for t in records:
+            key = t.spec.key
+            if key in marked:
+                continue
+            basis = pair_basis(view, t.spec)
+            if basis is not None and basis == t.basis:
+                out[key] = t.spec
+                continue
+            spec = spec_now(view, self.settings, TunnelScope.POD, key)
+            if not isinstance(spec, str):
+                out[key] = spec
+                t.basis = basis
+        return out | marked
+
+    def _spec_for(self, view: NodeView, want: Desired) -> Callable[[Endpoints], TunnelSpec | None]:
+        """How the first synced state judges an adopted tunnel: by its endpoints among the desired tunnels, or,
+        on demand, by asking the view about the pod pair its endpoints name."""
+        if self.on_demand is None:
+            by_endpoints = {spec.endpoints: spec for spec in want.tunnels.values()}
+            return by_endpoints.get
+
+        def on_demand(ep: Endpoints) -> TunnelSpec | None:
+            spec = spec_now(view, self.settings, TunnelScope.POD, pod_key_of(ep))
+            return spec if not isinstance(spec, str) and spec.endpoints == ep else None
+
+        return on_demand
 
     async def _update_selectors(self, t: Tunnel, spec: TunnelSpec) -> None:
         old, new = set(t.spec.selectors), set(spec.selectors)

@@ -9,8 +9,16 @@ initiator) or installs the pair's BLOCK with a kernel lifetime. An ACQUIRE storm
 reports a pair once while its larval state lives, the bridge handles one ACQUIRE per pair at a time and at
 most `max_acquires` at once, and nothing is logged per packet.
 
+Held packets (kernel facts in ipsec_bridge/sa_manager.py): an admitted pair gets its own trap at once, so what
+it sends later waits in its own queue and leaves when its out policy goes in. Its first packets wait in its
+pod's trap's queue, which the kernel sends all at once, freeing those whose pair has no SA yet; so the oldest
+of them (the queue's head, `HeldQueue`) has its flow held until the pod's other new pairs are up too, or
+`HOLD_MAX` has passed, and then the queue is run at once (`_settle`).
+
 `reclaim_idle` reads every SA's counters in one dump; a tunnel whose SAs carried no byte for `idle_timeout`
-is removed (policies first, SAs after) and its pair falls back to the trap.
+is removed (policies first, SAs after) and its pair falls back to the trap, on both bridges together: the peer
+agrees and stops sending first (a teardown request, see the "idle reclaim" section), so neither side's last
+packets meet an SA the other has already removed.
 """
 
 from __future__ import annotations
@@ -18,17 +26,29 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
+from ipsec_bridge.handshake import Teardown, TeardownReply, teardown_answer, wait_teardown_done
 from ipsec_bridge.pairs import TunnelScope
-from ipsec_bridge.sa_manager import BRIDGE_MARK, TRAP_PRIORITY, SaManager
-from ipsec_bridge.state import StateStore
+from ipsec_bridge.sa_manager import (
+    BRIDGE_MARK,
+    HOLD_PRIORITIES,
+    TRAP_PRIORITY,
+    PairSelector,
+    SaManager,
+    held_flow,
+)
+from ipsec_bridge.state import NodeView, StateStore
 from ipsec_bridge.tunnels.desired import TunnelKey, TunnelSpec, spec_now
-from ipsec_bridge.tunnels.records import Tunnel, describe
-from ipsec_bridge.tunnels.settings import BridgeMetrics, BridgeSettings, Monotonic
+from ipsec_bridge.tunnels.records import Generation, Tunnel, describe
+from ipsec_bridge.tunnels.responder import TeardownHandler
+from ipsec_bridge.tunnels.settings import BridgeMetrics, BridgeSettings, Monotonic, latency_critical
 from ipsec_bridge.tunnels.table import TunnelTable
 from ipsec_bridge.xfrm import messages as m
 from ipsec_bridge.xfrm.netlink import EventsLost, XfrmError, XfrmEvents
@@ -37,12 +57,17 @@ log = logging.getLogger(__name__)
 
 IPAddress = IPv4Address | IPv6Address
 Pair = tuple[IPAddress, IPAddress]  # (local pod, peer pod)
+# asks the peer to remove an idle pair with this side (ipsec_bridge.tunnels.initiator.Initiator.teardown)
+TeardownPeer = Callable[[Tunnel, Generation], contextlib.AbstractAsyncContextManager[TeardownReply]]
+# How long a pod's held first packets wait for the slowest of its new pairs once the oldest one's is up: TCP's
+# initial RTO (RFC 6298), after which a held SYN has been sent again anyway (that copy waits in its pair's trap).
+HOLD_MAX = 1.0
 
 
 def acquired_pair(event: m.Acquire) -> Pair | None:
-    """The (local pod, peer pod) an ACQUIRE of one of our traps is about (None: not one of ours)."""
+    """The (local pod, peer pod) an ACQUIRE of one of our traps or holds is about (None: not one of ours)."""
     policy = event.policy.policy
-    if policy.mark != BRIDGE_MARK or policy.priority != TRAP_PRIORITY:
+    if policy.mark != BRIDGE_MARK or policy.priority not in HOLD_PRIORITIES:
         return None
     sel = event.selector
     if sel.src.prefixlen != sel.src.max_prefixlen or sel.dst.prefixlen != sel.dst.max_prefixlen:
@@ -52,6 +77,22 @@ def acquired_pair(event: m.Acquire) -> Pair | None:
 
 def pod_key(pair: Pair) -> TunnelKey:
     return ("pod", str(pair[0]), str(pair[1]))
+
+
+@dataclass(slots=True, eq=False)
+class HeldQueue:
+    """The first packets one local pod's trap holds since its queue last left: one kernel queue, which leaves
+    all at once when the pair of its oldest packet (`head`) gets its SA, freeing the packets of the pairs that
+    have none yet (ipsec_bridge/sa_manager.py). The head's `flow` is held above its pair's policy until
+    `OnDemand._settle` lets the queue go."""
+
+    head: Pair
+    flow: m.Selector
+    opened: float  # the event loop's clock, at the head's ACQUIRE
+    pending: set[Pair] = field(default_factory=set)  # pairs of the queue still being set up
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    held: bool = False  # the head flow's hold is in the kernel
+    released: bool = False  # let go in the head's own switch batch (OnDemand._switched)
 
 
 class OnDemand:
@@ -76,7 +117,10 @@ class OnDemand:
         self.reclaimed: collections.OrderedDict[TunnelKey, float] = collections.OrderedDict()  # not back yet
         self.stats: collections.Counter[str] = collections.Counter()
         self.handlers: set[asyncio.Task[None]] = set()  # the ACQUIREs being handled
+        self.queues: dict[IPAddress, HeldQueue] = {}  # local pod -> what its trap holds (see HeldQueue)
+        self.hold_max = HOLD_MAX
         table.activator = self.activate
+        sa.switch_hook = self._switched
 
     # --- ACQUIRE -------------------------------------------------------------------------------------------
 
@@ -110,31 +154,108 @@ class OnDemand:
             self._count("over_cap")
             return
         self.in_flight.add(key)
-        task = asyncio.get_running_loop().create_task(self._handle(event, pair, key), name=f"acquire {key[1]}")
+        queue = self._held_queue(event, pair)
+        task = asyncio.get_running_loop().create_task(self._handle(event, pair, key, queue), name=f"acquire {key[1]}")
         self.handlers.add(task)
         task.add_done_callback(self.handlers.discard)
 
-    async def _handle(self, event: m.Acquire, pair: Pair, key: TunnelKey) -> None:
+    def _held_queue(self, event: m.Acquire, pair: Pair) -> HeldQueue | None:
+        """The pod queue this ACQUIRE's packet waits in (None: it waits in its pair's own trap or flow hold)."""
+        if event.policy.policy.priority != TRAP_PRIORITY:
+            return None
+        queue = self.queues.get(pair[0])
+        if queue is None:  # the pod's queue had left: this packet is its oldest now
+            opened = asyncio.get_running_loop().time()
+            queue = self.queues[pair[0]] = HeldQueue(pair, held_flow(event.selector), opened)
+        queue.pending.add(pair)
+        return queue
+
+    async def _handle(self, event: m.Acquire, pair: Pair, key: TunnelKey, queue: HeldQueue | None) -> None:
+        up = False
+        try:
+            up = await self._set_up(event, pair, key, queue)
+        finally:
+            self.in_flight.discard(key)
+            if queue is not None:
+                await self._settle(queue, pair, up)
+        if up:
+            try:
+                await self.sa.release_acquire(event)
+            except XfrmError as err:
+                log.warning("ACQUIRE for %s -> %s: releasing its larval state: %s", pair[0], pair[1], err)
+
+    async def _set_up(self, event: m.Acquire, pair: Pair, key: TunnelKey, queue: HeldQueue | None) -> bool:
+        """Check the pair, then block it or make its record and hold its packets until it is up (True)."""
         try:
             spec = await self._admitted(key)
             if isinstance(spec, str):
                 await self._deny(event, pair, spec)
-                return
+                return False
             t = self._record(spec, "acquire")
+            self._hold(pair, queue)
             if await self._wait_up(t):
                 self._count("admitted")
                 self.reclaimed.pop(key, None)
-                await self.sa.kick(pair[0])
-                await self.sa.release_acquire(event)
-            else:
-                # keep the larval state: the pair is asked about again only when it expires (no storm while
-                # the scheduler retries with backoff)
-                self._count("failed")
+                return True
+            # keep the larval state: the pair is asked about again only when it expires (no storm while the
+            # scheduler retries with backoff); its own trap keeps holding what it sends meanwhile
+            self._count("failed")
         except XfrmError as err:
             self._count("failed")
             log.warning("ACQUIRE for %s -> %s: %s", pair[0], pair[1], err)
-        finally:
-            self.in_flight.discard(key)
+        return False
+
+    def _hold(self, pair: Pair, queue: HeldQueue | None) -> None:
+        """The pair's own trap, and for the head of its pod's queue the hold on its flow (SaManager.hold: in the
+        kernel before the pair's handshake switches any policy, and before `_settle` releases the hold)."""
+        head = queue is not None and queue.head == pair
+        # outlives the head's wait for its tunnel and for its pod's other pairs: the bridge releases it first
+        seconds = math.ceil(2 * self.settings.handshake_timeout + self.hold_max) + 10
+        self.sa.hold(pair[0], pair[1], queue.flow if queue is not None and head else None, seconds)
+        if queue is not None and head:
+            queue.held = True
+
+    async def _settle(self, queue: HeldQueue, pair: Pair, up: bool) -> None:
+        """`pair` of a pod's held queue is done (`up`: its tunnel is). The head's handler lets the queue go: at
+        once when the head is not up (its packets never leave, so the queue is freed rather than left to block
+        the pod's next first packets), else when every pair of the queue is done or `hold_max` after the queue's
+        first ACQUIRE, whichever comes first (a pair still being set up then loses its first packets; TCP sends
+        them again into the pair's own trap), or at once if the head itself took over half of `hold_max`."""
+        queue.pending.discard(pair)
+        queue.changed.set()
+        if pair != queue.head:
+            return
+        now = asyncio.get_running_loop().time()
+        # The others, set up beside the head under the same load, need about as long as it did: when that was
+        # over half of hold_max they would mostly miss it anyway, and waiting would only hold back the pairs up.
+        if up and queue.pending and now - queue.opened <= self.hold_max / 2:
+            left = queue.opened + self.hold_max - now
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(left, 0.0)):
+                    while queue.pending:
+                        queue.changed.clear()
+                        await queue.changed.wait()
+        if queue.released:
+            return
+        if self.queues.get(pair[0]) is queue:
+            del self.queues[pair[0]]  # from here on, a first packet of the pod starts its next queue
+        try:
+            await self.sa.kick(pair[0], queue.flow if queue.held else None, up=up)
+        except XfrmError as err:
+            log.warning("on-demand: releasing the packets held for pod %s: %s", pair[0], err)
+
+    def _switched(self, sel: PairSelector) -> list[m.Request]:
+        """SaManager.switch_hook: the pair's out policy goes in now. When it is the head of its pod's held queue
+        and no other pair of the queue is still being set up, the queue is let go in that same batch (one
+        netlink round trip, and the commit and the wake-up, sooner than `_settle` would)."""
+        local, peer = sel[0].network_address, sel[1].network_address
+        queue = self.queues.get(local)
+        # (not before the head's handler has asked for the hold: that must go in first, this batch or earlier)
+        if queue is None or queue.head != (local, peer) or queue.pending - {queue.head} or not queue.held:
+            return []
+        del self.queues[local]  # from here on, a first packet of the pod starts its next queue
+        queue.released = True
+        return self.sa.kick_requests(local, queue.flow)
 
     async def _admitted(self, key: TunnelKey) -> TunnelSpec | str:
         """The same check as eager set-up (WDS identity and policy), once the view is synced."""
@@ -188,19 +309,44 @@ class OnDemand:
         self.reclaimed.pop(key, None)
         return self._record(spec, "peer")
 
-    async def forgive(self, admitted: Sequence[Pair]) -> None:
-        """Pairs policy admits now: their blocks go at once (not when the kernel would expire them)."""
+    async def forgive(self, view: NodeView) -> None:
+        """Blocked pairs that `view` admits now: their blocks go at once (not when the kernel would expire them).
+        Only the blocked pairs are asked about, never the whole mesh."""
         now = self._monotonic()
         for pair, until in list(self.denied.items()):
             if until <= now:
                 del self.denied[pair]  # the kernel removed that block itself
-        gone = [p for p in admitted if p in self.denied]
+        pod = TunnelScope.POD
+        gone = [p for p in self.denied if not isinstance(spec_now(view, self.settings, pod, pod_key(p)), str)]
         if gone:
             await self.sa.undeny_pairs(gone)
             for pair in gone:
                 del self.denied[pair]
 
     # --- idle reclaim ----------------------------------------------------------------------------------------
+    #
+    # With the peers wired in (`use_peer`), an idle pair goes on both bridges together. This side asks the peer
+    # (`Initiator.teardown`, naming the generation by its SPIs); the peer removes its out policies and answers
+    # STOPPED (its pods' traffic to the pair falls to its trap from then on), this side removes its pair (policies
+    # first, SAs after) and says done, and the peer removes the rest. So no side ever sends under an SA the other
+    # no longer has. The peer answers KEEP when its counters moved since its last check or within its own idle
+    # timeout, while a handshake runs, or when it does not reclaim (eager set-up): nothing goes, and this side asks
+    # again only after another idle timeout. ABSENT (it has no such generation): this side removes its own. A peer
+    # that is unreachable or predates teardown requests leaves this side to decide alone, as before (logged once
+    # per peer). When both sides ask at once, the initiator's request goes first.
+
+    _peer: TeardownPeer | None = None  # None: each bridge decides alone
+    _asking: set[TunnelKey]  # pairs this side is asking its peer about right now (t.lock held)
+    _postponed: dict[TunnelKey, float]  # the peer kept these: not asked again before then (monotonic)
+    _alone: set[str]  # peers (node addresses) already logged for taking no part
+
+    def use_peer(self, peer: TeardownPeer) -> TeardownHandler:
+        """Reclaim with the peers: `peer` asks one; the handler returned answers them (the responder's)."""
+        self._peer = peer
+        self._asking = set()
+        self._postponed = {}
+        self._alone = set()
+        return self.on_teardown_request
 
     def reclaim_interval(self) -> float:
         return max(0.2, min(self.settings.idle_timeout / 4, 5.0))
@@ -215,14 +361,23 @@ class OnDemand:
             except XfrmError as err:
                 log.warning("idle reclaim: reading the SAs failed: %s", err)
 
+    def _pinned(self, t: Tunnel) -> bool:
+        """Latency-critical (--eager-for): kept whether it talks or not."""
+        return any(latency_critical(self.settings, i) for i in (t.spec.local_identity, t.spec.peer_identity))
+
     async def reclaim_idle(self) -> list[Tunnel]:
-        """One dump of every SA; tunnels idle for `idle_timeout` go (policies first, SAs after). Returns them."""
+        """One dump of every SA; tunnels idle for `idle_timeout` go (policies first, SAs after), with the peer's
+        side of them when a peer is wired in. Returns the tunnels removed."""
         counters = {(i.sa.dst, i.sa.spi): i.current.bytes for i in await self.sa.xfrm.list_sas()}
         now = self._monotonic()
+        if self._peer is not None:
+            self._postponed = {k: at for k, at in self._postponed.items() if at > now and k in self.table.tunnels}
         idle: list[Tunnel] = []
         for t in list(self.table.tunnels.values()):
             if (t.task is not None and not t.task.done()) or t.lock.locked():
                 continue  # a handshake is running: it is not idle
+            if self._pinned(t):
+                continue
             g = t.current
             if g is None:
                 # never came up (peer gone, or refused): the record goes too, the trap asks again on traffic
@@ -236,18 +391,208 @@ class OnDemand:
                     t.active_at = now
                 t.seen_bytes = seen
                 continue
-            if now - max(t.active_at, g.established_mono) >= self.settings.idle_timeout:
+            kept = self._peer is not None and t.spec.key in self._postponed  # the peer keeps it for now
+            if now - max(t.active_at, g.established_mono) >= self.settings.idle_timeout and not kept:
                 idle.append(t)
-        for t in idle:
-            up = t.current is not None
-            await self.table.remove(t, "idle")
-            if up:
-                self.metrics.reclaims.inc()
+        if self._peer is None:
+            for t in idle:
+                await self._reclaimed(t, "idle", now)
+            return idle
+        removed: list[Tunnel] = []
+        silent: set[str] = set()  # peers that did not answer in this pass: their other pairs go without asking
+        limit = asyncio.Semaphore(self.settings.max_parallel_handshakes)
+        async with asyncio.TaskGroup() as tg:
+            for t in idle:
+                work = self._reclaim_with_peer(self._peer, t, t.current, now, limit, silent, removed)
+                tg.create_task(work, name=f"reclaim {describe(t.spec)}")
+        return removed
+
+    async def _reclaim_with_peer(
+        self,
+        ask: TeardownPeer,
+        t: Tunnel,
+        g: Generation | None,
+        now: float,
+        limit: asyncio.Semaphore,
+        silent: set[str],
+        removed: list[Tunnel],
+    ) -> None:
+        """`t` was idle with generation `g` (None: it never came up) when this pass looked."""
+        peer = str(t.spec.endpoints.peer_node)
+        try:
+            async with limit:
+                # a handshake or the peer's own teardown request (t.lock) came meanwhile: not this pass's to touch
+                if t.lock.locked() or t.removed or t.current is not g:
+                    return
+                if g is None or peer in silent:  # nothing of ours at the peer, or the peer did not answer just now
+                    reason = "idle" if g is None else "idle: this side only (the peer's bridge did not answer)"
+                    if await self._reclaimed(t, reason, now):
+                        removed.append(t)
+                    return
+                async with t.lock:
+                    self._asking.add(t.spec.key)
+                    try:
+                        async with ask(t, g) as reply:
+                            if await self._answered(t, reply, now, silent):
+                                removed.append(t)
+                    finally:
+                        self._asking.discard(t.spec.key)
+        except (XfrmError, OSError) as err:
+            log.warning("idle reclaim of %s: %s", describe(t.spec), err)
+        except Exception:  # a bug must not stop the other pairs' reclaim
+            log.exception("idle reclaim of %s", describe(t.spec))
+
+    async def _answered(self, t: Tunnel, reply: TeardownReply, now: float, silent: set[str]) -> bool:
+        """Act on the peer's answer (t.lock held, the connection still open); True: the pair went."""
+        peer = str(t.spec.endpoints.peer_node)
+        if reply.status is Teardown.KEEP:
+            self._alone.discard(peer)
+            self._postponed[t.spec.key] = now + self.settings.idle_timeout
+            log.debug("idle tunnel %s kept: the peer's bridge keeps it (%s)", describe(t.spec), reply.reason)
+            return False
+        if reply.status is Teardown.STOPPED:
+            self._alone.discard(peer)
+            return await self._reclaimed(t, "idle: reclaimed with the peer", now)
+        if reply.status is Teardown.ABSENT:
+            self._alone.discard(peer)
+            return await self._reclaimed(t, "idle: the peer had no such generation", now)
+        silent.add(peer)
+        if peer not in self._alone:
+            self._alone.add(peer)
+            log.info("idle reclaim: the bridge at %s takes no part in it (%s); idle pairs with it are removed on this "
+                     "side only until it does", peer, reply.reason)  # fmt: skip
+        return await self._reclaimed(t, "idle: this side only (the peer's bridge took no part)", now)
+
+    async def _reclaimed(self, t: Tunnel, reason: str, now: float, *, keep_record: bool = False) -> bool:
+        """Remove an idle tunnel (policies first, SAs after); True if it had SAs (it counts as reclaimed).
+        `keep_record`: its generations go, the record stays (pending) for traffic that already waits on it."""
+        up = t.current is not None
+        if keep_record:
+            await self._renew(t, reason)
+        else:
+            await self.table.remove(t, reason)
+        if up:
+            self.metrics.reclaims.inc()
+            if not keep_record:
                 self.reclaimed[t.spec.key] = now
                 while len(self.reclaimed) > 4096:  # a bounded memory of pairs that were up once
                     self.reclaimed.popitem(last=False)
-                log.info("tunnel %s reclaimed: idle for %.0fs", describe(t.spec), self.settings.idle_timeout)
-        return idle
+            log.info("tunnel %s reclaimed: idle for %.0fs (%s)", describe(t.spec), self.settings.idle_timeout, reason)
+        return up
+
+    async def _renew(self, t: Tunnel, reason: str) -> None:
+        """After `_stop_sending`: TunnelTable.remove's kernel half and its record of the removal, the tunnel's
+        record kept: the in/fwd policies, then every SA of every generation; the scheduler then sets the pair up
+        again at once. The out slot is left alone: the waiting ACQUIRE's pair trap holds the packets there."""
+        started = self._monotonic()
+        ep = t.spec.endpoints
+        gens = [g for g in [t.current, *(g for g, _ in t.retiring)] if g is not None]
+        try:
+            await self._delete_policies([p.id() for sel in t.spec.selectors for p in self.sa.in_policies(ep, sel)])
+            await self.sa.delete_sas([i for g in gens for i in g.sa_ids(self.sa, ep)])
+            self.table.forget(t, gens)
+        except XfrmError as err:
+            log.error("removing tunnel %s: %s", describe(t.spec), err)
+        t.current = None
+        t.retiring.clear()
+        t.seen_bytes = (-1, -1)
+        t.active_at = self._monotonic()
+        t.next_attempt = t.last_nudge = 0.0
+        t.nudges = 0
+        if not t.spec.initiator:
+            t.rekey_wanted = True  # a responder asks its initiator now, as for a new on-demand record
+        seconds = self._monotonic() - started
+        self.metrics.removals.inc(reason=reason.split(":")[0])
+        self.metrics.removal_seconds.observe(seconds)
+        self.table.removals.append({"tunnel": "/".join(t.spec.key), "reason": reason, "seconds": round(seconds, 4)})
+        log.info("tunnel %s removed (%s), its record kept: traffic waits for it", describe(t.spec), reason)
+        self.table.wake.set()
+
+    async def on_teardown_request(
+        self, t: Tunnel, spis: tuple[int, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """The peer asks to remove the idle pair `t` (its generation `spis`: (in, out) as the peer sees them)."""
+        s = self.settings
+        key = t.spec.key
+        if key in self._asking and t.spec.initiator:
+            # both sides reclaim at once: the initiator's request goes first (the peer's handler waits for ours)
+            await _answer(writer, Teardown.KEEP, "this side is asking to reclaim it too")
+            return
+        try:
+            # the pair's responder, asking itself too, waits for its own request to come back KEEP
+            async with asyncio.timeout(s.handshake_timeout / 2 if key in self._asking else 0.001):
+                await t.lock.acquire()
+        except TimeoutError:
+            await _answer(writer, Teardown.KEEP, "a handshake for it is running")
+            return
+        try:
+            status, reason = await self._verdict(t, spis)
+            g = t.current
+            if status is not Teardown.STOPPED or g is None:
+                await _answer(writer, status, reason)
+                return
+            await self._stop_sending(t)
+            # ACQUIREs of the pair (its traffic meets the trap now) wait for the removal instead of re-kicking it
+            t.current = None
+            try:
+                async with asyncio.timeout(s.handshake_timeout):
+                    await _answer(writer, Teardown.STOPPED, "")
+                    if not await wait_teardown_done(reader):
+                        log.info("teardown of %s: the peer closed without done", describe(t.spec))
+            except (OSError, TimeoutError) as err:
+                log.info("teardown of %s: no done from the peer (%s): removing anyway", describe(t.spec), err)
+            finally:
+                t.current = g  # the removal counts and deletes what the generation holds
+                # this side's traffic met the trap meanwhile: its ACQUIRE waits on this record, which stays for
+                # the pair's next generation (a handshake as soon as the lock goes)
+                waiting = key in self.in_flight
+                await self._reclaimed(t, "idle: reclaimed by the peer", self._monotonic(), keep_record=waiting)
+        except XfrmError as err:
+            log.warning("teardown of %s: %s", describe(t.spec), err)
+            with contextlib.suppress(OSError):
+                await _answer(writer, Teardown.KEEP, f"this side failed: {err}")
+        finally:
+            t.lock.release()
+
+    async def _verdict(self, t: Tunnel, spis: tuple[int, int]) -> tuple[Teardown, str]:
+        """May the peer's request remove `t` now (t.lock held)? STOPPED: yes; else why not."""
+        s = self.settings
+        g = t.current
+        if s.idle_timeout <= 0:
+            return Teardown.KEEP, "this bridge does not reclaim idle tunnels (--idle-timeout 0)"
+        if t.removed or g is None:
+            return Teardown.ABSENT, "no generation of it is up on this node"
+        if self._pinned(t):
+            return Teardown.KEEP, "this side keeps it: latency-critical (--eager-for)"
+        if t.task is not None and not t.task.done():
+            return Teardown.KEEP, "a handshake or rekey request for it is running"
+        if (g.spi_out, g.spi_in) != spis:
+            return Teardown.KEEP, f"this side's generation is another one (in 0x{g.spi_in:08x}, out 0x{g.spi_out:08x})"
+        ep = t.spec.endpoints
+        try:
+            seen = (
+                (await self.sa.xfrm.get_sa(self.sa.inbound_id(ep, g.spi_in))).current.bytes,
+                (await self.sa.xfrm.get_sa(self.sa.outbound_id(ep, g.spi_out))).current.bytes,
+            )
+        except XfrmError as err:
+            return Teardown.KEEP, f"reading its SA counters failed: {err}"
+        if seen != t.seen_bytes:
+            return Teardown.KEEP, "its SAs carried bytes since this side's last check"
+        # this side notices a pair's last bytes up to one check later than the peer does
+        quiet = self._monotonic() - max(t.active_at, g.established_mono)
+        if quiet < s.idle_timeout - self.reclaim_interval():
+            return Teardown.KEEP, f"its SAs carried bytes {quiet:.0f}s ago (idle timeout {s.idle_timeout:.0f}s here)"
+        return Teardown.STOPPED, ""
+
+    async def _stop_sending(self, t: Tunnel) -> None:
+        """Delete the pair's out policies (its traffic falls to the trap); in/fwd policies and SAs stay for now."""
+        ep = t.spec.endpoints
+        await self._delete_policies([self.sa.out_policy(ep, sel, 0).id() for sel in t.spec.selectors])
+
+    async def _delete_policies(self, ids: list[m.PolicyId]) -> None:
+        for result in await self.sa.xfrm.call_each([m.delete_policy(i) for i in ids]):
+            if isinstance(result, XfrmError) and result.errno not in (errno.ENOENT, errno.ESRCH):
+                raise result
 
     # --- what the admin port shows -------------------------------------------------------------------------
 
@@ -264,3 +609,8 @@ class OnDemand:
             "denied_pairs": sorted(f"{a}->{b}" for (a, b), until in self.denied.items() if until > now),
             "reclaimed_pairs": [f"{k[1]}->{k[2]}" for k in self.reclaimed],
         }
+
+
+async def _answer(writer: asyncio.StreamWriter, status: Teardown, reason: str) -> None:
+    writer.write(teardown_answer(status, reason))
+    await writer.drain()

@@ -62,6 +62,9 @@ class Tunnel:
     seen_bytes: tuple[int, int] = (-1, -1)  # (in, out)
     active_at: float = 0.0
     origin: str = "eager"  # eager, acquire (this node's first packet) or peer (the peer's handshake or request)
+    # on-demand reconcile: what the spec was last checked against (the view's rules_version and the two pods'
+    # workload objects); the same basis in a new view means the same answer, so the pair is not asked again
+    basis: tuple[int, object, object] | None = None
 
     def want_rekey(self, reason: str) -> None:
         self.rekey_wanted = True

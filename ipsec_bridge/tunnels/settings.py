@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
 from ipsec_bridge.pairs import TunnelScope
+from ztcore.identity import Identity
 from ztcore.metrics import Registry
 
 IPAddress = IPv4Address | IPv6Address
@@ -59,14 +60,31 @@ class BridgeSettings:
     max_acquires: int = 256
     # on-demand: a denied pair's BLOCK policy lives this long (then the kernel asks again, and policy decides anew)
     deny_seconds: int = 30
+    # on-demand: pairs with a pod of one of these "namespace/serviceaccount" ("namespace/*": the whole namespace)
+    # are latency-critical: set up as soon as WDS and policy admit them, as in eager mode, and never reclaimed
+    eager_for: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for entry in self.eager_for:
+            ns, _, sa = entry.partition("/")
+            if not ns or not sa or "/" in sa or "*" in ns or ("*" in sa and sa != "*"):
+                raise ValueError(f"--eager-for {entry!r}: give NAMESPACE/SERVICEACCOUNT or NAMESPACE/*")
+        if self.eager_for and not self.on_demand:
+            raise ValueError("--eager-for needs --setup on-demand (eager set-up already sets up every pair)")
         if self.on_demand and self.scope is not TunnelScope.POD:
             raise ValueError("--setup on-demand needs --tunnel-scope pod (node tunnels carry many pairs at once)")
         if self.idle_timeout < 0:
             raise ValueError(f"idle timeout must be >= 0 (0: never), got {self.idle_timeout}")
         if self.max_acquires < 1 or self.deny_seconds < 1:
             raise ValueError("max_acquires and deny_seconds must be at least 1")
+
+
+def latency_critical(settings: BridgeSettings, identity: Identity) -> bool:
+    """Whether `--eager-for` names this pod's service account (or its whole namespace)."""
+    return any(
+        entry in (f"{identity.namespace}/{identity.service_account}", f"{identity.namespace}/*")
+        for entry in settings.eager_for
+    )
 
 
 class BridgeMetrics:

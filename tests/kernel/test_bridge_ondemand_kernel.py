@@ -10,14 +10,19 @@ script, the guest program. The story:
      initiating side (b2->a2); only ESP crosses the underlay; first-connection latency against a raw TLS 1.3
      handshake between the same two netns in the same run
   3. a denied pair (a2->b1): nothing goes anywhere, the ACQUIREs stay bounded (one per block lifetime)
-  4. idle reclaim: the tunnels go after 6 s without a byte; traffic brings a1<->b1 back
+  4. idle reclaim: the tunnels go after 6 s without a byte, on both bridges together (one asks, the other stops
+     sending first); traffic brings a1<->b1 back, also from the side that did not ask, right after the reclaim
   5. a policy revoke removes a1<->b1 within 1 s, not at idle time
+  6. one pod opens new pairs to MANY pods at once (pods that are addresses of one netns behind node-b): their
+     first packets share a1's trap's queue, yet every connect succeeds with no SYN sent twice and no held
+     packet freed, each well under TCP's 1 s initial RTO
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import re
@@ -54,6 +59,8 @@ from tests.kernel.guestlib import Capture  # noqa: E402
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 IDLE = 6  # seconds: --idle-timeout of both bridges
+MANY = 10  # step 6: new pairs one pod opens at once
+MANY_NET = "10.2.1.0/24"  # step 6: their peers, addresses of one netns behind node-b (AnyIP)
 
 
 # ================================================================================================================
@@ -119,10 +126,41 @@ def test_idle_tunnels_are_reclaimed_and_traffic_brings_them_back(facts: dict[str
     assert idle["reclaims_metric"]["a"] >= 3 and idle["reclaims_metric"]["b"] >= 3, idle
     assert idle["pairs_metric_a"]["reclaimed"] >= 3
     assert "reclaimed" in idle["ztctl_a"] and "(idle; the next packet sets it up again)" in idle["ztctl_a"]
+    # every pair went on both bridges in one exchange: one asked, the other removed its side with it
+    together = ["idle: reclaimed by the peer", "idle: reclaimed with the peer"]
+    for pair in (f"{A1}-{B1}", f"{A1}-{B2}", f"{A2}-{B2}"):
+        assert sorted(idle["reasons"][n][pair] for n in ("a", "b")) == together, idle["reasons"]
     back = idle["back"]
     assert back["ping"] == [3, 3]
     assert back["rows_a"] == [f"{A1}-{B1}"]
     assert back["ztctl_state"] == "active"
+
+
+def test_traffic_from_the_other_side_right_after_a_reclaim_gets_through(facts: dict[str, Any]) -> None:
+    """a1 <-> b1 idle once more, watched: the moment the asking side had dropped it, the other side had stopped
+    sending already (its pair out policy was gone), and its pod, sending right then, got through a new tunnel (its
+    ACQUIRE): nothing arrived for an SA the asking side had removed. (Each bridge reclaiming alone fails here: the
+    other side still sends under its old SA, which the first side no longer has.)"""
+    again = facts["idle"]["again"]
+    asker, other = again["asker"], "b" if again["asker"] == "a" else "a"
+    assert again["reasons"] == {asker: "idle: reclaimed with the peer", other: "idle: reclaimed by the peer"}, again
+    assert IDLE <= again["gone_after_s"] < IDLE + 5, again
+    assert again["out_policy_then"][other] is False, again
+    assert again["ping"] == [3, 3], again
+    assert again["in_no_states"] == 0, again
+    assert again["admitted"] >= 1, again
+    assert again["rows"] == {"a": True, "b": True}, again
+
+
+def test_one_pod_opening_many_new_pairs_at_once_loses_no_first_packet(facts: dict[str, Any]) -> None:
+    burst = facts["burst"]
+    assert burst["errors"] == [] and len(burst["connect_ms"]) == MANY, burst
+    # every SYN was held until its own pair's tunnel was up, then sent: none sent twice (TCP's 1 s RTO), and no
+    # held packet was freed for want of an SA (XfrmOutNoStates counts exactly those)
+    assert burst["tcp_retransmits_a1"] == 0, burst
+    assert burst["out_no_states"] == {"a": 0, "b": 0}, burst
+    assert max(burst["connect_ms"]) < 900, burst
+    assert burst["acquires_a"].get("admitted", 0) >= MANY and burst["acquires_a"].get("failed", 0) == 0, burst
 
 
 def test_a_policy_revoke_removes_the_tunnel_within_a_second(facts: dict[str, Any]) -> None:
@@ -167,6 +205,36 @@ import socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", int(sys.argv[1])))
 s.listen(4); print("ready", flush=True)
 c, _ = s.accept(); c.sendall(c.recv(100)); c.close()
+"""
+
+# many connections at once, each: connect (ms), then a 12-byte echo; prints [[ms, error], ...]
+BURST_CLIENT = """
+import asyncio, json, socket, sys, time
+async def one(dst):
+    start = time.perf_counter()
+    try:
+        async with asyncio.timeout(10):
+            r, w = await asyncio.open_connection(dst, 8090)
+            ms = (time.perf_counter() - start) * 1000
+            w.write(b"0123456789ab"); await w.drain()
+            echo = await r.readexactly(12); w.close()
+        return [round(ms, 2), "" if echo == b"0123456789ab" else "mismatch"]
+    except (OSError, TimeoutError, asyncio.IncompleteReadError) as err:
+        return [-1, "%s: %s" % (type(err).__name__, err)]
+async def main():
+    print(json.dumps(await asyncio.gather(*(one(d) for d in json.loads(sys.argv[1])))))
+asyncio.run(main())
+"""
+
+ECHO_SERVER = """
+import asyncio
+async def echo(r, w):
+    w.write(await r.read(100)); await w.drain(); w.close()
+async def main():
+    s = await asyncio.start_server(echo, "0.0.0.0", 8090, backlog=64)
+    print("ready", flush=True)
+    await s.serve_forever()
+asyncio.run(main())
 """
 
 TCP_CLIENT = """
@@ -278,15 +346,20 @@ class OnDemandStory(Guest):
                 "a1": Capture("a1", "eth0", "/run/a1.pcap")}  # fmt: skip
         for c in caps.values():
             await c.start()
+        # node-a's rows are read right after each first contact: on a slow guest an earlier pair may already
+        # have gone idle (IDLE seconds) and been reclaimed by the time the last one is up
+        rows_a: dict[str, Any] = {}
         first: dict[str, Any] = {"ping_a1_b1": await ping("a1", B1, 1, "0.2", "-W", "5")}
+        rows_a |= await self.rows("a")
         first["tcp_a1_b2"] = await self.tcp_first("a1", B2, 8080)
+        rows_a |= await self.rows("a")
         first["tcp_b2_a2"] = await self.tcp_first("b2", A2, 8081)
         last_traffic = time.monotonic()  # the tunnels' last bytes: idle from here
+        rows_a |= await self.rows("a")
         reclaimed = asyncio.create_task(self.all_gone())
         wires = {n: await wire(c) for n, c in caps.items()}
         first["wire"] = {"a": wires["a"], "b": wires["b"]}
         first["control_pattern_frames"] = wires["a1"]["pattern_frames"]
-        rows_a = await self.rows("a")
         first["roles"] = {k: r["role"] for k, r in rows_a.items()}
         first["acquires_a"], first["acquires_b"] = await self.acquires("a"), await self.acquires("b")
         first["ztctl"] = await sh(*ztctl)
@@ -327,7 +400,8 @@ class OnDemandStory(Guest):
             "denied_pairs": (await self.dump("a"))["on_demand"]["denied_pairs"],
         }
 
-        # 4. idle reclaim: from the last byte (the TCP echo of step 2) every tunnel goes after IDLE seconds
+        # 4. idle reclaim: from the last byte (the TCP echo of step 2) every tunnel goes after IDLE seconds, on both
+        # bridges together: one asks, the other stops sending first (a teardown request)
         idle: dict[str, Any] = {
             "reclaimed_after_s": round(await asyncio.wait_for(reclaimed, IDLE + 15) - last_traffic, 2)
         }
@@ -339,8 +413,77 @@ class OnDemandStory(Guest):
             s: metrics["a"].get(f'zt_bridge_pairs{{state="{s}"}}', -1) for s in ("active", "idle", "reclaimed")
         }
         idle["ztctl_a"] = await sh(*ztctl, "--node", "node-a")
+
+        async def idle_reasons() -> dict[str, dict[str, str]]:
+            """Each bridge's latest removal reason per pair, keyed node-a's way round (local-peer)."""
+            out: dict[str, dict[str, str]] = {"a": {}, "b": {}}
+            for n in ("a", "b"):
+                for r in (await self.dump(n))["recent_removals"]:
+                    _, local, peer = r["tunnel"].split("/")
+                    out[n]["-".join((local, peer) if n == "a" else (peer, local))] = r["reason"]
+            return out
+
+        idle["reasons"] = await idle_reasons()
         back_ping = await ping("a1", B1, 3, "0.2", "-W", "5")
         rows = await self.rows("a")
+
+        # 4b. a1 <-> b1 goes idle once more, watched on both bridges. The moment the asking side has dropped it, the
+        # other side has stopped sending already (its pair out policy is gone), and its pod sends right then: its
+        # packets meet its trap (ACQUIRE, a new tunnel), never an SA the asking side removed.
+        async def pair_out_policy(netns: str, src: str, dst: str) -> bool:
+            from ipsec_bridge.sa_manager import BRIDGE_MARK, PAIR_PRIORITY
+            from ipsec_bridge.xfrm.consts import PolicyDir
+            from ipsec_bridge.xfrm.netlink import XfrmSocket
+
+            async with await XfrmSocket.open(netns) as sock:
+                return any(p.policy.mark == BRIDGE_MARK and p.policy.priority == PAIR_PRIORITY
+                           and p.policy.direction == PolicyDir.OUT and p.policy.templates
+                           and str(p.policy.selector.src.network_address) == src
+                           and str(p.policy.selector.dst.network_address) == dst
+                           for p in await sock.list_policies())  # fmt: skip
+
+        quiet_from = time.monotonic()  # the back ping's last reply
+        sides = {"a": ("a1", A1, "nodeA", f"{A1}-{B1}"), "b": ("b1", B1, "nodeB", f"{B1}-{A1}")}
+        first_gone: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        async def watch(n: str) -> None:
+            while not first_gone.done():
+                if sides[n][3] not in await self.rows(n):
+                    if not first_gone.done():
+                        first_gone.set_result(n)
+                    return
+                await asyncio.sleep(0.02)
+
+        async with asyncio.timeout(IDLE + 15), asyncio.TaskGroup() as tg:
+            for n in ("a", "b"):
+                tg.create_task(watch(n))
+            first = await first_gone
+        gone_after = time.monotonic() - quiet_from
+        present = {n: sides[n][3] in await self.rows(n) for n in ("a", "b")}
+        out_policy = {n: await pair_out_policy(sides[n][2], sides[n][1], sides[o][1])
+                      for n, o in (("a", "b"), ("b", "a"))}  # fmt: skip
+        other = next((n for n in ("a", "b") if present[n]), "")
+        if not other:  # both were gone by the time we looked: the one that did not ask says so
+            latest = {n: r[f"{A1}-{B1}"] for n, r in (await idle_reasons()).items()}
+            other = next(
+                (n for n in ("a", "b") if latest[n] == "idle: reclaimed by the peer"), "b" if first == "a" else "a"
+            )
+        asker = "b" if other == "a" else "a"
+        pod, dst, asker_netns = sides[other][0], sides[asker][1], sides[asker][2]
+        no_state0 = (await xfrm_stat(asker_netns)).get("XfrmInNoStates", 0)
+        acquired0 = (await self.acquires(other)).get("admitted", 0)
+        again: dict[str, Any] = {"ping": await ping(pod, dst, 3, "0.2", "-W", "5")}
+        again |= {
+            "gone_after_s": round(gone_after, 2),
+            "asker": asker,
+            "other_row_then": present[other],  # its record lives until the asker is done (False: done already)
+            "out_policy_then": out_policy,
+            "in_no_states": (await xfrm_stat(asker_netns)).get("XfrmInNoStates", 0) - no_state0,
+            "admitted": (await self.acquires(other)).get("admitted", 0) - acquired0,
+            "reasons": {n: r[f"{A1}-{B1}"] for n, r in (await idle_reasons()).items()},
+            "rows": {n: sides[n][3] in await self.rows(n) for n in ("a", "b")},
+        }
+        idle["again"] = again
         busy = await asyncio.create_subprocess_exec(
             *ns("a1", "ping", "-n", "-q", "-c", "600", "-i", "0.1", B1), stdout=asyncio.subprocess.DEVNULL
         )
@@ -356,6 +499,9 @@ class OnDemandStory(Guest):
 
         # 5. revoke: frontend <-> ledger denied both ways while a1 <-> b1 is up and busy
         f["revoke"] = await self.revoke()
+
+        # 6. one pod, many new pairs at once
+        f["burst"] = await self.burst()
 
     async def revoke(self) -> dict[str, Any]:
         from tests.support.bridge_mesh import DENY_FRONTEND_LEDGER, POLICIES, write_mesh
@@ -386,6 +532,57 @@ class OnDemandStory(Guest):
             "ping": await ping("a1", B1, 3, "0.2"),
             "sas_left": {"a": await self.keyed("nodeA"), "b": await self.keyed("nodeB")},
         }
+
+    async def burst(self) -> dict[str, Any]:
+        """a1 connects to MANY new pods at once; they are addresses of netns "many" behind node-b (AnyIP), each a
+        mesh pod of its own (shop/cart, app catalog: no policy selects them), so node-a initiates every pair."""
+        from tests.support.bridge_mesh import DENY_FRONTEND_LEDGER, PODS, POLICIES, write_mesh
+
+        net = ipaddress.ip_network(MANY_NET)
+        peers = [str(net.network_address + 1 + i) for i in range(MANY)]
+        lines = ["netns add many", "-n many link set lo up",
+                 "link add eth0 netns many type veth peer vmany netns nodeB",
+                 "-n nodeB addr add 10.2.0.1/32 dev vmany", "-n nodeB link set vmany up",
+                 f"-n nodeB route add {MANY_NET} dev vmany", "-n many link set eth0 up",
+                 "-n many route add 10.2.0.1 dev eth0", "-n many route add default via 10.2.0.1 dev eth0",
+                 f"-n many route add local {MANY_NET} dev lo"]  # fmt: skip
+        for line in lines:
+            await sh("ip", *line.split())
+        await sh(*ns("many", "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"))
+        pods = {**PODS, **{f"many{i}": ("shop", "cart", "catalog", "node-b", ip) for i, ip in enumerate(peers)}}
+        write_mesh(self.mesh, POLICIES + DENY_FRONTEND_LEDGER, pods)
+        async with asyncio.timeout(30):  # both views have the new pods (node-b: and their traps are in)
+            while True:
+                views = [int((await self.dump(n))["state"]["mesh_pods"]) for n in ("a", "b")]
+                if min(views) >= len(pods) and await self.traps("nodeB") >= 2 + MANY:
+                    break
+                await asyncio.sleep(0.1)
+        server = await self.start_server("many", ECHO_SERVER)
+        retrans0 = await tcp_retransmits("a1")
+        nostates0 = {n: await out_no_states(n) for n in ("a", "b")}
+        acq0 = await self.acquires("a")
+        out = json.loads(await sh(*ns("a1", sys.executable, "-S", "-c", BURST_CLIENT, json.dumps(peers))))
+        server.kill()
+        await server.wait()
+        acq = await self.acquires("a")
+        return {
+            "connect_ms": sorted(ms for ms, err in out if not err),
+            "errors": [err for _, err in out if err],
+            "tcp_retransmits_a1": await tcp_retransmits("a1") - retrans0,
+            "out_no_states": {n: await out_no_states(n) - nostates0[n] for n in ("a", "b")},
+            "acquires_a": {k: v - acq0.get(k, 0) for k, v in acq.items() if v != acq0.get(k, 0)},
+        }
+
+
+async def out_no_states(node: str) -> int:
+    """XfrmOutNoStates of node-a or node-b: packets the kernel freed for want of an SA (a held one among them)."""
+    return (await xfrm_stat(f"node{node.upper()}")).get("XfrmOutNoStates", 0)
+
+
+async def tcp_retransmits(netns: str) -> int:
+    """TcpRetransSegs of one netns (/proc/net/snmp is per network namespace)."""
+    rows = [x.split() for x in (await sh(*ns(netns, "cat", "/proc/net/snmp"))).splitlines() if x.startswith("Tcp:")]
+    return int(dict(zip(rows[0], rows[1], strict=True))["RetransSegs"])
 
 
 def guest_main() -> None:

@@ -15,11 +15,20 @@ from ipsec_bridge.adopt import AdoptionPlan, Layout, plan_adoption
 from ipsec_bridge.handshake import HandshakeError, Kind, Preamble
 from ipsec_bridge.keys import KeyScope
 from ipsec_bridge.pairs import TunnelScope
-from ipsec_bridge.sa_manager import REQID_BASE, Endpoints, SaManager, SaSettings, host_net
+from ipsec_bridge.sa_manager import (
+    BRIDGE_MARK,
+    REQID_BASE,
+    TRAP_PRIORITY,
+    TRAP_REQID,
+    Endpoints,
+    SaManager,
+    SaSettings,
+    host_net,
+)
 from ipsec_bridge.tunnels.manager import TunnelManager
 from ipsec_bridge.tunnels.settings import BridgeMetrics, BridgeSettings
 from ipsec_bridge.xfrm import messages as m
-from ipsec_bridge.xfrm.consts import PolicyAction, PolicyDir, XfrmMsg
+from ipsec_bridge.xfrm.consts import Mode, PolicyAction, PolicyDir, XfrmMsg
 from tests.support.bridge_fakes import MESH, NoCertificates, RecordingXfrm, block_policy_dump
 from tests.support.bridge_mesh import load_view, write_mesh
 from ztcore.metrics import Registry
@@ -128,6 +137,43 @@ def test_complete_bypass_sets_are_adopted_and_objects_of_others_are_left_alone()
     foreign_sa = dataclasses.replace(sas(pod_ep(), 0x77, 0x9999, 0x8888)[0].sa, mark=None)
     p = plan(pod_tunnel(), extra_pols=[*bypass, foreign_pol], extra_sas=[m.SaInfo(foreign_sa)])
     assert p.bypass == (A1,) and reasons(p) == [] and len(p.tunnels) == 1
+
+
+OD = SaManager(cast(Any, None), SaSettings(mesh_cidrs=MESH, on_demand=True))  # on-demand's pure builders
+
+
+def test_on_demand_traps_stay_with_their_pods_and_the_holds_of_acquires_go() -> None:
+    bypass = [m.PolicyInfo(p) for ip in (A1, A2) for p in OD._bypass_policies(ip)]  # bypass pair + trap each
+    half = [i for i in bypass if not (i.policy.selector.dst == host_net(A2) and i.policy.direction == PolicyDir.OUT)]
+    flow = m.Selector(host_net(A1), host_net(B2), 6, 40312, 0xFFFF, 8080, 0xFFFF)
+    holds = [m.PolicyInfo(p) for p in (OD.pair_trap(A1, B2), OD.flow_hold(flow, 30), OD.released_hold(flow, True))]
+    # the larval state of an ACQUIRE in flight: the trap's reqid, the top of the bridge's range
+    larval = m.SaInfo(m.SecurityAssociation(A1, B2, 0, None, flow, reqid=TRAP_REQID, mode=Mode.TRANSPORT,
+                                            mark=BRIDGE_MARK))  # fmt: skip
+    p = plan(pod_tunnel(), extra_pols=half + holds, extra_sas=[larval], lay=OD.layout(TunnelScope.POD))
+    assert p.bypass == (A1,) and len(p.tunnels) == 1 and p.highest_reqid == 1  # not 0xffffff: R1's
+    hold = "an on-demand hold of the previous run (its ACQUIRE is gone)"
+    assert sorted(reasons(p)) == sorted([
+        ("policy", f"incomplete bypass set for pod {A2}"),
+        ("policy", f"trap of pod {A2}, whose bypass set is not complete"),
+        *[("policy", hold)] * 3,
+        ("sa", "larval state (an SPI reserved by ALLOCSPI, never keyed)"),
+    ])  # fmt: skip
+    # a bridge that sets tunnels up eagerly keeps no trap
+    p = plan(pod_tunnel(), extra_pols=bypass, lay=layout())
+    assert p.bypass == (A1, A2)
+    assert reasons(p) == [("policy", "not a policy this bridge installs")] * 2
+
+
+async def test_an_on_demand_restart_rewrites_the_adopted_pods_traps_in_place() -> None:
+    bypass = [m.PolicyInfo(p) for p in OD._bypass_policies(A1) if p.priority != TRAP_PRIORITY]  # its trap lost
+    xfrm = RecordingXfrm([], block_policy_dump() + bypass)
+    sa = SaManager(cast(Any, xfrm), SaSettings(mesh_cidrs=MESH, on_demand=True))
+    p = await sa.start(TunnelScope.POD)
+    assert p.bypass == (A1,) and sa._bypass == {A1}
+    assert [(r.type, m.decode_policy(r.payload).policy) for r in xfrm.requests] == [
+        (XfrmMsg.UPDPOLICY, trap) for trap in sa.trap_policies(A1)
+    ]
 
 
 # --- what cannot be proven goes ---------------------------------------------------------------------------------
@@ -361,6 +407,25 @@ async def test_adopted_tunnels_wait_for_the_state_then_are_kept_or_removed(tmp_p
     # a new generation never gets a reqid or an SPI an adopted SA holds
     assert sa.next_reqid() > R3
     assert (NODE_A, 0x1111) in sa._held and (NODE_A, 0x5555) not in sa._held  # the removed one was released
+
+
+async def test_on_demand_adopted_tunnels_are_judged_pair_by_pair_and_no_other_pair_gets_a_record(
+    tmp_path: Path,
+) -> None:
+    store = await load_view(write_mesh(tmp_path))  # node-a admits {a1,b1} (initiator), {a1,b2}, {a2,b2}; not {a2,b1}
+    dumps = [pod_tunnel(A1, B1, R1, 0x1111, 0x2222), pod_tunnel(A2, B1, R3, 0x5555, 0x6666)]
+    xfrm = RecordingXfrm([s for d in dumps for s in d[0]], block_policy_dump() + [p for d in dumps for p in d[1]])
+    sa = SaManager(cast(Any, xfrm), SaSettings(mesh_cidrs=MESH, on_demand=True))
+    p = await sa.start(TunnelScope.POD)
+    manager = TunnelManager(BridgeSettings(node="node-a", on_demand=True), store, sa, cast(Any, NoCertificates()),
+                            cast(Any, None), BridgeMetrics(Registry()))  # fmt: skip
+    manager.adopt(p)
+    await manager.reconcile(store.view)
+    # the admitted one is kept with its keys, the refused one removed; {a1,b2} and {a2,b2} wait for traffic
+    assert {k: t.current.spi_in for k, t in manager.tunnels.items() if t.current} == {("pod", str(A1), str(B1)): 0x1111}
+    assert set(manager.tunnels) == {("pod", str(A1), str(B1))}
+    assert xfrm.deleted_spis() == {0x5555, 0x6666}
+    assert [r["reason"] for r in manager.removals] == ["not admitted after restart"]
 
 
 def test_ztctl_tunnels_lists_adopted_tunnels_with_their_spis() -> None:

@@ -2,7 +2,8 @@
 by node-bound bridge tokens), and a recording installer in place of XFRM (the host kernel has no ESP; the
 kernel test programs the real thing). What is checked: both ends derive the same two directional keys,
 bound to the SPIs; identity and admission are verified on both sides before any SPI exists; a spoofed
-address, an impostor responder and a foreign CA get no tunnel; the wire format refuses garbage clearly.
+address, an impostor responder and a foreign CA get no tunnel; the wire format refuses garbage clearly;
+resumption within its bounds, enforced by the responder too, and ended by ticket-key rotation and renewal.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import datetime as dt
 import itertools
 import struct
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from ipaddress import ip_address
@@ -24,14 +26,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
 
 from ipsec_bridge import handshake as hs
 from ipsec_bridge.certs import Certificates
 from ipsec_bridge.keys import KeyScope
-from ipsec_bridge.tickets import ResumptionPolicy, TicketKey, TicketStore
+from ipsec_bridge.tickets import ResumptionChains, ResumptionPolicy, TicketKey, TicketStore
 from ipsec_bridge.xfrm.messages import Aead
 from tests.helpers import running_ztd
-from tests.support.bridge_mesh import PODS, identity, write_mesh
+from tests.support.bridge_mesh import NODE_A_IP, NODE_B_IP, PODS, identity, write_mesh
 from ztcore.identity import Identity
 from ztcore.identity.caclient import CAClient, CAClientOptions
 from ztcore.identity.manager import RotationPolicy, SecretManager
@@ -74,9 +79,11 @@ class RecordingInstaller:
 
 @dataclass
 class Mesh:
-    """Each pod's SVID (with its TLS context), issued to its node's bridge by impersonation."""
+    """Each pod's SVID (with its TLS context), issued to its node's bridge by impersonation; each node's secrets."""
 
     creds: dict[str, tuple[hs.Credential, Any]]
+    secrets: dict[str, SecretManager]
+    certs: dict[str, Certificates]  # each node's, which saw the first issue (renewals reach its callbacks)
 
 
 @pytest.fixture
@@ -96,7 +103,8 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
         try:
             certs = {"node-a": Certificates(managers[0][1]), "node-b": Certificates(managers[1][1])}
             creds = {pod: await certs[PODS[pod][3]].credential(Identity.parse(identity(pod)), 10) for pod in PODS}
-            yield Mesh(creds)
+            secrets = {node: sm for node, (_, sm) in zip(("node-a", "node-b"), managers, strict=True)}
+            yield Mesh(creds, secrets, certs)
         finally:
             for task in tasks:
                 task.cancel()
@@ -594,6 +602,246 @@ async def test_a_renewed_certificate_forces_a_full_handshake_on_either_side(mesh
     store.put(key, first.ticket)
     store.forget(Identity.parse(identity("a1")))  # what Certificates' renewal callback does
     assert len(store) == 0 and store.take(key, mesh.creds["a1"][1], first.ticket.issued) is None
+
+
+# --- the responder's bounds: an initiator that keeps offering tickets cannot resume forever ----------------------
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class WallClock:
+    def __init__(self) -> None:
+        self.now = dt.datetime.now(dt.UTC)
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+A1_ID, B1_ID = Identity.parse(identity("a1")), Identity.parse(identity("b1"))
+A1_AT_B = TicketKey(NODE_A_IP, B1_ID, A1_ID)  # a1's chain as node-b's responder keys it
+
+
+async def _chained(
+    mesh: Mesh, ticket: hs.Ticket | None, chains: ResumptionChains, *, responder: Any = None
+) -> tuple[Outcome, RecordingInstaller]:
+    """a1 -> b1 offering `ticket` whatever its bounds (None: a full handshake); the responder enforces `chains`."""
+    a1, b1 = PODS["a1"][4], PODS["b1"][4]
+    ins_r = RecordingInstaller(spis=itertools.count(0x9000))
+    out = await run_pair(
+        pod_preamble("a1", "b1"),
+        plan(mesh.creds["a1"], identity("b1"), RecordingInstaller(), a1, b1, ticket=ticket),
+        lambda _: plan(responder or mesh.creds["b1"], identity("a1"), ins_r, a1, b1, chains=chains.bounds(A1_AT_B)),
+    )
+    return out, ins_r
+
+
+def _modes(out: Outcome) -> tuple[bool, bool, int, int]:
+    """(initiator resumed, responder resumed, initiator signatures, responder signatures)."""
+    assert isinstance(out.initiator, hs.Result) and isinstance(out.responder, hs.Result), out
+    return out.initiator.resumed, out.responder.resumed, out.initiator.signatures, out.responder.signatures
+
+
+FULL, RESUMED = (False, False, 1, 1), (True, True, 0, 0)
+
+
+async def test_the_responder_refuses_the_resumption_past_n_that_the_initiator_offers_anyway(mesh: Mesh) -> None:
+    """An initiator that ignores its own bound (it offers every ticket it gets): the responder counts the pair's
+    resumptions since its last full handshake and answers the third with Reject.full, before any SPI; the full
+    handshake that follows starts a new chain."""
+    chains = ResumptionChains(ResumptionPolicy(max_resumptions=2, max_age=100.0), Clock())
+    out, _ = await _chained(mesh, None, chains)
+    assert _modes(out) == FULL
+    for _ in range(2):
+        assert isinstance(out.initiator, hs.Result)
+        out, _ = await _chained(mesh, out.initiator.ticket, chains)
+        assert _modes(out) == RESUMED
+    assert isinstance(out.initiator, hs.Result) and out.initiator.ticket is not None
+    assert out.initiator.ticket.resumptions == 2  # what a well-behaved initiator would not offer again
+    refused, ins_r = await _chained(mesh, out.initiator.ticket, chains)
+    assert isinstance(refused.responder, hs.HandshakeError) and refused.responder.code == "resumption", refused
+    assert "2 resumptions since the last full handshake (at most 2)" in str(refused.responder)
+    # the initiator is told a full handshake may pass (Initiator.initiate runs one on a new connection)
+    assert isinstance(refused.initiator, hs.HandshakeError) and refused.initiator.code == "resumption", refused
+    assert ins_r.calls == [] and chains.refused == {"resumptions": 1}
+    full, _ = await _chained(mesh, None, chains)
+    assert _modes(full) == FULL
+    assert isinstance(full.initiator, hs.Result)
+    again, _ = await _chained(mesh, full.initiator.ticket, chains)
+    assert _modes(again) == RESUMED
+
+
+async def test_the_responder_bounds_a_chains_age_on_its_own_clock(mesh: Mesh) -> None:
+    """From the pair's last full handshake here, not from the ticket: each resumption brings a fresh ticket."""
+    clock = Clock()
+    chains = ResumptionChains(ResumptionPolicy(max_resumptions=8, max_age=100.0), clock)
+    first, _ = await _chained(mesh, None, chains)
+    assert isinstance(first.initiator, hs.Result)
+    clock.now += 60
+    mid, _ = await _chained(mesh, first.initiator.ticket, chains)
+    assert _modes(mid) == RESUMED and isinstance(mid.initiator, hs.Result)
+    clock.now += 40  # 40 s after the ticket it offers was issued, 100 s after the chain's full handshake
+    late, _ = await _chained(mesh, mid.initiator.ticket, chains)
+    assert isinstance(late.responder, hs.HandshakeError) and late.responder.code == "resumption", late
+    assert "the last full handshake ran 100s ago (at most 100s)" in str(late.responder)
+    assert isinstance(late.initiator, hs.HandshakeError) and late.initiator.code == "resumption"
+    assert chains.refused == {"age": 1}
+
+
+async def test_a_responder_that_holds_no_chain_for_the_pair_takes_no_resumption(mesh: Mesh) -> None:
+    """Its memory is bounded: a pair it forgot (or a bridge with resumption off) gets a full handshake, so
+    forgetting never lets a chain grow."""
+    chains = ResumptionChains(ResumptionPolicy(max_tickets=1), Clock())
+    first, _ = await _chained(mesh, None, chains)
+    assert isinstance(first.initiator, hs.Result)
+    chains.full(TicketKey(NODE_A_IP, Identity.parse(identity("b2")), A1_ID))  # another pair evicts a1's
+    assert len(chains) == 1
+    out, _ = await _chained(mesh, first.initiator.ticket, chains)
+    assert isinstance(out.responder, hs.HandshakeError) and "no full handshake with this peer" in str(out.responder)
+    assert isinstance(out.initiator, hs.HandshakeError) and out.initiator.code == "resumption"
+    off = ResumptionChains(ResumptionPolicy(enabled=False), Clock())
+    first, _ = await _chained(mesh, None, off)
+    assert isinstance(first.initiator, hs.Result)
+    out, _ = await _chained(mesh, first.initiator.ticket, off)
+    assert isinstance(out.responder, hs.HandshakeError) and "resumption is off on this bridge" in str(out.responder)
+    assert (chains.refused, off.refused) == ({"unknown": 1}, {"off": 1})
+
+
+def _rewound(ticket: hs.Ticket) -> hs.Ticket:
+    """The ticket with its session's issue time set to now, as a modified initiator could make it: OpenSSL's
+    client side then offers it whatever its age (the time is `[1] EXPLICIT INTEGER` in the SSL_SESSION DER)."""
+    size = _lib.i2d_SSL_SESSION(ticket.session._session, _ffi.NULL)
+    buf = _ffi.new("unsigned char[]", size)
+    _lib.i2d_SSL_SESSION(ticket.session._session, _ffi.new("unsigned char **", buf))
+    der = bytes(_ffi.buffer(buf, size))
+    now = int(time.time())
+
+    def is_time(i: int) -> bool:
+        n = der[i + 3]
+        return der[i] == 0xA1 and der[i + 1] == n + 2 and der[i + 2] == 0x02 and abs(
+            int.from_bytes(der[i + 4 : i + 4 + n]) - now) < 60  # fmt: skip
+
+    at = next(i for i in range(len(der) - 4) if is_time(i))
+    n = der[at + 3]
+    der = der[: at + 4] + now.to_bytes(n) + der[at + 4 + n :]
+    raw = _ffi.new("unsigned char[]", der)
+    parsed = _lib.d2i_SSL_SESSION(_ffi.NULL, _ffi.new("unsigned char **", raw), len(der))
+    assert parsed != _ffi.NULL
+    session = SSL.Session.__new__(SSL.Session)
+    session._session = _ffi.gc(parsed, _lib.SSL_SESSION_free)
+    session._context = ticket.context  # pyOpenSSL resumes a session only with the context it came from
+    return dataclasses.replace(ticket, session=session)
+
+
+def _client_hello_extensions(msg: bytes) -> set[int]:
+    body = msg[4:]
+    pos = 2 + 32
+    pos += 1 + body[pos]  # legacy_session_id
+    pos += 2 + int.from_bytes(body[pos : pos + 2])  # cipher_suites
+    pos += 1 + body[pos]  # legacy_compression_methods
+    end, pos, found = pos + 2 + int.from_bytes(body[pos : pos + 2]), pos + 2, set()
+    while pos < end:
+        found.add(int.from_bytes(body[pos : pos + 2]))
+        pos += 4 + int.from_bytes(body[pos + 2 : pos + 4])
+    return found
+
+
+async def test_openssl_takes_no_expired_ticket_on_the_server_even_when_the_client_offers_it(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server side of the ticket lifetime (a context's timeout), with an initiator that offers an expired
+    ticket anyway: OpenSSL answers with a full handshake. (It counts the lifetime from each ticket's issue, and
+    every resumption issues a new ticket: that is why the responder bounds a chain's age itself.) OpenSSL reads
+    its own wall clock, so real time has to pass."""
+    offered: list[bool] = []
+    record = hs.HandshakeTrace.record
+
+    def spy(self: hs.HandshakeTrace, sent: bool, msg: bytes) -> None:
+        if sent and msg[:1] == b"\x01":  # ClientHello: did the client offer a PSK (pre_shared_key, 41)?
+            offered.append(41 in _client_hello_extensions(msg))
+        record(self, sent, msg)
+
+    monkeypatch.setattr(hs.HandshakeTrace, "record", spy)
+    server = (mesh.creds["b1"][0], hs.tls_context(mesh.creds["b1"][0], ticket_lifetime=1))
+    chains = ResumptionChains(ResumptionPolicy(), Clock())
+    first, _ = await _chained(mesh, None, chains, responder=server)
+    assert isinstance(first.initiator, hs.Result) and first.initiator.ticket is not None
+    fresh, _ = await _chained(mesh, _rewound(first.initiator.ticket), chains, responder=server)
+    assert _modes(fresh) == RESUMED  # the rewritten session itself is fine
+    await asyncio.sleep(2.5)  # OpenSSL counts whole seconds: past a 1 s lifetime whatever the rounding
+    offered.clear()
+    late, _ = await _chained(mesh, _rewound(first.initiator.ticket), chains, responder=server)
+    assert offered == [True] and _modes(late) == FULL
+    assert chains.refused == {}  # OpenSSL did not resume: nothing for the bridge to refuse
+
+
+# --- ticket-key rotation and renewal ------------------------------------------------------------------------------
+
+
+async def test_a_rotated_responder_context_takes_no_old_ticket_and_the_new_ones_resume(mesh: Mesh) -> None:
+    """Certificates makes a new context (new ticket keys) every ticket lifetime on its injected clock: a ticket
+    from the old one gets a full handshake (both sides sign; the initiator's next ticket starts a new chain), and
+    the tickets of the new context resume."""
+    wall = WallClock()
+    certs = Certificates(mesh.secrets["node-b"], wall, ticket_lifetime=60)
+    chains = ResumptionChains(ResumptionPolicy(), Clock())
+    b1 = await certs.credential(B1_ID, 10)
+    first, _ = await _chained(mesh, None, chains, responder=b1)
+    assert _modes(first) == FULL and isinstance(first.initiator, hs.Result)
+    wall.now += dt.timedelta(seconds=59)
+    assert (await certs.credential(B1_ID, 10))[1] is b1[1]  # within the lifetime: the same context
+    resumed, _ = await _chained(mesh, first.initiator.ticket, chains, responder=b1)
+    assert _modes(resumed) == RESUMED and isinstance(resumed.initiator, hs.Result)
+    assert resumed.initiator.ticket is not None and resumed.initiator.ticket.resumptions == 1
+    wall.now += dt.timedelta(seconds=1)
+    rotated = await certs.credential(B1_ID, 10)
+    assert rotated[1] is not b1[1]
+    old, _ = await _chained(mesh, resumed.initiator.ticket, chains, responder=rotated)
+    assert _modes(old) == FULL  # the new keys cannot read the old ticket: OpenSSL runs a full handshake
+    assert isinstance(old.initiator, hs.Result) and old.initiator.ticket is not None
+    assert old.initiator.ticket.resumptions == 0 and chains.refused == {}
+    new, _ = await _chained(mesh, old.initiator.ticket, chains, responder=rotated)
+    assert _modes(new) == RESUMED
+
+
+async def test_a_renewal_on_either_side_forces_a_full_handshake_on_both(mesh: Mesh) -> None:
+    """Through the real renewal path: SecretManager.renew_now issues a new SVID, Certificates sees the new serial
+    (its renewal callbacks run: the initiator's tickets go) and makes a new context."""
+    certs_a, certs_b = mesh.certs["node-a"], mesh.certs["node-b"]
+    renewed: dict[str, asyncio.Queue[Identity]] = {"a": asyncio.Queue(), "b": asyncio.Queue()}
+    certs_a.on_renewed(renewed["a"].put_nowait)
+    certs_b.on_renewed(renewed["b"].put_nowait)
+    store = TicketStore(ResumptionPolicy())
+    certs_a.on_renewed(store.forget)  # what Generations does
+    chains = ResumptionChains(ResumptionPolicy(), Clock())
+    key = TicketKey(NODE_B_IP, A1_ID, B1_ID)
+    a1, b1 = PODS["a1"][4], PODS["b1"][4]
+
+    async def handshake() -> tuple[bool, bool, int, int]:
+        cred_a, cred_b = await certs_a.credential(A1_ID, 10), await certs_b.credential(B1_ID, 10)
+        out = await run_pair(
+            pod_preamble("a1", "b1"),
+            plan(cred_a, identity("b1"), RecordingInstaller(), a1, b1, ticket=store.take(key, cred_a[1], 0.0)),
+            lambda _: plan(cred_b, identity("a1"), RecordingInstaller(), a1, b1, chains=chains.bounds(A1_AT_B)),
+        )
+        assert isinstance(out.initiator, hs.Result) and out.initiator.ticket is not None, out
+        store.put(key, out.initiator.ticket)
+        return _modes(out)
+
+    assert [await handshake(), await handshake()] == [FULL, RESUMED]
+    mesh.secrets["node-b"].renew_now(B1_ID)  # the responder renews
+    assert await asyncio.wait_for(renewed["b"].get(), 10) == B1_ID
+    assert [await handshake(), await handshake()] == [FULL, RESUMED]
+    mesh.secrets["node-a"].renew_now(A1_ID)  # the initiator renews
+    assert await asyncio.wait_for(renewed["a"].get(), 10) == A1_ID
+    assert len(store) == 0 and store.dropped == {"renewed": 1}
+    assert [await handshake(), await handshake()] == [FULL, RESUMED]
+    assert chains.refused == {}
 
 
 def _allow_psk_ke(cred: hs.Credential) -> Any:
