@@ -28,8 +28,7 @@ their own netns, joined by a veth underlay.
 - peers measured in the same boot: mutual TLS 1.3 handshakes (ECDSA P-256, as the bridges' SVIDs) between the
   two node netns, one at a time, before and after the first-connection sample.
 
-The defaults are the issue's size. Today its bridges die in UML before any traffic: on demand, reconcile still
-materializes every admitted pair (docs/benchmarks.md, finding 1), so use --remote-pods 500 or less.
+The defaults are the issue's size (about 6 minutes for both boots on a 2-vCPU host; docs/benchmarks.md has a run).
 
 State is read from the kernel (an XFRM dump per node netns: SAs with the bridge's mark, policies by priority),
 RSS from /proc/<bridge pid>/status (VmRSS, VmHWM). UML has one CPU shared by ztd, both bridges and the clients,
