@@ -182,33 +182,6 @@ async def main():
 asyncio.run(main())
 """
 
-TLS_SERVER = """
-import socket, ssl, sys
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-ctx.load_cert_chain(sys.argv[1], sys.argv[2]); ctx.load_verify_locations(sys.argv[1])
-ctx.verify_mode = ssl.CERT_REQUIRED; ctx.num_tickets = 0
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", 7443)); s.listen(8)
-print("ready", flush=True)
-for _ in range(int(sys.argv[3])):
-    c, _ = s.accept()
-    with ctx.wrap_socket(c, server_side=True) as t:
-        t.recv(1)
-"""
-
-TLS_CLIENT = """
-import socket, ssl, sys, time
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-ctx.load_verify_locations(sys.argv[1]); ctx.check_hostname = False; ctx.load_cert_chain(sys.argv[1], sys.argv[4])
-out = []
-for _ in range(int(sys.argv[3])):
-    t0 = time.perf_counter()
-    with ctx.wrap_socket(socket.create_connection((sys.argv[2], 7443), 5)) as t:
-        t.getpeercert()
-        out.append((time.perf_counter() - t0) * 1000)
-        t.send(b"x")
-print(" ".join("%.2f" % x for x in out))
-"""
-
 
 def guest_classes() -> type:
     """The guest's story class (imports that only exist in the guest's run: pytest via bridge_guest, aiohttp)."""
@@ -422,19 +395,10 @@ def guest_classes() -> type:
             return done
 
         async def raw_tls(self, count: int) -> list[float]:
-            """Mutual TLS 1.3 handshakes nodeA -> nodeB (one self-signed ECDSA P-256 cert on both ends)."""
-            if not await asyncio.to_thread(Path("/run/tls.crt").exists):
-                await asyncio.to_thread(make_cert, Path("/run/tls.crt"), Path("/run/tls.key"))
-            server = await asyncio.create_subprocess_exec(
-                *ns("nodeB", sys.executable, "-S", "-c", TLS_SERVER, "/run/tls.crt", "/run/tls.key", str(count)),
-                stdout=asyncio.subprocess.PIPE,
-            )
-            assert server.stdout is not None
-            await asyncio.wait_for(server.stdout.readline(), 30)
-            out = await sh(*ns("nodeA", sys.executable, "-S", "-c", TLS_CLIENT, "/run/tls.crt", NODE_B_IP,
-                               str(count), "/run/tls.key"))  # fmt: skip
-            await asyncio.wait_for(server.wait(), 30)
-            return [float(x) for x in out.split()]
+            """Mutual TLS 1.3 handshakes nodeA -> nodeB (tests/kernel/guestlib.raw_mtls_ms)."""
+            from tests.kernel.guestlib import raw_mtls_ms
+
+            return await raw_mtls_ms("nodeA", "nodeB", NODE_B_IP, count, Path("/run"))
 
         async def wait_tunnels(self, want: int, seconds: float) -> float:
             """Until node-a and node-b both hold `want` keyed tunnels' SAs (2 each); when (monotonic)."""
@@ -567,29 +531,6 @@ async def poll(check: Callable[[], Awaitable[bool]], seconds: float) -> None:
 
 def diff(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
-
-
-def make_cert(crt: Path, key_path: Path) -> None:
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key()).serial_number(1)
-        .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(hours=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )  # fmt: skip
-    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
 
 
 def inside(mode: str, opts: dict[str, int]) -> int:

@@ -897,6 +897,12 @@ async def request_teardown(
     return TeardownReply(Teardown(status), reason)
 
 
+async def answer_teardown(writer: asyncio.StreamWriter, status: Teardown, reason: str = "") -> None:
+    """The asked side's answer to a teardown request (`teardown_answer`)."""
+    writer.write(teardown_answer(status, reason))
+    await writer.drain()
+
+
 async def teardown_done(writer: asyncio.StreamWriter) -> None:
     """This side's pair is gone (policies, then SAs): the peer may remove its inbound SA now."""
     writer.write(b"\x00")

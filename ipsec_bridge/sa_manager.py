@@ -635,11 +635,17 @@ class SaManager:
         _first_error(await self._batches.submit([*requests, *self._after_switch(selectors)]))
         await self._check_policy_offload(ep, selectors, reqid)
 
-    async def remove_policies(self, ep: Endpoints, selectors: Sequence[PairSelector]) -> None:
+    async def remove_policies(
+        self, ep: Endpoints, selectors: Sequence[PairSelector], *, out: bool = True, inbound: bool = True
+    ) -> None:
+        """The pairs' out policies (first: their traffic falls to the block or trap at once) and in/fwd policies;
+        `out`/`inbound` False leaves that half (idle reclaim with the peer stops sending before it stops receiving)."""
         ids = []
         for sel in selectors:
-            ids.append(self.out_policy(ep, sel, 0).id())  # out first: its traffic falls to the block at once
-            ids.extend(p.id() for p in self.in_policies(ep, sel))
+            if out:
+                ids.append(self.out_policy(ep, sel, 0).id())
+            if inbound:
+                ids.extend(p.id() for p in self.in_policies(ep, sel))
         await self._delete_policies(ids)
 
     async def _delete_policies(self, ids: Sequence[m.PolicyId]) -> None:

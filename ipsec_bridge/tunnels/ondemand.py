@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import errno
 import logging
 import math
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
-from ipsec_bridge.handshake import Teardown, TeardownReply, teardown_answer, wait_teardown_done
+from ipsec_bridge.handshake import Teardown, TeardownReply, answer_teardown, wait_teardown_done
 from ipsec_bridge.pairs import TunnelScope
 from ipsec_bridge.sa_manager import (
     BRIDGE_MARK,
@@ -119,6 +118,11 @@ class OnDemand:
         self.handlers: set[asyncio.Task[None]] = set()  # the ACQUIREs being handled
         self.queues: dict[IPAddress, HeldQueue] = {}  # local pod -> what its trap holds (see HeldQueue)
         self.hold_max = HOLD_MAX
+        # idle reclaim with the peers (see that section)
+        self._peer: TeardownPeer | None = None  # None: each bridge decides alone
+        self._asking: set[TunnelKey] = set()  # pairs this side is asking its peer about right now (t.lock held)
+        self._postponed: dict[TunnelKey, float] = {}  # the peer kept these: not asked again before then (monotonic)
+        self._alone: set[str] = set()  # peers (node addresses) already logged for taking no part
         table.activator = self.activate
         sa.switch_hook = self._switched
 
@@ -335,17 +339,9 @@ class OnDemand:
     # that is unreachable or predates teardown requests leaves this side to decide alone, as before (logged once
     # per peer). When both sides ask at once, the initiator's request goes first.
 
-    _peer: TeardownPeer | None = None  # None: each bridge decides alone
-    _asking: set[TunnelKey]  # pairs this side is asking its peer about right now (t.lock held)
-    _postponed: dict[TunnelKey, float]  # the peer kept these: not asked again before then (monotonic)
-    _alone: set[str]  # peers (node addresses) already logged for taking no part
-
     def use_peer(self, peer: TeardownPeer) -> TeardownHandler:
         """Reclaim with the peers: `peer` asks one; the handler returned answers them (the responder's)."""
         self._peer = peer
-        self._asking = set()
-        self._postponed = {}
-        self._alone = set()
         return self.on_teardown_request
 
     def reclaim_interval(self) -> float:
@@ -485,12 +481,9 @@ class OnDemand:
         record kept: the in/fwd policies, then every SA of every generation; the scheduler then sets the pair up
         again at once. The out slot is left alone: the waiting ACQUIRE's pair trap holds the packets there."""
         started = self._monotonic()
-        ep = t.spec.endpoints
-        gens = [g for g in [t.current, *(g for g, _ in t.retiring)] if g is not None]
         try:
-            await self._delete_policies([p.id() for sel in t.spec.selectors for p in self.sa.in_policies(ep, sel)])
-            await self.sa.delete_sas([i for g in gens for i in g.sa_ids(self.sa, ep)])
-            self.table.forget(t, gens)
+            await self.sa.remove_policies(t.spec.endpoints, t.spec.selectors, out=False)
+            await self.table.delete_generations(t)
         except XfrmError as err:
             log.error("removing tunnel %s: %s", describe(t.spec), err)
         t.current = None
@@ -501,10 +494,7 @@ class OnDemand:
         t.nudges = 0
         if not t.spec.initiator:
             t.rekey_wanted = True  # a responder asks its initiator now, as for a new on-demand record
-        seconds = self._monotonic() - started
-        self.metrics.removals.inc(reason=reason.split(":")[0])
-        self.metrics.removal_seconds.observe(seconds)
-        self.table.removals.append({"tunnel": "/".join(t.spec.key), "reason": reason, "seconds": round(seconds, 4)})
+        self.table.record_removal(t, reason, started)
         log.info("tunnel %s removed (%s), its record kept: traffic waits for it", describe(t.spec), reason)
         self.table.wake.set()
 
@@ -516,27 +506,27 @@ class OnDemand:
         key = t.spec.key
         if key in self._asking and t.spec.initiator:
             # both sides reclaim at once: the initiator's request goes first (the peer's handler waits for ours)
-            await _answer(writer, Teardown.KEEP, "this side is asking to reclaim it too")
+            await answer_teardown(writer, Teardown.KEEP, "this side is asking to reclaim it too")
             return
         try:
             # the pair's responder, asking itself too, waits for its own request to come back KEEP
             async with asyncio.timeout(s.handshake_timeout / 2 if key in self._asking else 0.001):
                 await t.lock.acquire()
         except TimeoutError:
-            await _answer(writer, Teardown.KEEP, "a handshake for it is running")
+            await answer_teardown(writer, Teardown.KEEP, "a handshake for it is running")
             return
         try:
             status, reason = await self._verdict(t, spis)
             g = t.current
             if status is not Teardown.STOPPED or g is None:
-                await _answer(writer, status, reason)
+                await answer_teardown(writer, status, reason)
                 return
             await self._stop_sending(t)
             # ACQUIREs of the pair (its traffic meets the trap now) wait for the removal instead of re-kicking it
             t.current = None
             try:
                 async with asyncio.timeout(s.handshake_timeout):
-                    await _answer(writer, Teardown.STOPPED, "")
+                    await answer_teardown(writer, Teardown.STOPPED, "")
                     if not await wait_teardown_done(reader):
                         log.info("teardown of %s: the peer closed without done", describe(t.spec))
             except (OSError, TimeoutError) as err:
@@ -550,7 +540,7 @@ class OnDemand:
         except XfrmError as err:
             log.warning("teardown of %s: %s", describe(t.spec), err)
             with contextlib.suppress(OSError):
-                await _answer(writer, Teardown.KEEP, f"this side failed: {err}")
+                await answer_teardown(writer, Teardown.KEEP, f"this side failed: {err}")
         finally:
             t.lock.release()
 
@@ -586,13 +576,7 @@ class OnDemand:
 
     async def _stop_sending(self, t: Tunnel) -> None:
         """Delete the pair's out policies (its traffic falls to the trap); in/fwd policies and SAs stay for now."""
-        ep = t.spec.endpoints
-        await self._delete_policies([self.sa.out_policy(ep, sel, 0).id() for sel in t.spec.selectors])
-
-    async def _delete_policies(self, ids: list[m.PolicyId]) -> None:
-        for result in await self.sa.xfrm.call_each([m.delete_policy(i) for i in ids]):
-            if isinstance(result, XfrmError) and result.errno not in (errno.ENOENT, errno.ESRCH):
-                raise result
+        await self.sa.remove_policies(t.spec.endpoints, t.spec.selectors, inbound=False)
 
     # --- what the admin port shows -------------------------------------------------------------------------
 
@@ -609,8 +593,3 @@ class OnDemand:
             "denied_pairs": sorted(f"{a}->{b}" for (a, b), until in self.denied.items() if until > now),
             "reclaimed_pairs": [f"{k[1]}->{k[2]}" for k in self.reclaimed],
         }
-
-
-async def _answer(writer: asyncio.StreamWriter, status: Teardown, reason: str) -> None:
-    writer.write(teardown_answer(status, reason))
-    await writer.drain()

@@ -20,11 +20,11 @@ from ipsec_bridge.handshake import (
     Kind,
     Preamble,
     Teardown,
+    answer_teardown,
     read_preamble,
     refuse,
     respond,
     status_ok,
-    teardown_answer,
 )
 from ipsec_bridge.keys import KeyScope
 from ipsec_bridge.pairs import TunnelScope
@@ -233,8 +233,7 @@ class Responder:
                 return
             status, reason = found
             log.debug("teardown request %s -> %s: %s (%s)", preamble.src, preamble.dst, status.name, reason)
-            writer.write(teardown_answer(status, reason))
-            await writer.drain()
+            await answer_teardown(writer, status, reason)
         except (OSError, TimeoutError, HandshakeError) as err:
             log.info("teardown request %s -> %s: %s", preamble.src, preamble.dst, err)
 

@@ -73,20 +73,28 @@ class TunnelTable:
         had_sas = t.current is not None or bool(t.retiring)
         try:
             await self.sa.remove_policies(t.spec.endpoints, t.spec.selectors)
-            gens = [g for g in [t.current, *(g for g, _ in t.retiring)] if g is not None]
-            ids = [i for g in gens for i in g.sa_ids(self.sa, t.spec.endpoints)]
-            await self.sa.delete_sas(ids)
-            self.forget(t, gens)
+            await self.delete_generations(t)
         except XfrmError as err:
             log.error("removing tunnel %s: %s", describe(t.spec), err)
         t.current = None
         t.retiring.clear()
         if had_sas:
-            seconds = self._monotonic() - started
-            self.metrics.removals.inc(reason=reason.split(":")[0])
-            self.metrics.removal_seconds.observe(seconds)
-            self.removals.append({"tunnel": "/".join(t.spec.key), "reason": reason, "seconds": round(seconds, 4)})
+            seconds = self.record_removal(t, reason, started)
             log.info("tunnel %s removed (%s) %.3fs after the change", describe(t.spec), reason, seconds)
+
+    async def delete_generations(self, t: Tunnel) -> None:
+        """Every SA of every generation of `t` (its policies are gone already, or pointed elsewhere)."""
+        gens = [g for g in [t.current, *(g for g, _ in t.retiring)] if g is not None]
+        await self.sa.delete_sas([i for g in gens for i in g.sa_ids(self.sa, t.spec.endpoints)])
+        self.forget(t, gens)
+
+    def record_removal(self, t: Tunnel, reason: str, started: float) -> float:
+        """Count a removal that took its SAs (metrics, /config_dump's recent removals); returns its seconds."""
+        seconds = self._monotonic() - started
+        self.metrics.removals.inc(reason=reason.split(":")[0])
+        self.metrics.removal_seconds.observe(seconds)
+        self.removals.append({"tunnel": "/".join(t.spec.key), "reason": reason, "seconds": round(seconds, 4)})
+        return seconds
 
     def forget(self, t: Tunnel, gens: Iterable[Generation]) -> None:
         """Adopted generations deleted from the kernel: their SPIs need no guarding any more."""

@@ -393,3 +393,77 @@ def compare(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], key: str) 
         result["fields"] += len(ours_v)
     result["extra_in_ip"] = sorted(by_key)
     return result
+
+
+# --- the raw TLS peer that bridge set-up latency is measured against (tests/kernel, bench/ondemand_scale.py) ---
+
+MTLS_SERVER = """
+import socket, ssl, sys
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+ctx.load_cert_chain(sys.argv[1], sys.argv[2]); ctx.load_verify_locations(sys.argv[1])
+ctx.verify_mode = ssl.CERT_REQUIRED; ctx.num_tickets = 0
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", 7443)); s.listen(8)
+print("ready", flush=True)
+for _ in range(int(sys.argv[3])):
+    c, _ = s.accept()
+    with ctx.wrap_socket(c, server_side=True) as t:
+        t.recv(1)
+"""
+
+MTLS_CLIENT = """
+import socket, ssl, sys, time
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+ctx.load_verify_locations(sys.argv[1]); ctx.check_hostname = False; ctx.load_cert_chain(sys.argv[1], sys.argv[4])
+out = []
+for _ in range(int(sys.argv[3])):
+    t0 = time.perf_counter()
+    with ctx.wrap_socket(socket.create_connection((sys.argv[2], 7443), 5)) as t:
+        t.getpeercert()
+        out.append((time.perf_counter() - t0) * 1000)
+        t.send(b"x")
+print(" ".join("%.2f" % x for x in out))
+"""
+
+
+def make_cert(crt: Path, key_path: Path) -> None:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key()).serial_number(1)
+        .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(hours=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+
+
+async def raw_mtls_ms(client_ns: str, server_ns: str, server_ip: str, count: int, workdir: Path) -> list[float]:
+    """`count` mutual TLS 1.3 handshakes (ECDSA P-256, as the bridges' SVIDs; one self-signed cert on both ends,
+    no tickets) from `client_ns` to `server_ns`, one at a time; each one's milliseconds."""
+    import sys
+
+    crt, key = workdir / "tls.crt", workdir / "tls.key"
+    if not await asyncio.to_thread(crt.exists):
+        await asyncio.to_thread(make_cert, crt, key)
+    server = await asyncio.create_subprocess_exec(
+        *in_ns(server_ns, sys.executable, "-S", "-c", MTLS_SERVER, str(crt), str(key), str(count)),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert server.stdout is not None
+    line = await asyncio.wait_for(server.stdout.readline(), 30)
+    assert line.strip() == b"ready", line
+    out = await sh(*in_ns(client_ns, sys.executable, "-S", "-c", MTLS_CLIENT, str(crt), server_ip, str(count),
+                          str(key)))  # fmt: skip
+    await asyncio.wait_for(server.wait(), 30)
+    return [float(x) for x in out.split()]

@@ -54,7 +54,7 @@ from tests.kernel.bridge_guest import (  # noqa: E402
     wire,
     xfrm_stat,
 )
-from tests.kernel.guestlib import Capture  # noqa: E402
+from tests.kernel.guestlib import Capture, raw_mtls_ms  # noqa: E402
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -175,31 +175,6 @@ def test_a_policy_revoke_removes_the_tunnel_within_a_second(facts: dict[str, Any
 # ================================================================================================================
 # guest side (runs inside UML as root)
 
-TLS_SERVER = """
-import socket, ssl, sys
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-ctx.load_cert_chain(sys.argv[1], sys.argv[2])
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", 7443)); s.listen(8)
-print("ready", flush=True)
-for _ in range(int(sys.argv[3])):
-    c, _ = s.accept()
-    with ctx.wrap_socket(c, server_side=True) as t:
-        t.recv(1)
-"""
-
-TLS_CLIENT = """
-import socket, ssl, sys, time
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-ctx.load_verify_locations(sys.argv[1]); ctx.check_hostname = False
-out = []
-for _ in range(int(sys.argv[3])):
-    t0 = time.perf_counter()
-    with ctx.wrap_socket(socket.create_connection((sys.argv[2], 7443), 5)) as t:
-        out.append((time.perf_counter() - t0) * 1000)
-        t.send(b"x")
-print(" ".join("%.2f" % x for x in out))
-"""
-
 TCP_SERVER = """
 import socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", int(sys.argv[1])))
@@ -267,29 +242,8 @@ class OnDemandStory(Guest):
         return out
 
     async def raw_tls_ms(self, count: int) -> list[float]:
-        """TLS 1.3 handshakes (ECDSA P-256, as the bridges' SVIDs) from node-a to node-b on the underlay."""
-        import datetime as dt
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node-b")])
-        now = dt.datetime.now(dt.UTC)
-        cert = x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        cert = cert.serial_number(1).not_valid_before(now - dt.timedelta(minutes=1))
-        signed = cert.not_valid_after(now + dt.timedelta(hours=1)).sign(key, hashes.SHA256())
-        pem_key = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        await asyncio.to_thread(Path("/run/tls.crt").write_bytes, signed.public_bytes(serialization.Encoding.PEM))
-        await asyncio.to_thread(Path("/run/tls.key").write_bytes, pem_key)
-        server = await self.start_server("nodeB", TLS_SERVER, "/run/tls.crt", "/run/tls.key", str(count))
-        out = await sh(*ns("nodeA", sys.executable, "-S", "-c", TLS_CLIENT, "/run/tls.crt", NODE_B, str(count)))
-        await asyncio.wait_for(server.wait(), 10)
-        return [float(x) for x in out.split()]
+        """Mutual TLS 1.3 handshakes (ECDSA P-256, as the bridges' SVIDs) from node-a to node-b on the underlay."""
+        return await raw_mtls_ms("nodeA", "nodeB", NODE_B, count, Path("/run"))
 
     async def acquires(self, name: str) -> dict[str, int]:
         return dict((await self.dump(name))["on_demand"]["acquires"])
