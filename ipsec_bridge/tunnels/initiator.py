@@ -75,11 +75,13 @@ class Initiator:
             log.exception("handshake for %s", describe(t.spec))
             g.failed(t, "initiator", err)
 
+    async def _connect(self, t: Tunnel) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to the peer's bridge, from this node's underlay address (the peer checks the source)."""
+        ep, s = t.spec.endpoints, self.settings
+        return await self.netns.connect(str(ep.peer_node), s.port, s.handshake_timeout, source=str(ep.local_node))
+
     async def _exchange(self, t: Tunnel, plan: Plan) -> Result:
-        s = self.settings
-        reader, writer = await self.netns.connect(
-            str(t.spec.endpoints.peer_node), s.port, s.handshake_timeout, source=str(t.spec.endpoints.local_node)
-        )
+        reader, writer = await self._connect(t)
         try:
             return await initiate(reader, writer, self.generations.preamble(t.spec, Kind.HANDSHAKE), plan)
         finally:
@@ -90,10 +92,7 @@ class Initiator:
         s = self.settings
         try:
             async with asyncio.timeout(s.handshake_timeout):
-                ep = t.spec.endpoints
-                reader, writer = await self.netns.connect(
-                    str(ep.peer_node), s.port, s.handshake_timeout, source=str(ep.local_node)
-                )
+                reader, writer = await self._connect(t)
                 try:
                     await request_rekey(reader, writer, self.generations.preamble(t.spec, Kind.REKEY_REQUEST))
                 finally:
@@ -110,16 +109,13 @@ class Initiator:
         timeouts come back as a reply without a status (the peer is gone or does not answer: this side decides
         alone)."""
         s = self.settings
-        ep = t.spec.endpoints
         preamble = dataclasses.replace(
             self.generations.preamble(t.spec, Kind.TEARDOWN_REQUEST), spis=(g.spi_in, g.spi_out)
         )
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(s.handshake_timeout):
-                reader, writer = await self.netns.connect(
-                    str(ep.peer_node), s.port, s.handshake_timeout, source=str(ep.local_node)
-                )
+                reader, writer = await self._connect(t)
                 reply = await request_teardown(reader, writer, preamble)
         except (OSError, TimeoutError) as err:
             if writer is not None:
