@@ -440,7 +440,14 @@ def guest_classes() -> type:
                     else:
                         errors.append(err)
             tls_after = await self.raw_tls(15)
-            f["latency"] = {"first_ms": spread(firsts), "second_ms": spread(seconds), "errors": errors,
+            # of each first connection, what its handshake took on either bridge (the exchange and the policy
+            # switch, Generation.handshake_seconds): the rest is the ACQUIRE, the scheduling and the release
+            hs_ms = {}
+            for side in ("a", "b"):
+                rows = {(r["local_address"], r["peer_address"]): r for r in (await self.dump(side))["tunnels"]}
+                keys = seq if side == "a" else [(b, a) for a, b in seq]
+                hs_ms[f"handshake_{side}_ms"] = spread([rows[k]["handshake_ms"] for k in keys if k in rows])
+            f["latency"] = {"first_ms": spread(firsts), "second_ms": spread(seconds), "errors": errors, **hs_ms,
                             "tls_before_ms": spread(tls_before), "tls_after_ms": spread(tls_after),
                             "tls_ms": spread(tls_before + tls_after), "first_all": firsts}  # fmt: skip
 
@@ -465,6 +472,8 @@ def guest_classes() -> type:
                     "tunnels_per_s": round(len(batch) / done["wall"], 1), "connect_ms": spread(ok),
                     # a SYN sent again (TCP's 1 s initial RTO): dropped, or held longer than that
                     "retransmitted": sum(1 for ms in ok if ms >= 1000),
+                    # (local pod, remote pod, start offset s, connect ms): what to look up in the bridges' logs
+                    "slowest": slowest(batch, done["results"]),
                     # exact: held packets the kernel freed for want of an SA (XfrmOutNoStates, both nodes), and
                     # TCP segments the clients' and servers' netns sent again (TcpRetransSegs)
                     **diff(k1, k0),
@@ -527,6 +536,11 @@ async def poll(check: Callable[[], Awaitable[bool]], seconds: float) -> None:
             if await check():
                 return
             await asyncio.sleep(0.5)
+
+
+def slowest(pairs: list[tuple[str, str]], results: list[list[Any]], n: int = 5) -> list[list[Any]]:
+    """The `n` slowest connections as (local pod, remote pod, start offset s, connect ms): to find in the logs."""
+    return sorted(([*p, r[0], r[1]] for p, r in zip(pairs, results, strict=True)), key=lambda x: -x[3])[:n]
 
 
 def diff(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:

@@ -25,6 +25,8 @@ from ztcore.identity.manager import SecretEvent, SecretManager
 
 log = logging.getLogger(__name__)
 
+ContextKey = tuple[Identity, int, str]  # identity, certificate serial, trust bundle digest
+
 
 class Certificates:
     def __init__(
@@ -41,7 +43,8 @@ class Certificates:
         self.ticket_lifetime = ticket_lifetime
         self._wanted: set[Identity] = set()
         self._ready: dict[Identity, asyncio.Event] = {}
-        self._contexts: dict[tuple[Identity, int, str], SSL.Context] = {}
+        self._contexts: dict[ContextKey, SSL.Context] = {}
+        self._building: dict[ContextKey, asyncio.Task[SSL.Context]] = {}
         self._serials: dict[Identity, int] = {}
         self._renewed: list[Callable[[Identity], None]] = []
         secrets.add_listener(self._on_event)
@@ -107,9 +110,27 @@ class Certificates:
         if isinstance(ctx, BridgeContext) and now - ctx.created >= self.ticket_lifetime:
             ctx = None  # rotate the ticket keys
         if ctx is None:
-            ctx = await asyncio.to_thread(tls_context, cred, ticket_lifetime=self.ticket_lifetime, created=now)
-            # one context per identity: drop the ones of replaced certificates
-            for old in [k for k in self._contexts if k[0] == identity]:
-                del self._contexts[old]
-            self._contexts[key] = ctx
+            ctx = await self._context(key, cred, now)
         return cred, ctx
+
+    async def _context(self, key: ContextKey, cred: Credential, now: float) -> SSL.Context:
+        """A new context for `key`, built once however many handshakes ask at the same time (a pod's first burst
+        of new pairs, a rotation): each used to build its own, and the tickets made with the contexts not kept
+        were refused as "renewed"."""
+        task = self._building.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._build(key, cred, now), name="tls context")
+            self._building[key] = task
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even with no one left
+        return await asyncio.shield(task)  # a waiter's deadline does not cancel the others' context
+
+    async def _build(self, key: ContextKey, cred: Credential, now: float) -> SSL.Context:
+        try:
+            ctx = await asyncio.to_thread(tls_context, cred, ticket_lifetime=self.ticket_lifetime, created=now)
+        finally:
+            del self._building[key]
+        # one context per identity: drop the ones of replaced certificates
+        for old in [k for k in self._contexts if k[0] == key[0]]:
+            del self._contexts[old]
+        self._contexts[key] = ctx
+        return ctx

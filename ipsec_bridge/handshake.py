@@ -32,8 +32,9 @@ has removed everything and sent one more byte (done). So neither side ever sends
 has. A bridge that predates the kind closes the connection or refuses the preamble (status 1): the asker falls back
 to removing its own side alone.
 
-Crypto-heavy steps (do_handshake: signatures, ECDHE) run in a worker thread; IO stays on the event loop
-through memory BIOs.
+TLS runs on the event loop through memory BIOs, do_handshake included: a step's crypto (an ECDHE, a P-256
+signature, a chain and signature check) is a fraction of a millisecond, less than the worker-thread hop it used to
+take (~0.9 ms in UML, five per handshake: measured), and there is no IO in it.
 
 Resumption. A rekey, or the re-establishment of a recently removed pair, may resume the TLS session of an
 earlier handshake with the same peer bridge and identity pair (`Plan.ticket`): RFC 8446 PSK with psk_dhe_ke
@@ -48,9 +49,10 @@ its SSL_CTX, which `ipsec_bridge.certs` replaces on renewal and every ticket lif
 
 The responder enforces the bounds too (`Plan.chains`, `ipsec_bridge.tickets.ResumptionChains`), so an initiator
 that keeps offering tickets cannot resume forever: it refuses a resumed session (`Reject.full`) once the peer
-bridge and identity pair had `max_resumptions` resumptions, or `max_age` seconds, since its last full handshake
-with them. OpenSSL bounds each ticket by the context's timeout (`ticket_lifetime`) on the server as well (a client
-that offers an expired ticket gets a full handshake), but it counts that lifetime from each ticket's issue, and a
+bridge and identity pair had `max_resumptions` x `per_pair` resumptions (the initiator keeps up to `per_pair`
+sessions of a pair, each with its own chain), or `max_age` seconds, since its last full handshake with them.
+OpenSSL bounds each ticket by the context's timeout (`ticket_lifetime`) on the server as well (a client that
+offers an expired ticket gets a full handshake), but it counts that lifetime from each ticket's issue, and a
 resumption issues a new one: a chain of resumptions outlives it. What ends a chain on the server is that count,
 that age and the context rotation (a ticket made under a replaced context cannot be decrypted).
 """
@@ -339,8 +341,8 @@ def key_exchange(server_hello_extensions: frozenset[int]) -> str:
 
 
 class HandshakeTrace:
-    """What one connection's handshake did, from OpenSSL's message callback (run in the handshake's worker
-    thread): the private-key signatures this side made (its CertificateVerify messages: in TLS 1.3 the only
+    """What one connection's handshake did, from OpenSSL's message callback (run inside
+    do_handshake): the private-key signatures this side made (its CertificateVerify messages: in TLS 1.3 the only
     use of the key) and the ServerHello's extensions (resumed or not, and with which key exchange)."""
 
     def __init__(self) -> None:
@@ -496,7 +498,7 @@ class TlsChannel:
         """`flush=False` keeps the last flight (the client's Finished) for the next send to carry."""
         while True:
             try:
-                await asyncio.to_thread(self._conn.do_handshake)
+                self._conn.do_handshake()
                 break
             except SSL.WantReadError:
                 await self._flush()
@@ -639,9 +641,13 @@ def _utc_now() -> dt.datetime:
 class Ticket:
     """A resumable session the initiator holds for one peer bridge and identity pair (memory only), with the
     certificate it was made with. `chain_started`/`resumptions`: when the full handshake at the root of this
-    chain of resumptions ran (monotonic) and how many resumptions followed it."""
+    chain of resumptions ran (monotonic) and how many resumptions followed it.
 
-    session: SSL.Session = field(repr=False)
+    The session is held as OpenSSL's DER of it (`session_der`, ~1 KiB: the ticket, the resumption secret, the
+    peer's certificate) and parsed again when offered: a live SSL_SESSION with its parsed certificate costs
+    ~10 KiB, and a node keeps one per pair it talked to (measured: 1,000 sessions, +10 MiB RSS)."""
+
+    der: bytes = field(repr=False)
     context: SSL.Context = field(repr=False)  # the client context the session belongs to (renewal replaces it)
     peer: Identity
     peer_fingerprint: bytes = field(repr=False)
@@ -649,6 +655,33 @@ class Ticket:
     chain_started: float
     resumptions: int
     issued: float
+
+    @property
+    def session(self) -> SSL.Session:
+        """The session to offer (a new SSL_SESSION each time: OpenSSL takes a reference to it)."""
+        return session_from_der(self.der, self.context)
+
+
+def session_der(session: SSL.Session) -> bytes:
+    size = _lib.i2d_SSL_SESSION(session._session, _ffi.NULL)
+    if size <= 0:
+        raise HandshakeError("tls", "the TLS session could not be encoded")
+    buf = _ffi.new("unsigned char[]", size)
+    _lib.i2d_SSL_SESSION(session._session, _ffi.new("unsigned char **", buf))
+    return bytes(_ffi.buffer(buf, size))
+
+
+def session_from_der(der: bytes, context: SSL.Context) -> SSL.Session:
+    """pyOpenSSL has no wrapper: built as its Connection.get_session builds one (pinned to `context`, which
+    Connection.set_session requires)."""
+    raw = _ffi.new("unsigned char[]", der)
+    parsed = _lib.d2i_SSL_SESSION(_ffi.NULL, _ffi.new("unsigned char **", raw), len(der))
+    if parsed == _ffi.NULL:
+        raise HandshakeError("tls", "a held TLS session could not be decoded")
+    session = SSL.Session.__new__(SSL.Session)
+    session._session = _ffi.gc(parsed, _lib.SSL_SESSION_free)
+    session._context = context
+    return session
 
 
 @dataclass(frozen=True, slots=True)
@@ -766,7 +799,7 @@ def _next_ticket(
         return None
     prior = plan.ticket if channel.resumed else None
     return Ticket(
-        session, plan.context, peer, channel.peer_fingerprint(), peer_not_after,
+        session_der(session), plan.context, peer, channel.peer_fingerprint(), peer_not_after,
         chain_started=prior.chain_started if prior is not None else started,
         resumptions=prior.resumptions + 1 if prior is not None else 0,
         issued=plan.monotonic(),

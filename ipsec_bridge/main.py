@@ -14,6 +14,7 @@ import datetime as dt
 import ipaddress
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -432,9 +433,25 @@ async def _amain(cfg: BridgeConfig) -> None:
     await Bridge(cfg).run(stop)
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """The soft RLIMIT_NOFILE up to the hard one, as Go programs do at start: every handshake, rekey request and
+    teardown request holds a socket on both bridges, and a bulk set-up runs many at once (eager set-up of 2,000
+    pairs ran out of descriptors at the usual soft limit of 1,024 in UML). Returns (before, after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):  # above the kernel's nr_open: keep what we have
+            return soft, soft
+        return soft, want
+    return soft, soft
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = config.load(BridgeConfig, argv, prog="zt-bridge", description=__doc__.splitlines()[0])
     configure_logging(cfg.log_level)
+    raise_open_files_limit()
     try:
         asyncio.run(_amain(cfg))
     except BridgeError as err:

@@ -1,5 +1,10 @@
-"""The initiator's TLS sessions for resumption: in memory only (never written, never logged), one per peer bridge
+"""The initiator's TLS sessions for resumption: in memory only (never written, never logged), a few per peer bridge
 and identity pair, each used once (a resumption brings the next), within the bounds that force a full handshake.
+
+Up to `per_pair` sessions are kept per pair, newest offered first, so that handshakes of one pair that run at
+the same time (a bulk rekey, a pod's new peers of one service account) each resume one: with a single session
+per pair all but the first went full. Each session carries its own chain (the full handshake at its root and
+the resumptions since).
 
 A ticket is handed out (`take`) only while
 - it belongs to the TLS context the handshake will use: a renewed certificate (or trust bundle) or a rotated
@@ -10,11 +15,11 @@ A ticket is handed out (`take`) only while
 
 The responder does not trust the initiator to stop (`ResumptionChains`): per peer bridge and identity pair it
 counts the resumptions it accepted since its last full handshake with them and refuses the next one past
-`max_resumptions` or `max_age` (`Reject.full`: the initiator runs a full handshake, which starts a new chain).
-Its memory is bounded (`max_tickets` pairs, the least recently used goes); a pair it holds nothing for gets a
-full handshake, so forgetting never lets a chain grow. Both bounds hold per pair, not per ticket: two tunnels of
-the same pair share one budget, as they share one ticket on the initiator. OpenSSL's own ticket lifetime cannot
-stand in for the age bound: it counts from each ticket's issue, and every resumption issues a new ticket.
+`max_resumptions` x `per_pair` (it cannot tell the initiator's chains apart: the tickets are stateless) or
+`max_age` (`Reject.full`: the initiator runs a full handshake, which starts a new chain). Its memory is bounded
+(`max_tickets` pairs, the least recently used goes); a pair it holds nothing for gets a full handshake, so
+forgetting never lets a chain grow. OpenSSL's own ticket lifetime cannot stand in for the age bound: it counts
+from each ticket's issue, and every resumption issues a new ticket.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ class ResumptionPolicy:
     enabled: bool = True
     max_resumptions: int = 8  # then a full handshake (signatures, certificates) starts a new chain
     max_age: float = 3600.0  # seconds since the chain's full handshake; at most the server's ticket lifetime
-    max_tickets: int = 65536  # memory bound: the oldest goes first
+    max_tickets: int = 65536  # memory bound (sessions held; responder: pairs): the least recently used go first
+    per_pair: int = 8  # sessions held per peer bridge and identity pair: concurrent handshakes of a pair resume
 
     def __post_init__(self) -> None:
         if self.max_resumptions < 0:
@@ -43,6 +49,13 @@ class ResumptionPolicy:
             raise ValueError(f"ticket max age {self.max_age}s: must be positive and at most 7 days (RFC 8446)")
         if self.max_tickets < 1:
             raise ValueError(f"max tickets {self.max_tickets} must be at least 1")
+        if self.per_pair < 1:
+            raise ValueError(f"sessions per pair {self.per_pair} must be at least 1")
+
+    @property
+    def pair_budget(self) -> int:
+        """The responder's bound on a pair's resumptions between two full handshakes: `per_pair` chains."""
+        return self.max_resumptions * self.per_pair
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,22 +68,29 @@ class TicketKey:
 class TicketStore:
     def __init__(self, policy: ResumptionPolicy) -> None:
         self.policy = policy
-        self._tickets: dict[TicketKey, Ticket] = {}
+        # per pair, oldest first; the dict's order is the pairs' eviction order (least recently used first)
+        self._tickets: dict[TicketKey, list[Ticket]] = {}
+        self._count = 0
         self.dropped: Counter[str] = Counter()  # why tickets were not used: renewed, resumptions, age, evicted...
 
     def __len__(self) -> int:
-        return len(self._tickets)
+        return self._count
 
     def take(self, key: TicketKey, context: SSL.Context, now: float) -> Ticket | None:
-        """The ticket to offer for `key` (removed: each session is offered once), or None for a full handshake."""
-        ticket = self._tickets.pop(key, None)
-        if ticket is None or not self.policy.enabled:
-            return None
-        why = self.refusal(ticket, context, now)
-        if why is not None:
+        """The newest ticket to offer for `key` within bounds (removed: each session is offered once), or None
+        for a full handshake. Tickets found out of bounds on the way go."""
+        held = self._tickets.get(key)
+        while held:
+            ticket = held.pop()
+            self._count -= 1
+            why = self.refusal(ticket, context, now) if self.policy.enabled else "off"
+            if why is None:
+                if not held:
+                    del self._tickets[key]
+                return ticket
             self.dropped[why] += 1
-            return None
-        return ticket
+        self._tickets.pop(key, None)
+        return None
 
     def refusal(self, ticket: Ticket, context: SSL.Context, now: float) -> str | None:
         """Why `ticket` must not be resumed now (None: it may)."""
@@ -85,22 +105,28 @@ class TicketStore:
     def put(self, key: TicketKey, ticket: Ticket) -> None:
         if not self.policy.enabled:
             return
-        self._tickets.pop(key, None)  # re-insert: the dict's order is the eviction order
-        self._tickets[key] = ticket
-        while len(self._tickets) > self.policy.max_tickets:
-            del self._tickets[next(iter(self._tickets))]
-            self.dropped["evicted"] += 1
+        held = self._tickets.pop(key, None) or []  # re-insert: the pair is the most recently used now
+        self._tickets[key] = held
+        held.append(ticket)
+        self._count += 1
+        if len(held) > self.policy.per_pair:
+            del held[0]
+            self._count -= 1
+            self.dropped["surplus"] += 1
+        while self._count > self.policy.max_tickets:
+            gone = len(self._tickets.pop(next(iter(self._tickets))))
+            self._count -= gone
+            self.dropped["evicted"] += gone
 
     def forget(self, identity: Identity) -> None:
         """A certificate of `identity` was renewed: its tickets go (the next handshakes are full ones)."""
-        gone = [k for k in self._tickets if k.local == identity]
-        for key in gone:
-            del self._tickets[key]
-        self.dropped["renewed"] += len(gone)
+        for key in [k for k in self._tickets if k.local == identity]:
+            self.discard(key, "renewed")
 
     def discard(self, key: TicketKey, why: str) -> None:
-        if self._tickets.pop(key, None) is not None:
-            self.dropped[why] += 1
+        held = self._tickets.pop(key, None) or []
+        self._count -= len(held)
+        self.dropped[why] += len(held)
 
 
 class ResumptionChains:
@@ -130,7 +156,7 @@ class ResumptionChains:
             self.refused["unknown"] += 1
             return "no full handshake with this peer and identity pair on record here"
         started, count = chain
-        limit = self.policy.max_resumptions
+        limit = self.policy.pair_budget
         if count >= limit:
             self.refused["resumptions"] += 1
             return f"{count} resumptions since the last full handshake (at most {limit})"

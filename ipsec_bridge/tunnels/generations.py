@@ -214,6 +214,7 @@ class Generations:
         return {
             "enabled": policy.enabled,
             "max_resumptions": policy.max_resumptions,
+            "tickets_per_pair": policy.per_pair,
             "ticket_max_age_seconds": policy.max_age,
             "tickets": len(self.tickets),
             "tickets_dropped": dict(self.tickets.dropped),

@@ -27,8 +27,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
-from OpenSSL._util import ffi as _ffi
-from OpenSSL._util import lib as _lib
 
 from ipsec_bridge import handshake as hs
 from ipsec_bridge.certs import Certificates
@@ -584,6 +582,62 @@ async def test_n_resumptions_and_the_age_bound_force_a_full_handshake(mesh: Mesh
     assert store.dropped["age"] == 1
 
 
+async def test_concurrent_handshakes_of_one_pair_each_resume_a_session_of_their_own(mesh: Mesh) -> None:
+    """A bulk rekey of several tunnels of one identity pair: the store holds up to per_pair sessions, newest
+    first, each with its own chain, so every handshake that finds one resumes (with one session per pair, all
+    but the first went full); the responder's budget for the pair is N x per_pair."""
+    policy = ResumptionPolicy(max_resumptions=2, max_age=100.0, per_pair=3)
+    store, chains = TicketStore(policy), ResumptionChains(policy, Clock())
+    key = TicketKey("192.168.50.2", A1_ID, B1_ID)
+    ctx = mesh.creds["a1"][1]
+    for _ in range(4):  # four full handshakes: the oldest session is the surplus
+        out, _ = await _chained(mesh, None, chains)
+        assert _modes(out) == FULL and isinstance(out.initiator, hs.Result) and out.initiator.ticket is not None
+        store.put(key, out.initiator.ticket)
+    assert len(store) == 3 and store.dropped == {"surplus": 1}
+    taken = [store.take(key, ctx, 0.0) for _ in range(4)]  # three at once, then none is left: a full one
+    assert taken[3] is None and len(store) == 0
+    results = await asyncio.gather(*(_chained(mesh, t, chains) for t in taken[:3]))
+    assert [_modes(out) for out, _ in results] == [RESUMED] * 3
+    for out, _ in results:
+        assert isinstance(out.initiator, hs.Result) and out.initiator.ticket is not None
+        assert out.initiator.ticket.resumptions == 1  # each carries on its own chain
+        store.put(key, out.initiator.ticket)
+    assert len(store) == 3
+    # the responder counts the pair: 3 chains x 2 = 6 resumptions since its last full handshake, then Reject.full
+    for _ in range(3):
+        ticket = store.take(key, ctx, 0.0)
+        assert ticket is not None and ticket.resumptions == 1
+        out, _ = await _chained(mesh, ticket, chains)
+        assert _modes(out) == RESUMED
+    refused, _ = await _chained(mesh, ticket, chains)  # a seventh, offered by an initiator that ignores N
+    assert isinstance(refused.responder, hs.HandshakeError), refused
+    assert "6 resumptions since the last full handshake (at most 6)" in str(refused.responder)
+
+
+def test_the_ticket_store_is_bounded_in_sessions_least_recently_used_pair_first() -> None:
+    store = TicketStore(ResumptionPolicy(max_tickets=3, per_pair=2))
+    keys = [TicketKey(f"192.168.50.{i}", A1_ID, B1_ID) for i in range(3)]
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    tickets = [_fake_ticket(i, ctx) for i in range(5)]
+    store.put(keys[0], tickets[0])
+    store.put(keys[0], tickets[1])
+    store.put(keys[1], tickets[2])
+    store.put(keys[0], tickets[3])  # keys[0] holds its two newest; it is also the most recently used pair
+    assert len(store) == 3 and store.dropped == {"surplus": 1}
+    store.put(keys[2], tickets[4])  # four sessions: the least recently used pair (keys[1]) goes
+    assert len(store) == 3 and store.dropped == {"surplus": 1, "evicted": 1}
+    assert store.take(keys[1], ctx, 0.0) is None
+    assert [store.take(keys[0], ctx, 0.0) for _ in range(3)] == [tickets[3], tickets[1], None]
+    store.discard(keys[2], "gone")
+    assert len(store) == 0 and store.dropped["gone"] == 1
+
+
+def _fake_ticket(i: int, ctx: SSL.Context) -> hs.Ticket:
+    """A ticket whose session is never used (the store only reads its bounds)."""
+    return hs.Ticket(b"", ctx, B1_ID, b"", dt.datetime.now(dt.UTC), chain_started=0.0, resumptions=0, issued=float(i))
+
+
 async def test_a_renewed_certificate_forces_a_full_handshake_on_either_side(mesh: Mesh) -> None:
     first, _ = await _full_then(mesh)
     assert first.ticket is not None
@@ -653,8 +707,8 @@ FULL, RESUMED = (False, False, 1, 1), (True, True, 0, 0)
 async def test_the_responder_refuses_the_resumption_past_n_that_the_initiator_offers_anyway(mesh: Mesh) -> None:
     """An initiator that ignores its own bound (it offers every ticket it gets): the responder counts the pair's
     resumptions since its last full handshake and answers the third with Reject.full, before any SPI; the full
-    handshake that follows starts a new chain."""
-    chains = ResumptionChains(ResumptionPolicy(max_resumptions=2, max_age=100.0), Clock())
+    handshake that follows starts a new chain. (One session per pair here: the budget is N x per_pair.)"""
+    chains = ResumptionChains(ResumptionPolicy(max_resumptions=2, max_age=100.0, per_pair=1), Clock())
     out, _ = await _chained(mesh, None, chains)
     assert _modes(out) == FULL
     for _ in range(2):
@@ -715,10 +769,7 @@ async def test_a_responder_that_holds_no_chain_for_the_pair_takes_no_resumption(
 def _rewound(ticket: hs.Ticket) -> hs.Ticket:
     """The ticket with its session's issue time set to now, as a modified initiator could make it: OpenSSL's
     client side then offers it whatever its age (the time is `[1] EXPLICIT INTEGER` in the SSL_SESSION DER)."""
-    size = _lib.i2d_SSL_SESSION(ticket.session._session, _ffi.NULL)
-    buf = _ffi.new("unsigned char[]", size)
-    _lib.i2d_SSL_SESSION(ticket.session._session, _ffi.new("unsigned char **", buf))
-    der = bytes(_ffi.buffer(buf, size))
+    der = ticket.der
     now = int(time.time())
 
     def is_time(i: int) -> bool:
@@ -729,13 +780,7 @@ def _rewound(ticket: hs.Ticket) -> hs.Ticket:
     at = next(i for i in range(len(der) - 4) if is_time(i))
     n = der[at + 3]
     der = der[: at + 4] + now.to_bytes(n) + der[at + 4 + n :]
-    raw = _ffi.new("unsigned char[]", der)
-    parsed = _lib.d2i_SSL_SESSION(_ffi.NULL, _ffi.new("unsigned char **", raw), len(der))
-    assert parsed != _ffi.NULL
-    session = SSL.Session.__new__(SSL.Session)
-    session._session = _ffi.gc(parsed, _lib.SSL_SESSION_free)
-    session._context = ticket.context  # pyOpenSSL resumes a session only with the context it came from
-    return dataclasses.replace(ticket, session=session)
+    return dataclasses.replace(ticket, der=der)
 
 
 def _client_hello_extensions(msg: bytes) -> set[int]:
@@ -807,6 +852,22 @@ async def test_a_rotated_responder_context_takes_no_old_ticket_and_the_new_ones_
     assert old.initiator.ticket.resumptions == 0 and chains.refused == {}
     new, _ = await _chained(mesh, old.initiator.ticket, chains, responder=rotated)
     assert _modes(new) == RESUMED
+
+
+async def test_handshakes_that_ask_at_once_share_one_new_context(mesh: Mesh) -> None:
+    """A pod's first burst of new pairs: every handshake asks for its identity's context before the first is
+    built. One context is built and all get it (each used to build and keep its own, and the tickets made with
+    the ones not kept were refused as "renewed"); a waiter whose deadline passes does not cancel the others'."""
+    wall = WallClock()
+    certs = Certificates(mesh.secrets["node-b"], wall, ticket_lifetime=60)
+    await certs.credential(B1_ID, 10)  # the SVID is there; its context is built from here on
+    wall.now += dt.timedelta(seconds=60)  # ... and is due for rotation
+    impatient = asyncio.ensure_future(certs.credential(B1_ID, 10))
+    await asyncio.sleep(0)
+    impatient.cancel()
+    got = await asyncio.gather(*(certs.credential(B1_ID, 10) for _ in range(8)))
+    assert len({id(ctx) for _, ctx in got}) == 1
+    assert (await certs.credential(B1_ID, 10))[1] is got[0][1]  # the one kept
 
 
 async def test_a_renewal_on_either_side_forces_a_full_handshake_on_both(mesh: Mesh) -> None:

@@ -4,6 +4,7 @@ touching the kernel; ztctl tunnels renders a bridge's /config_dump; the key deri
 from __future__ import annotations
 
 import dataclasses
+import resource
 from ipaddress import ip_address
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from ipsec_bridge import keys
 from ipsec_bridge.admin import parse_xfrm_stat
-from ipsec_bridge.main import main
+from ipsec_bridge.main import main, raise_open_files_limit
 from ztctl.commands.proxy_config import tabulate
 from ztctl.commands.tunnels import COLUMNS, notes, rows
 
@@ -64,6 +65,19 @@ def test_runtime_refusals_are_one_line_and_exit_1(
 ) -> None:
     assert main([*base, *change]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == message
+
+
+def test_the_bridge_raises_its_open_files_limit_to_the_hard_one() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        lower = min(soft, 256)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lower, hard))
+        before, after = raise_open_files_limit()
+        assert before == lower and after > lower
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (after, hard)
+        assert raise_open_files_limit() == (after, after)  # already there: nothing changes
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_xfrm_stat_parsing() -> None:
