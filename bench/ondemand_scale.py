@@ -635,6 +635,10 @@ def report(od: dict[str, Any], eg: dict[str, Any]) -> str:
         f"  warm connect over an existing tunnel: median {eg['warm_connect_ms'].get('median')} ms; mutual TLS 1.3"
         f" median {eg['tls_ms'].get('median')} ms",
     ]
+    for name, run in (("on demand", od), ("eager", eg)):
+        for node, w in sorted(run.get("log_warnings", {}).items()):
+            if w["count"]:
+                lines.append(f"  {name}, node-{node}: {w['count']} warnings/errors logged, last: {w['last'][-1][:160]}")
     return "\n".join(lines)
 
 

@@ -151,6 +151,8 @@ class OnDemand:
         key = pod_key(pair)
         if key in self.in_flight:
             self._count("duplicate")
+            log.debug("on-demand: ACQUIRE %s -> %s (priority %d) while its set-up runs", pair[0], pair[1],
+                      event.policy.policy.priority)  # fmt: skip
             return
         if len(self.in_flight) >= self.settings.max_acquires:
             # the larval state stays: the kernel holds and then drops this pair's packets, and asks again when
@@ -158,6 +160,7 @@ class OnDemand:
             self._count("over_cap")
             return
         self.in_flight.add(key)
+        log.debug("on-demand: ACQUIRE %s -> %s (priority %d)", pair[0], pair[1], event.policy.policy.priority)
         queue = self._held_queue(event, pair)
         task = asyncio.get_running_loop().create_task(self._handle(event, pair, key, queue), name=f"acquire {key[1]}")
         self.handlers.add(task)
@@ -171,6 +174,7 @@ class OnDemand:
         if queue is None:  # the pod's queue had left: this packet is its oldest now
             opened = asyncio.get_running_loop().time()
             queue = self.queues[pair[0]] = HeldQueue(pair, held_flow(event.selector), opened)
+            log.debug("on-demand: %s -> %s heads pod %s's held queue", pair[0], pair[1], pair[0])
         queue.pending.add(pair)
         return queue
 
@@ -243,6 +247,8 @@ class OnDemand:
             return
         if self.queues.get(pair[0]) is queue:
             del self.queues[pair[0]]  # from here on, a first packet of the pod starts its next queue
+        log.debug("on-demand: pod %s's held queue goes (head %s up: %s, %d pairs still pending, %.3fs)", pair[0],
+                  pair[1], up, len(queue.pending), asyncio.get_running_loop().time() - queue.opened)  # fmt: skip
         try:
             await self.sa.kick(pair[0], queue.flow if queue.held else None, up=up)
         except XfrmError as err:
@@ -259,6 +265,7 @@ class OnDemand:
             return []
         del self.queues[local]  # from here on, a first packet of the pod starts its next queue
         queue.released = True
+        log.debug("on-demand: pod %s's held queue goes with its head's out policy (%s)", local, peer)
         return self.sa.kick_requests(local, queue.flow)
 
     async def _admitted(self, key: TunnelKey) -> TunnelSpec | str:
