@@ -79,11 +79,11 @@ class TicketStore:
     def take(self, key: TicketKey, context: SSL.Context, now: float) -> Ticket | None:
         """The newest ticket to offer for `key` within bounds (removed: each session is offered once), or None
         for a full handshake. Tickets found out of bounds on the way go."""
-        held = self._tickets.get(key)
+        held = self._tickets.get(key)  # none when resumption is off: `put` keeps nothing then
         while held:
             ticket = held.pop()
             self._count -= 1
-            why = self.refusal(ticket, context, now) if self.policy.enabled else "off"
+            why = self.refusal(ticket, context, now)
             if why is None:
                 if not held:
                     del self._tickets[key]
