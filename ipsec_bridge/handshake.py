@@ -34,7 +34,7 @@ to removing its own side alone.
 
 TLS runs on the event loop through memory BIOs, do_handshake included: a step's crypto (an ECDHE, a P-256
 signature, a chain and signature check) is a fraction of a millisecond, less than the worker-thread hop it used to
-take (~0.9 ms in UML, five per handshake: measured), and there is no IO in it.
+take (0.7-0.9 ms in UML, five per handshake: bench/thread_hop.py), and there is no IO in it.
 
 Resumption. A rekey, or the re-establishment of a recently removed pair, may resume the TLS session of an
 earlier handshake with the same peer bridge and identity pair (`Plan.ticket`): RFC 8446 PSK with psk_dhe_ke

@@ -4,8 +4,8 @@ The kernel does the work of a netlink request inside our sendmsg() and queues it
 Batches, dumps and the first SAs of a socket (crypto allocation, even a module load) run in a worker thread
 (asyncio.to_thread) on a blocking socket. A few requests of the kinds that are microseconds of kernel work
 (`_INLINE`: an SPI, a policy, an SA once the socket has installed one) run on the event loop instead: a
-worker-thread hop costs ~0.9 ms in UML (measured; ~0.07 ms on the 2-vCPU host), and a handshake makes five of
-them in a row. Notifications use a non-blocking socket read by the loop.
+worker-thread hop costs 0.7-0.9 ms in UML (bench/thread_hop.py; 0.06 ms on the 2-vCPU host), and a handshake
+makes five of them in a row. Notifications use a non-blocking socket read by the loop.
 
 A socket belongs to the network namespace it was created in. `netns` (a name under /run/netns or a path such
 as /proc/PID/ns/net) is entered by a short-lived helper thread that creates the socket and exits, so no

@@ -559,7 +559,7 @@ async def test_a_session_made_with_a_since_expired_certificate_is_refused(mesh: 
 
 async def test_tls_steps_run_on_the_event_loop(mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
     """A full handshake and a resumed one make no worker-thread hop: each step's crypto is less than the hop
-    (~0.9 ms in UML), and the BIOs are memory."""
+    (0.7-0.9 ms in UML), and the BIOs are memory."""
     hops: list[str] = []
     real = asyncio.to_thread
 

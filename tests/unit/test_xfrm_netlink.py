@@ -179,7 +179,7 @@ async def test_loop_stays_responsive_during_a_request(fake: Callable[..., tuple[
 async def test_a_few_cheap_requests_run_on_the_loop_and_never_wait_for_a_worker(
     fake: Callable[..., tuple[FakeKernel, XfrmSocket]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An SPI, a policy, an SA once one went in: no worker-thread hop (~0.9 ms each in UML). A worker thread that
+    """An SPI, a policy, an SA once one went in: no worker-thread hop (0.7-0.9 ms each in UML). A worker thread that
     is talking to the kernel on the socket is never waited for on the loop: the request goes to a thread too."""
     gate, arrived = threading.Event(), threading.Event()
     gate.set()
