@@ -230,7 +230,10 @@ async def test_failover_between_two_ztd_processes(
             killed_at = time.monotonic()
             holder.stop(signal.SIGKILL)
             error = await on_holder.wait_closed(10)
-            assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
+            # The stream breaks, not ends: grpcio says UNAVAILABLE, or INTERNAL when the loss
+            # is first seen by the client's own ACK write (a race seen in CI).
+            assert error is not None, "the stream ended cleanly after SIGKILL"
+            assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL), error
 
         # Meanwhile: the root ConfigMap is deleted, and a pod is added.
         await kube.call(kube.core.delete_namespaced_config_map, "istio-ca-root-cert", ns)
