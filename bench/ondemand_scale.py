@@ -59,6 +59,11 @@ from bench.inside_uml import run_inside  # noqa: E402
 NODE_A_IP, NODE_B_IP = "192.168.50.1", "192.168.50.2"
 GATEWAY = {"a": "10.1.255.254", "b": "10.2.255.254"}  # the node's address on its pods' link, outside the pod range
 POD_RANGE = {"a": "10.1.0.0/17", "b": "10.2.0.0/17"}  # each side's AnyIP route: up to 32,000 pods
+# The node reaches its pods' range through one next hop (an address of the range no pod gets): a route to the
+# range on the link itself would make the node resolve every pod address with ARP, and thousands of neighbour
+# entries overflow the kernel's table (gc_thresh3, 1,024): the node then drops packets to new pods until its
+# garbage collection frees entries, seconds later. A real node has one neighbour per pod's veth.
+POD_HOP = {"a": "10.1.127.254", "b": "10.2.127.254"}
 CLIENT_ACCOUNTS, SERVER_ACCOUNTS = 20, 98
 ECHO_PORT = 8080
 PATTERN = bytes.fromhex("5a7e5a7e0ddba11cafe0f00d")
@@ -209,7 +214,7 @@ def guest_classes() -> type:
                 lines += [
                     f"link add eth0 netns {pods} type veth peer vpods netns {node}",
                     f"-n {node} addr add {gw}/32 dev vpods", f"-n {node} link set vpods up",
-                    f"-n {node} route add {POD_RANGE[side]} dev vpods",
+                    f"-n {node} route add {POD_RANGE[side]} via {POD_HOP[side]} dev vpods onlink",
                     f"-n {node} route add {POD_RANGE[other]} via {NODE_A_IP if other == 'a' else NODE_B_IP}",
                     f"-n {pods} link set eth0 up", f"-n {pods} route add {gw} dev eth0",
                     f"-n {pods} route add default via {gw} dev eth0",

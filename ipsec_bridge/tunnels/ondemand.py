@@ -123,6 +123,7 @@ class OnDemand:
         self._asking: set[TunnelKey] = set()  # pairs this side is asking its peer about right now (t.lock held)
         self._postponed: dict[TunnelKey, float] = {}  # the peer kept these: not asked again before then (monotonic)
         self._alone: set[str] = set()  # peers (node addresses) already logged for taking no part
+        self._events: XfrmEvents | None = None  # the ACQUIREs `watch` reads (for `_catch_up`)
         table.activator = self.activate
         sa.switch_hook = self._switched
 
@@ -130,17 +131,36 @@ class OnDemand:
 
     async def watch(self, events: XfrmEvents) -> None:
         """Until cancelled: every ACQUIRE of the node's traps."""
+        self._events = events
         try:
             async for event in events:
-                if isinstance(event, EventsLost):
-                    # the larval states of the lost ones expire (xfrm_acq_expires), then the kernel asks again
-                    self._count("lost")
-                    log.warning("XFRM ACQUIREs were lost; their pairs are asked about again within 30 s")
-                elif isinstance(event, m.Acquire):
-                    self.on_acquire(event)
+                self._on_event(event)
         finally:
+            self._events = None
             for task in self.handlers:
                 task.cancel()
+
+    def _on_event(self, event: m.Event | EventsLost) -> None:
+        if isinstance(event, EventsLost):
+            # the larval states of the lost ones expire (xfrm_acq_expires), then the kernel asks again
+            self._count("lost")
+            log.warning("XFRM ACQUIREs were lost; their pairs are asked about again within 30 s")
+        elif isinstance(event, m.Acquire):
+            self.on_acquire(event)
+
+    def _catch_up(self) -> None:
+        """Handle the ACQUIREs the kernel has sent and `watch` has not read yet, before a pod's queue is let go: the
+        kernel sends a pair's ACQUIRE as it queues the pair's first packet, so a pair whose packet waits in the
+        queue is pending by then, and the queue waits for it instead of the kernel freeing that packet (which
+        would cost the connection TCP's 1 s initial RTO)."""
+        if self._events is None:
+            return
+        try:
+            events = self._events.ready_now()
+        except XfrmError:
+            return  # the socket failed: `watch` reads the same error and ends
+        for event in events:
+            self._on_event(event)
 
     def on_acquire(self, event: m.Acquire) -> None:
         self._count("received")
@@ -228,21 +248,25 @@ class OnDemand:
         once when the head is not up (its packets never leave, so the queue is freed rather than left to block
         the pod's next first packets), else when every pair of the queue is done or `hold_max` after the queue's
         first ACQUIRE, whichever comes first (a pair still being set up then loses its first packets; TCP sends
-        them again into the pair's own trap), or at once if the head itself took over half of `hold_max`."""
+        them again into the pair's own trap, after its initial RTO: about when `hold_max` ends)."""
         queue.pending.discard(pair)
         queue.changed.set()
         if pair != queue.head:
             return
         now = asyncio.get_running_loop().time()
-        # The others, set up beside the head under the same load, need about as long as it did: when that was
-        # over half of hold_max they would mostly miss it anyway, and waiting would only hold back the pairs up.
-        if up and queue.pending and now - queue.opened <= self.hold_max / 2:
+        if not queue.released:
+            self._catch_up()
+        # The others were set up beside the head, under the same load: they come up just after it (measured: 30 ms
+        # after a head that took 0.5 s at 32 set-ups at once), so waiting for them costs the pairs that are up
+        # little, while letting the queue go would cost each of them TCP's 1 s RTO.
+        if up and queue.pending:
             left = queue.opened + self.hold_max - now
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(left, 0.0)):
                     while queue.pending:
                         queue.changed.clear()
                         await queue.changed.wait()
+                        self._catch_up()
         if queue.released:
             return
         if self.queues.get(pair[0]) is queue:
@@ -261,7 +285,10 @@ class OnDemand:
         local, peer = sel[0].network_address, sel[1].network_address
         queue = self.queues.get(local)
         # (not before the head's handler has asked for the hold: that must go in first, this batch or earlier)
-        if queue is None or queue.head != (local, peer) or queue.pending - {queue.head} or not queue.held:
+        if queue is None or queue.head != (local, peer) or not queue.held:
+            return []
+        self._catch_up()
+        if queue.pending - {queue.head}:
             return []
         del self.queues[local]  # from here on, a first packet of the pod starts its next queue
         queue.released = True

@@ -445,11 +445,33 @@ class XfrmEvents:
                 if exc.errno == errno.ENOBUFS:
                     return EventsLost()
                 raise XfrmError("receive XFRM notifications", exc.errno or errno.EIO) from exc
-            for msg in m.decode_nlmsgs(data):
-                if msg.type in (NlmsgType.NOOP, NlmsgType.ERROR, NlmsgType.DONE, NlmsgType.OVERRUN):
-                    continue
-                self._queue.append(m.decode_event(msg))
+            self._decode(data)
         return self._queue.popleft()
+
+    def ready_now(self) -> list[m.Event | EventsLost]:
+        """The events the kernel has sent that `next` has not returned yet, without waiting: for a reader that must
+        not act on a stale picture (an ACQUIRE is sent in the same syscall that queues its packet). A `next` waiting
+        at the same time is safe: asyncio's reader retries on EAGAIN."""
+        while True:
+            try:
+                data = self._sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise XfrmError("receive XFRM notifications", exc.errno or errno.EIO) from exc
+                self._queue.append(EventsLost())
+                continue
+            self._decode(data)
+        out = list(self._queue)
+        self._queue.clear()
+        return out
+
+    def _decode(self, data: bytes) -> None:
+        for msg in m.decode_nlmsgs(data):
+            if msg.type in (NlmsgType.NOOP, NlmsgType.ERROR, NlmsgType.DONE, NlmsgType.OVERRUN):
+                continue
+            self._queue.append(m.decode_event(msg))
 
 
 async def probe_offload(xfrm: XfrmSocket, sa: m.SecurityAssociation, device: str, mode: str) -> OffloadProbe:
