@@ -39,6 +39,8 @@ from ipsec_bridge.xfrm.netlink import XfrmError
 
 log = logging.getLogger(__name__)
 
+REPEATED_REQUEST = "a rekey was requested less than 1s ago"  # the peer's first request of the second stands
+
 # answers a peer's teardown request for one of this node's tunnels, on the request's connection (the generation's
 # SPIs as the peer sees them: (in, out)); ipsec_bridge.tunnels.ondemand.OnDemand.on_teardown_request
 TeardownHandler = Callable[[Tunnel, tuple[int, int], asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -108,6 +110,12 @@ class Responder:
                         refusal = self.request_source_refusal(preamble, peername) or self.on_rekey_request(preamble)
                         if refusal is not None:
                             await refuse(writer, refusal)
+                            if refusal == REPEATED_REQUEST:
+                                # the peer asked twice at once and its first request stands: answered and
+                                # counted, but not a warning per connection (a peer could fill the log)
+                                self.metrics.handshakes.inc(role="responder", result="refused")
+                                log.debug("rekey request %s -> %s: %s", preamble.src, preamble.dst, refusal)
+                                return
                             raise HandshakeError("refused", f"rekey request refused: {refusal}")
                         writer.write(status_ok())
                         await writer.drain()
@@ -204,7 +212,7 @@ class Responder:
             return f"this node initiates no tunnel {preamble.dst} <-> {preamble.src}"
         now = self._monotonic()
         if now - t.last_request < 1.0:
-            return "a rekey was requested less than 1s ago"
+            return REPEATED_REQUEST
         t.last_request = now
         if t.task is not None and not t.task.done():
             return None  # a handshake is under way: its generation is the fresh one asked for

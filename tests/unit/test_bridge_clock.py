@@ -4,9 +4,13 @@ follow it."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import logging
 from pathlib import Path
 from typing import Any, cast
+
+import pytest
 
 from ipsec_bridge.handshake import Kind, Preamble
 from ipsec_bridge.keys import KeyScope
@@ -38,13 +42,15 @@ def generation(established_mono: float) -> Generation:
     return Generation(1, 0x7A000001, 0xA001, 0xB001, 16, OffloadStatus.NONE, WALL, established_mono, WALL, 0.01)
 
 
-async def manager_at(tmp_path: Path, clock: Clock) -> tuple[TunnelManager, StateStore]:
+async def manager_at(
+    tmp_path: Path, clock: Clock, bridge: BridgeSettings | None = None
+) -> tuple[TunnelManager, StateStore]:
     store = StateStore(settings(), monotonic=clock)
     await LocalConfigSource(write_mesh(tmp_path), store, TranslateOptions()).load_initial()
     sa = SaManager(cast(Any, RecordingXfrm([], block_policy_dump())), SaSettings(mesh_cidrs=MESH))
     await sa.start(TunnelScope.POD)
-    manager = TunnelManager(BridgeSettings(node="node-a"), store, sa, cast(Any, NoCertificates()), cast(Any, None),
-                            BridgeMetrics(Registry()), monotonic=clock, wall=lambda: WALL)  # fmt: skip
+    manager = TunnelManager(bridge or BridgeSettings(node="node-a"), store, sa, cast(Any, NoCertificates()),
+                            cast(Any, None), BridgeMetrics(Registry()), monotonic=clock, wall=lambda: WALL)  # fmt: skip
     await manager.reconcile(store.view)
     return manager, store
 
@@ -89,3 +95,42 @@ async def test_removal_latency_is_measured_on_the_injected_clock(tmp_path: Path)
     assert list(manager.removals) == [{"tunnel": f"pod/{A1}/{B1}", "reason": "policy or workload change",
                                        "seconds": 0.25}]  # fmt: skip
     assert ("pod", A1, B1) not in manager.tunnels
+
+
+class QuietWriter:
+    """The responder's side of a connection: what it writes, and a peer address."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    async def drain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str) -> object:
+        return ("192.168.50.2", 40000) if name == "peername" else None
+
+
+async def test_a_peer_asking_twice_at_once_is_answered_without_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # eager set-up at 2,000 pairs: node-b asked twice within a second for 18 tunnels, and each second request
+    # was a WARNING on node-a; it is refused (the first stands) and logged at debug only
+    clock = Clock(5000.0)
+    manager, _ = await manager_at(tmp_path, clock, BridgeSettings(node="node-a", check_source_address=False))
+    request = Preamble(Kind.REKEY_REQUEST, KeyScope.POD, B1, A1)
+    assert manager.responder.on_rekey_request(request) is None  # the first request
+    reader = asyncio.StreamReader()
+    reader.feed_data(request.encode())
+    reader.feed_eof()
+    writer = QuietWriter()
+    with caplog.at_level(logging.DEBUG):
+        await manager.responder.serve_connection(reader, cast(Any, writer))
+    assert writer.data  # it was answered (a refusal)
+    assert [r.levelname for r in caplog.records if "less than 1s" in r.getMessage()] == ["DEBUG"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
