@@ -39,7 +39,7 @@ from ipsec_bridge.xfrm.netlink import XfrmError
 
 log = logging.getLogger(__name__)
 
-REPEATED_REQUEST = "a rekey was requested less than 1s ago"  # the peer's first request of the second stands
+REPEATED_REQUEST = "a rekey was requested less than 1s ago"  # a repeat: the first request stands
 
 # answers a peer's teardown request for one of this node's tunnels, on the request's connection (the generation's
 # SPIs as the peer sees them: (in, out)); ipsec_bridge.tunnels.ondemand.OnDemand.on_teardown_request

@@ -233,6 +233,24 @@ async def test_events_decoded_in_order() -> None:
     assert EventsLost() == EventsLost()
 
 
+async def test_events_already_sent_are_read_without_waiting_beside_a_waiting_reader() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ours.setblocking(False)
+    events = XfrmEvents(ours)
+    waiting = asyncio.ensure_future(events.next())  # the watcher, parked on the socket
+    await asyncio.sleep(0)
+    assert events.ready_now() == []  # nothing sent: no wait, nothing made up
+    policy = m.encode_nlmsg(XfrmMsg.NEWPOLICY, 0, 0, m.encode_policy(policy_v4()))
+    theirs.send(policy + policy)
+    theirs.send(policy)
+    ready = events.ready_now()  # both datagrams, in order, before the loop has run the waiting reader
+    assert [type(e) for e in ready] == [m.PolicyEvent] * 3
+    theirs.send(policy)  # the waiting reader still gets what comes next
+    assert isinstance(await asyncio.wait_for(waiting, 2), m.PolicyEvent)
+    events.close()
+    theirs.close()
+
+
 def test_unknown_netns_is_a_clear_error() -> None:
     with pytest.raises(XfrmError, match=r"enter network namespace 'no-such-ns' \(/run/netns/no-such-ns\) failed"):
         open_socket("no-such-ns")
