@@ -342,7 +342,9 @@ def guest_classes() -> type:
             snap: dict[str, Any] = {"label": label, "active_pairs": active}
             for name, netns in (("a", "nodeA"), ("b", "nodeB")):
                 snap[name] = {**await self.state(netns), **self.rss(name)}
-                snap[name]["tunnels"] = len((await self.dump(name))["tunnels"])
+                dump = await self.dump(name)
+                snap[name]["tunnels"] = len(dump["tunnels"])
+                snap[name]["scheduler"] = dump.get("scheduler", {})  # passes so far, and their CPU seconds
             snap["ztd_rss_mib"] = self.rss_of("self")["VmRSS"]  # ztd runs in this (the guest's) process
             return snap
 

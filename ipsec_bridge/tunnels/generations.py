@@ -201,7 +201,7 @@ class Generations:
             describe(t.spec), gen.number, gen.spi_in, gen.spi_out, role, mode, result.signatures,
             result.seconds * 1000,
         )  # fmt: skip
-        self.table.wake.set()
+        self.table.touch(t)
 
     def resumption_dump(self) -> dict[str, Any]:
         """For /config_dump: the bounds, the tickets held (count only) and full vs resumed handshakes."""

@@ -160,7 +160,7 @@ class TunnelManager:
             t = tunnels.get(key)
             if t is None:
                 # eager; on demand only the pairs --eager-for marks (the rest come with their first packet)
-                tunnels[key] = Tunnel(spec, self._monotonic())
+                self.table.add(Tunnel(spec, self._monotonic()))
             elif spec.selectors != t.spec.selectors:
                 await self._update_selectors(t, spec)
         if self.on_demand is not None:
@@ -251,6 +251,11 @@ class TunnelManager:
             "recent_removals": list(self.table.removals),
             "errors": dict(self.errors),
             "adoption": {**a.stats, "pending": len(a.pending), "settled": a.settled},
+            "scheduler": {
+                "passes": self.scheduler.passes,
+                "looks": self.scheduler.looks,
+                "pass_seconds": round(self.scheduler.pass_seconds, 3),
+            },
             **({"on_demand": self.on_demand.dump()} if self.on_demand is not None else {}),
         }
 

@@ -325,7 +325,7 @@ class OnDemand:
             if not spec.initiator:
                 t.rekey_wanted = True  # a responder asks its initiator now, not after responder_nudge_after
             t.active_at = self._monotonic()
-            self.table.wake.set()
+            self.table.touch(t)
         return t
 
     async def _wait_up(self, t: Tunnel) -> bool:
@@ -530,7 +530,7 @@ class OnDemand:
             t.rekey_wanted = True  # a responder asks its initiator now, as for a new on-demand record
         self.table.record_removal(t, reason, started)
         log.info("tunnel %s removed (%s), its record kept: traffic waits for it", describe(t.spec), reason)
-        self.table.wake.set()
+        self.table.touch(t)
 
     async def on_teardown_request(
         self, t: Tunnel, spis: tuple[int, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter

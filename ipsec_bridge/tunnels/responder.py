@@ -191,7 +191,7 @@ class Responder:
             raise HandshakeError("refused", f"this node initiates the tunnel {describe(spec)}")
         t = self.table.tunnels.get(key)
         if t is None or not t.spec.same_tunnel(spec):
-            t = self.table.tunnels[key] = Tunnel(spec, self._monotonic())
+            t = self.table.add(Tunnel(spec, self._monotonic()))
         return t
 
     def request_source_refusal(self, preamble: Preamble, peername: object) -> str | None:
@@ -222,7 +222,7 @@ class Responder:
         if t.failures == 0:  # a failing tunnel keeps its backoff: requests must not turn into a storm
             t.next_attempt = 0.0
         self.metrics.rekey_requests.inc(direction="received")
-        self.table.wake.set()
+        self.table.touch(t)
         return None
 
     # --- idle teardown (on-demand) ---------------------------------------------------------------------------

@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import heapq
+import itertools
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 
 from ipsec_bridge.sa_manager import BRIDGE_MARK, SaManager
 from ipsec_bridge.tunnels.adoption import Adoption
@@ -45,28 +48,69 @@ class Scheduler:
         self.adoption = adoption
         self._monotonic = monotonic
         self._wall = wall
+        # what the passes cost (/config_dump)
+        self.passes = 0
+        self.looks = 0  # tunnels looked at, over all passes
+        self.pass_seconds = 0.0
+        # when each tunnel is next looked at: a heap of (time, order, tunnel), and the time that counts per tunnel
+        # (id: the records are not hashable); a look before its time leaves the old entry behind, skipped
+        self._due: list[tuple[float, int, Tunnel]] = []
+        self._next: dict[int, float] = {}
+        self._order = itertools.count()
 
     async def run(self, tg: asyncio.TaskGroup) -> None:
-        """Until cancelled: the due work of every tunnel, then sleep until the next is due or something wakes us.
-        Handshakes and rekey requests run as tasks of `tg`, so their owner's lifetime bounds them."""
+        """Until cancelled: the due work of the tunnels that need a look, then sleep until the next is due or
+        something wakes us. Handshakes and rekey requests run as tasks of `tg`, so their owner's lifetime bounds
+        them.
+
+        A pass looks at every tunnel only when asked to (`Wake.set`: a new view) and at start; otherwise at the
+        tunnels touched since (`TunnelTable.touch`: a record made, a commit, a request, a handshake's end) and
+        those whose own time came (each is looked at again at most 1 s after its last look, as before). So a
+        commit costs its tunnel, not the table: at 2,000 tunnels a whole pass took ~1.6 ms on the host."""
         wake = self.table.wake
+        wake.set()  # the first pass looks at everything
         while True:
             wake.clear()
+            started = time.perf_counter()
             now = self._monotonic()
             wall = self._wall()
-            wait = 1.0
             await self.adoption.expire_due(wall)
-            await self.retire_due(now)
-            for t in list(self.table.tunnels.values()):
-                wait = min(wait, await self._tick(t, tg, now, wall))
+            # (a record removed or replaced since it was queued is not looked at: a new record is touched itself)
+            batch = [t for t in self._work(now) if self.table.tunnels.get(t.spec.key) is t]
+            await self.retire_due(now, batch)
+            self.looks += len(batch)
+            for t in batch:
+                wait = await self._tick(t, tg, now, wall)
+                self._next[id(t)] = due = now + max(wait, 0.0)
+                heapq.heappush(self._due, (due, next(self._order), t))
+            self.passes += 1
+            self.pass_seconds += time.perf_counter() - started
+            wait = min(1.0, self._due[0][0] - now) if self._due else 1.0
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), max(wait, 0.01))
 
-    async def retire_due(self, now: float) -> None:
-        """Delete every tunnel's generations whose grace period is over, all in one netlink batch (after a bulk
-        rekey thousands are due together); each tunnel's SAs still succeed or fail on their own."""
+    def _work(self, now: float) -> list[Tunnel]:
+        """The tunnels this pass looks at: all of them when asked, else the touched ones and the due ones."""
+        everything, touched = self.table.take_work()
+        if everything:
+            self._due.clear()
+            self._next.clear()
+            return list(self.table.tunnels.values())
+        batch = {id(t): t for t in touched}
+        while self._due and self._due[0][0] <= now:
+            due, _, t = heapq.heappop(self._due)
+            if self._next.get(id(t)) != due:
+                continue  # a later look replaced this one
+            del self._next[id(t)]
+            batch[id(t)] = t
+        return list(batch.values())
+
+    async def retire_due(self, now: float, tunnels: Iterable[Tunnel] | None = None) -> None:
+        """Delete the generations whose grace period is over (of `tunnels`, default every tunnel), all in one
+        netlink batch (after a bulk rekey thousands are due together); each tunnel's SAs still succeed or fail on
+        their own."""
         due: list[tuple[Tunnel, list[Generation]]] = []
-        for t in self.table.tunnels.values():
+        for t in self.table.tunnels.values() if tunnels is None else tunnels:
             gens = [g for g, at in t.retiring if at <= now]
             if gens:
                 t.retiring = [(g, at) for g, at in t.retiring if at > now]
@@ -117,6 +161,7 @@ class Scheduler:
             needed = t.current is None or t.rekey_wanted
             if needed and now >= t.next_attempt:
                 t.task = tg.create_task(self.initiator.initiate(t), name=f"handshake {describe(t.spec)}")
+                t.task.add_done_callback(self._touch_when_done(t))  # a failure's retry time
             elif needed:
                 wait = min(wait, t.next_attempt - now)
             elif t.next_rekey is not None:
@@ -136,7 +181,14 @@ class Scheduler:
             t.nudges += 1
             t.rekey_wanted = False
             t.task = tg.create_task(self.initiator.nudge(t), name=f"rekey request {describe(t.spec)}")
+            t.task.add_done_callback(self._touch_when_done(t))
         return wait
+
+    def _touch_when_done(self, t: Tunnel) -> Callable[[asyncio.Task[None]], None]:
+        def done(_task: asyncio.Task[None]) -> None:
+            self.table.touch(t)
+
+        return done
 
     def _nudge_interval(self, t: Tunnel) -> float:
         s = self.settings
@@ -182,4 +234,4 @@ class Scheduler:
                     t.limit_kind = limit_kind(event)
                     t.want_rekey(f"{'hard' if event.hard else 'soft'} limit")
                     t.next_attempt = 0.0
-                    self.table.wake.set()
+                    self.table.touch(t)

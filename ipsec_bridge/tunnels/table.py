@@ -18,13 +18,22 @@ log = logging.getLogger(__name__)
 
 
 class Wake(asyncio.Event):
-    """The scheduler's event, which it clears; `changed()` lets others wait for the next `set` as well."""
+    """The scheduler's event, which it clears; `changed()` lets others wait for the next `set` as well.
+
+    `set()` asks for a look at every tunnel (a new view may touch any of them); `TunnelTable.touch` asks for one
+    tunnel's, so a commit or an ACQUIRE costs the scheduler that tunnel, not the table."""
 
     def __init__(self) -> None:
         super().__init__()
         self._watchers: list[asyncio.Future[None]] = []
+        self.everything = False  # a `set()` since the scheduler last took the work
 
     def set(self) -> None:
+        self.everything = True
+        self.notify()
+
+    def notify(self) -> None:
+        """Wake the scheduler for the tunnels `TunnelTable.touch` named (not every tunnel)."""
         super().set()
         waiters, self._watchers = self._watchers, []
         for future in waiters:
@@ -44,14 +53,29 @@ class TunnelTable:
         self._monotonic = monotonic
         self.tunnels: dict[TunnelKey, Tunnel] = {}
         self.removals: collections.deque[dict[str, Any]] = collections.deque(maxlen=32)
-        # The scheduler sleeps on it; whatever gives a tunnel work (a view, a commit, a request) sets it.
+        # The scheduler sleeps on it; whatever gives a tunnel work (a view, a commit, a request) sets it (or
+        # `touch`es the tunnel).
         self.wake = Wake()
+        self._touched: dict[int, Tunnel] = {}  # id -> tunnel: the ones `touch`ed since the scheduler last looked
         # on-demand set-up: makes the record of an admitted tunnel the table does not hold yet (None: eager)
         self.activator: Callable[[TunnelKey], Tunnel | None] | None = None
 
     def add(self, t: Tunnel) -> Tunnel:
+        """A new record: the scheduler looks at it at once (and from then on at least every second)."""
         self.tunnels[t.spec.key] = t
+        self.touch(t)
         return t
+
+    def touch(self, t: Tunnel) -> None:
+        """`t` has work now (a record made, a commit, a request): the scheduler looks at it, and only it, at once."""
+        self._touched[id(t)] = t
+        self.wake.notify()
+
+    def take_work(self) -> tuple[bool, list[Tunnel]]:
+        """For the scheduler: (every tunnel wanted, the tunnels touched), both reset."""
+        everything, self.wake.everything = self.wake.everything, False
+        touched, self._touched = list(self._touched.values()), {}
+        return everything, touched
 
     def get_or_activate(self, key: TunnelKey) -> Tunnel | None:
         """The tunnel `key`, made now if on-demand set-up is on and the view admits it (a peer asks for it)."""

@@ -272,3 +272,47 @@ async def test_retired_generations_of_many_tunnels_go_in_one_batch(
     # nothing due: no request at all
     await manager.scheduler.retire_due(now)
     assert len(kernel.batches) == 1
+
+
+async def test_a_commit_costs_the_scheduler_its_tunnel_not_the_table(tmp_path: Path) -> None:
+    # 300 quiet tunnels: the first pass looks at each; a touched tunnel (a commit, a record, a request) is looked
+    # at alone, at once; a new view (Wake.set) looks at all again; each is looked at again when its time comes
+    store = await load_view(write_mesh(tmp_path))
+    sa = SaManager(cast(Any, SlowKernel()), SaSettings(mesh_cidrs=store.settings.mesh_cidrs))
+    manager = TunnelManager(BridgeSettings(node="node-a"), store, sa, cast(Any, NoCertificates()),
+                            cast(Any, None), BridgeMetrics(Registry()))  # fmt: skip
+    await manager.reconcile(store.view)
+    template = manager.tunnels[("pod", A1, B1)]
+    manager.tunnels.clear()
+    now = time.monotonic()
+    for i in range(300):
+        local = ip_address(f"10.1.{i // 250 + 1}.{i % 250 + 1}")
+        ep = dataclasses.replace(template.spec.endpoints, local_net=host_net(local))
+        spec = dataclasses.replace(template.spec, key=("pod", str(local), B1), endpoints=ep, local_address=local)
+        t = Tunnel(spec, now)
+        t.current = dataclasses.replace(
+            _generation(1, 0x9000 + i, 0xA000 + i),
+            not_after=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1),
+            origin="handshake",
+        )
+        t.next_rekey = now + 3600
+        manager.tunnels[spec.key] = t
+    scheduler, table = manager.scheduler, manager.table
+
+    async def after(passes: int) -> int:
+        for _ in range(1000):  # the scheduler's task runs between our sleeps
+            if scheduler.passes >= passes:
+                return scheduler.looks
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"no pass {passes} within 5 s")
+
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(scheduler.run(tg))
+        assert await after(1) == 300
+        table.touch(manager.tunnels[("pod", "10.1.1.7", B1)])
+        assert await after(2) == 301
+        table.wake.set()
+        assert await after(3) == 601
+        await asyncio.sleep(1.2)  # each one's time came (a quiet tunnel is looked at again within 1 s)
+        assert scheduler.looks >= 901 and scheduler.passes <= 6
+        task.cancel()
