@@ -114,9 +114,7 @@ class TicketStore:
             self._count -= 1
             self.dropped["surplus"] += 1
         while self._count > self.policy.max_tickets:
-            gone = len(self._tickets.pop(next(iter(self._tickets))))
-            self._count -= gone
-            self.dropped["evicted"] += gone
+            self.discard(next(iter(self._tickets)), "evicted")
 
     def forget(self, identity: Identity) -> None:
         """A certificate of `identity` was renewed: its tickets go (the next handshakes are full ones)."""

@@ -325,7 +325,6 @@ class OnDemand:
             if not spec.initiator:
                 t.rekey_wanted = True  # a responder asks its initiator now, not after responder_nudge_after
             t.active_at = self._monotonic()
-            self.table.touch(t)
         return t
 
     async def _wait_up(self, t: Tunnel) -> bool:

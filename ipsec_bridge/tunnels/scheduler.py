@@ -105,12 +105,11 @@ class Scheduler:
             batch[id(t)] = t
         return list(batch.values())
 
-    async def retire_due(self, now: float, tunnels: Iterable[Tunnel] | None = None) -> None:
-        """Delete the generations whose grace period is over (of `tunnels`, default every tunnel), all in one
-        netlink batch (after a bulk rekey thousands are due together); each tunnel's SAs still succeed or fail on
-        their own."""
+    async def retire_due(self, now: float, tunnels: Iterable[Tunnel]) -> None:
+        """Delete the generations of `tunnels` whose grace period is over, all in one netlink batch (after a bulk
+        rekey thousands are due together); each tunnel's SAs still succeed or fail on their own."""
         due: list[tuple[Tunnel, list[Generation]]] = []
-        for t in self.table.tunnels.values() if tunnels is None else tunnels:
+        for t in tunnels:
             gens = [g for g, at in t.retiring if at <= now]
             if gens:
                 t.retiring = [(g, at) for g, at in t.retiring if at > now]

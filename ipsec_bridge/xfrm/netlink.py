@@ -442,9 +442,7 @@ class XfrmEvents:
             try:
                 data = await loop.sock_recv(self._sock, _RECV_SIZE)
             except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    return EventsLost()
-                raise XfrmError("receive XFRM notifications", exc.errno or errno.EIO) from exc
+                return _lost(exc)
             self._decode(data)
         return self._queue.popleft()
 
@@ -458,9 +456,7 @@ class XfrmEvents:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                if exc.errno != errno.ENOBUFS:
-                    raise XfrmError("receive XFRM notifications", exc.errno or errno.EIO) from exc
-                self._queue.append(EventsLost())
+                self._queue.append(_lost(exc))
                 continue
             self._decode(data)
         out = list(self._queue)
@@ -472,6 +468,13 @@ class XfrmEvents:
             if msg.type in (NlmsgType.NOOP, NlmsgType.ERROR, NlmsgType.DONE, NlmsgType.OVERRUN):
                 continue
             self._queue.append(m.decode_event(msg))
+
+
+def _lost(exc: OSError) -> EventsLost:
+    """A notification socket's receive error: ENOBUFS means it overflowed (events were lost), anything else is fatal."""
+    if exc.errno == errno.ENOBUFS:
+        return EventsLost()
+    raise XfrmError("receive XFRM notifications", exc.errno or errno.EIO) from exc
 
 
 async def probe_offload(xfrm: XfrmSocket, sa: m.SecurityAssociation, device: str, mode: str) -> OffloadProbe:

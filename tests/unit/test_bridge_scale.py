@@ -258,7 +258,7 @@ async def test_retired_generations_of_many_tunnels_go_in_one_batch(
         tunnels.append(t)
     kernel.refuse_spis = {0x1005}  # one tunnel's deletion fails: the others are unaffected
     with caplog.at_level(logging.WARNING, logger="ipsec_bridge.tunnels.scheduler"):
-        await manager.scheduler.retire_due(now)
+        await manager.scheduler.retire_due(now, manager.tunnels.values())
     (batch,) = kernel.batches  # one netlink batch for all 20 tunnels
     assert len(batch) == 40 and {r.type for r in batch} == {XfrmMsg.DELSA}
     assert {m.decode_sa_id(r.payload).spi for r in batch} == {s + i for s in (0x1000, 0x3000) for i in range(20)}
@@ -270,7 +270,7 @@ async def test_retired_generations_of_many_tunnels_go_in_one_batch(
     ep5 = tunnels[5].spec.endpoints
     assert sa._held == {(ep5.local_node, 0x1005), (ep5.peer_node, 0x3005)}
     # nothing due: no request at all
-    await manager.scheduler.retire_due(now)
+    await manager.scheduler.retire_due(now, manager.tunnels.values())
     assert len(kernel.batches) == 1
 
 
