@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
+from ipsec_bridge import certs as certs_module
 from ipsec_bridge import handshake as hs
 from ipsec_bridge.certs import Certificates
 from ipsec_bridge.keys import KeyScope
@@ -35,6 +36,7 @@ from ipsec_bridge.tickets import ResumptionChains, ResumptionPolicy, TicketKey, 
 from ipsec_bridge.xfrm.messages import Aead
 from tests.helpers import running_ztd
 from tests.support.bridge_mesh import NODE_A_IP, NODE_B_IP, PODS, identity, write_mesh
+from tests.support.wait import eventually
 from ztcore.identity import Identity
 from ztcore.identity.caclient import CAClient, CAClientOptions
 from ztcore.identity.manager import RotationPolicy, SecretManager
@@ -886,6 +888,60 @@ async def test_handshakes_that_ask_at_once_share_one_new_context(mesh: Mesh) -> 
     got = await asyncio.gather(*(certs.credential(B1_ID, 10) for _ in range(8)))
     assert len({id(ctx) for _, ctx in got}) == 1
     assert (await certs.credential(B1_ID, 10))[1] is got[0][1]  # the one kept
+
+
+def _counting_builds(monkeypatch: pytest.MonkeyPatch) -> list[Identity]:
+    """The identities whose TLS context Certificates builds, in order."""
+    built: list[Identity] = []
+    real = certs_module.tls_context
+
+    def counted(cred: hs.Credential, **kwargs: Any) -> SSL.Context:
+        built.append(cred.identity)
+        return real(cred, **kwargs)
+
+    monkeypatch.setattr(certs_module, "tls_context", counted)
+    return built
+
+
+async def test_a_wanted_identitys_context_is_built_before_its_first_handshake(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As ztunnel prefetches its local workloads' certificates: the context is there when the first handshake of
+    an identity asks (it used to be built then, on the responder's critical path: 2-9 ms in UML). An identity no
+    longer wanted loses its context."""
+    built = _counting_builds(monkeypatch)
+    certs = Certificates(mesh.secrets["node-b"], WallClock(), ticket_lifetime=60)
+    certs.want({B1_ID})
+    await eventually(lambda: built == [B1_ID], what="the context built ahead")
+    await asyncio.sleep(0.05)
+    cred, ctx = await certs.credential(B1_ID, 10)
+    assert built == [B1_ID] and cred.identity == B1_ID
+    assert (await certs.credential(B1_ID, 10))[1] is ctx
+    certs.want(set())
+    assert (await certs.credential(B1_ID, 10))[1] is not ctx and built == [B1_ID, B1_ID]
+
+
+async def test_an_old_context_is_rebuilt_behind_the_handshake_that_notices(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past REFRESH_AT of the ticket lifetime a handshake still gets the current context, and a new one is built
+    beside it for the next: no handshake waits for a rotation that was due."""
+    built = _counting_builds(monkeypatch)
+    wall = WallClock()
+    certs = Certificates(mesh.secrets["node-b"], wall, ticket_lifetime=100)
+    _, first = await certs.credential(B1_ID, 10)
+    await asyncio.sleep(0.05)
+    assert len(built) == 1
+    wall.now += dt.timedelta(seconds=89)
+    assert (await certs.credential(B1_ID, 10))[1] is first and len(built) == 1  # not due yet
+    wall.now += dt.timedelta(seconds=1)
+    assert (await certs.credential(B1_ID, 10))[1] is first  # due: this one keeps the current context
+    await eventually(lambda: len(built) == 2, what="the context rebuilt behind")
+    await asyncio.sleep(0.05)
+    _, second = await certs.credential(B1_ID, 10)
+    assert second is not first and len(built) == 2
+    wall.now += dt.timedelta(seconds=10)  # the first context's whole lifetime: the new one is in use already
+    assert (await certs.credential(B1_ID, 10))[1] is second and len(built) == 2
 
 
 async def test_a_renewal_on_either_side_forces_a_full_handshake_on_both(mesh: Mesh) -> None:
