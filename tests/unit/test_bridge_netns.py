@@ -1,0 +1,71 @@
+"""Netns: connections to peer bridges from the node's namespace without a thread hop each."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from ipsec_bridge.netns import Netns
+
+OWN_NETNS = f"/proc/{os.getpid()}/ns/net"  # entered by the worker thread as any other namespace would be
+
+
+@pytest.fixture
+async def port() -> AsyncIterator[int]:
+    server = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+
+
+def _count_hops(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    hops = [0]
+    real = Netns.run
+
+    async def counted(self: Netns, fn: Callable[[], Any]) -> Any:
+        hops[0] += 1
+        return await real(self, fn)
+
+    monkeypatch.setattr(Netns, "run", counted)
+    return hops
+
+
+async def _connect_times(ns: Netns, port: int, n: int) -> None:
+    for _ in range(n):
+        _, writer = await ns.connect("127.0.0.1", port, 5, source="127.0.0.1")
+        assert writer.get_extra_info("sockname")[0] == "127.0.0.1"
+        writer.close()
+        await asyncio.sleep(0.02)  # the stock's refill, in the namespace's thread
+
+
+async def test_connections_from_a_namespace_take_sockets_made_ahead(port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first connection makes its socket in the namespace's thread; the next ones take sockets that thread
+    made ahead of them, so a handshake's connect is not a thread hop (0.7-0.9 ms in UML)."""
+    hops = _count_hops(monkeypatch)
+    ns = Netns(OWN_NETNS)
+    try:
+        await _connect_times(ns, port, 12)  # more than the stock holds: it is refilled behind them
+        assert hops[0] == 1
+    finally:
+        ns.close()
+
+
+async def test_without_a_namespace_a_connection_makes_its_socket_in_place(
+    port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hops = _count_hops(monkeypatch)
+    ns = Netns(None)
+    await _connect_times(ns, port, 3)
+    assert hops[0] == 0
+    ns.close()
+
+
+async def test_closing_closes_the_sockets_made_ahead(port: int) -> None:
+    ns = Netns(OWN_NETNS)
+    await _connect_times(ns, port, 1)
+    before = len(os.listdir("/proc/self/fd"))
+    ns.close()
+    assert len(os.listdir("/proc/self/fd")) < before
