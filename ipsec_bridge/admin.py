@@ -122,14 +122,14 @@ class Admin:
         count = 0
         spis: dict[tuple[str, int], tuple[int, int]] = {}
         try:
-            for info in await self.manager.sa.xfrm.list_sas():
-                if info.sa.mark != BRIDGE_MARK:
+            for info in await self.manager.sa.xfrm.sa_counters():
+                if info.mark != BRIDGE_MARK:
                     continue
                 count += 1
-                direction = "in" if info.sa.dst in local else "out"
+                direction = "in" if info.dst in local else "out"
                 totals[direction][0] += info.current.bytes
                 totals[direction][1] += info.current.packets
-                spis[(str(info.sa.dst), info.sa.spi)] = (info.current.bytes, info.current.packets)
+                spis[(str(info.dst), info.spi)] = (info.current.bytes, info.current.packets)
         except XfrmError:
             pass
         self.sas.set(count)

@@ -229,10 +229,10 @@ class TunnelManager:
         return self.scheduler.rekey(match)
 
     async def dump(self) -> dict[str, Any]:
-        counters: dict[tuple[str, int], m.SaInfo] = {}
+        counters: dict[tuple[str, int], m.SaCounters] = {}
         with contextlib.suppress(XfrmError):
-            for info in await self.sa.xfrm.list_sas():
-                counters[(str(info.sa.dst), info.sa.spi)] = info
+            for info in await self.sa.xfrm.sa_counters():
+                counters[(str(info.dst), info.spi)] = info
         a = self.adoption
         return {
             "node": self.settings.node,

@@ -397,7 +397,7 @@ class OnDemand:
     async def reclaim_idle(self) -> list[Tunnel]:
         """One dump of every SA; tunnels idle for `idle_timeout` go (policies first, SAs after), with the peer's
         side of them when a peer is wired in. Returns the tunnels removed."""
-        counters = {(i.sa.dst, i.sa.spi): i.current.bytes for i in await self.sa.xfrm.list_sas()}
+        counters = {(i.dst, i.spi): i.current.bytes for i in await self.sa.xfrm.sa_counters()}
         now = self._monotonic()
         if self._peer is not None:
             self._postponed = {k: at for k, at in self._postponed.items() if at > now and k in self.table.tunnels}

@@ -12,7 +12,7 @@ from ipsec_bridge.pairs import PodPair, TunnelScope
 from ipsec_bridge.tunnels.records import Tunnel, activity, adopted_endpoints, tunnel_state
 from ipsec_bridge.xfrm import messages as m
 
-Counters = Mapping[tuple[str, int], m.SaInfo]  # (SA destination, SPI) -> the kernel's SA with its counters
+Counters = Mapping[tuple[str, int], m.SaCounters]  # (SA destination, SPI) -> the kernel's counters of that SA
 
 
 def counts(tunnels: Iterable[Tunnel], adopted: int) -> dict[str, int]:

@@ -277,6 +277,10 @@ class XfrmSocket:
         # decoding a large dump costs ~0.2 ms per SA: off the event loop
         return await asyncio.to_thread(m.decode_sas, await self.dump(m.dump_sa()))
 
+    async def sa_counters(self) -> list[m.SaCounters]:
+        """Every SA's destination, SPI, mark and counters: a dump without the cost of decoding keys and algorithms."""
+        return await asyncio.to_thread(m.decode_sas_counters, await self.dump(m.dump_sa()))
+
     async def delete_sa(self, sa_id: m.SaId) -> None:
         await self.call(m.delete_sa(sa_id))
 

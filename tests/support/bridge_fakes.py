@@ -39,6 +39,9 @@ class RecordingXfrm:
     async def list_sas(self) -> list[m.SaInfo]:
         return self.sas
 
+    async def sa_counters(self) -> list[m.SaCounters]:
+        return [m.SaCounters.of(info) for info in self.sas]
+
     async def list_policies(self) -> list[m.PolicyInfo]:
         return self.policies
 

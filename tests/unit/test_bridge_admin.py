@@ -65,6 +65,9 @@ class KernelDump:
             for (src, dst, spi), (b, p) in self.sas.items()
         ]
 
+    async def sa_counters(self) -> list[m.SaCounters]:
+        return [m.SaCounters.of(info) for info in await self.list_sas()]
+
 
 @dataclass
 class Bridge:

@@ -112,6 +112,9 @@ class Kernel:
     async def list_sas(self) -> list[m.SaInfo]:
         return [self.info(sa) for sa in self.sas.values()]
 
+    async def sa_counters(self) -> list[m.SaCounters]:
+        return [m.SaCounters.of(self.info(sa)) for sa in self.sas.values()]
+
     async def get_sa(self, sid: m.SaId) -> m.SaInfo:
         sa = self.sas.get((sid.dst, sid.spi))
         if sa is None:

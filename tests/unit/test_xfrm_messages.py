@@ -258,6 +258,21 @@ def test_decode_kernel_sa_dump_entry() -> None:
     assert info.algorithms == ("rfc4106(gcm(aes))",)
 
 
+def test_counters_read_from_a_dump_entry_are_what_the_whole_decode_gives() -> None:
+    """The idle checks, /config_dump and /metrics read only destination, SPI, mark and counters of each SA."""
+    entry = kernel_sa_v4_payload()
+    assert m.decode_sa_counters(entry) == m.SaCounters.of(m.decode_sa(entry))
+    assert m.decode_sa_counters(entry).current.bytes == 64 and m.decode_sa_counters(entry).mark == m.Mark(16, 255)
+    sel = m.Selector.of("fd00::/64", "fd01::/64")
+    v6 = m.SecurityAssociation("2001:db8::1", "2001:db8::2", 0x2345, m.Aead(KEY16, SALT), sel)
+    unmarked = m.decode_sa_counters(m.encode_sa(v6))
+    assert unmarked == m.SaCounters(ip_address("2001:db8::2"), 0x2345, None, m.LifetimeCurrent())
+    part = m.encode_nlmsg(XfrmMsg.NEWSA, NlmFlag.MULTI, 77, entry, pid=1234)
+    assert len(m.decode_sas_counters(m.decode_nlmsgs(part + part))) == 2
+    with pytest.raises(m.XfrmDecodeError):
+        m.decode_sa_counters(entry[:100])
+
+
 def test_decode_multipart_dump_and_done() -> None:
     entry = kernel_sa_v4_payload()
     part = m.encode_nlmsg(XfrmMsg.NEWSA, NlmFlag.MULTI, 77, entry, pid=1234)
