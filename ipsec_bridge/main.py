@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -29,7 +30,7 @@ from ipsec_bridge.certs import Certificates
 from ipsec_bridge.netns import Netns, NetnsError
 from ipsec_bridge.pairs import TunnelScope
 from ipsec_bridge.sa_manager import Endpoints, SaManager, SaSettings, host_net
-from ipsec_bridge.state import LocalConfigSource, RegistryLoadError, StateStore, ViewSettings
+from ipsec_bridge.state import StateStore, ViewSettings
 from ipsec_bridge.tunnels.manager import TunnelManager
 from ipsec_bridge.tunnels.settings import BridgeMetrics, BridgeSettings
 from ipsec_bridge.vfmap import VfMapError, VfMapFile
@@ -43,8 +44,10 @@ from ztcore.config import Duration, option
 from ztcore.identity import Identity
 from ztcore.identity.caclient import CAClient, CAClientOptions, token_identity
 from ztcore.identity.manager import AgentMetrics, RotationPolicy, SecretManager
-from ztcore.mesh.translate import TranslateOptions
 from ztcore.metrics import Registry
+
+if TYPE_CHECKING:
+    from ipsec_bridge.local_source import LocalConfigSource
 
 log = logging.getLogger("zt-bridge")
 
@@ -272,6 +275,9 @@ class Bridge:
                         view_settings.bridge_identity)  # fmt: skip
         source: LocalConfigSource | DeltaXdsClient
         if cfg.config_dir is not None:
+            # only here: the registry and translator are ~6 MiB of imports a bridge fed over xDS never needs
+            from ipsec_bridge.local_source import LocalConfigSource, RegistryLoadError, TranslateOptions
+
             source = LocalConfigSource(
                 cfg.config_dir,
                 store,

@@ -1,7 +1,7 @@
 """The bridge's view of the mesh: workloads (ours and the other nodes'), bridges' node addresses, L4 policies.
 
 One store, fed by two sources through the same entry points (ztunnel's lesson: its LocalClient and its xDS
-client share one updater): `LocalConfigSource` (a folder of Kubernetes YAML, translated exactly as ztd
+client share one updater): `ipsec_bridge.local_source` (a folder of Kubernetes YAML, translated exactly as ztd
 translates it) replaces the whole content; `ipsec_bridge.xds_client` applies Delta ADS responses through
 `StateStore.handlers()`. Protos become model objects here, at the edge; readers get an immutable `NodeView`.
 """
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,15 +23,10 @@ from ipsec_bridge.vfmap import Assignment, VfMap, assign
 from protos.istio.security import authorization_pb2
 from protos.istio.workload import workload_pb2
 from ztcore.identity import Identity
-from ztcore.mesh.registry.files import FileRegistrySource, RegistryLoadError
-from ztcore.mesh.registry.store import Registry
-from ztcore.mesh.translate import TranslateOptions, translate
 from ztcore.model.authz import Authorization
 from ztcore.model.workload import NetworkMode, Workload
 from ztcore.rbac import PolicyIndex
 from ztcore.xds import typeurls
-
-log = logging.getLogger(__name__)
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -158,12 +151,14 @@ def build_view(
                 claims.setdefault(ip, []).append(w)
     pods: dict[IPAddress, MeshPod] = {}
     conflicts: dict[IPAddress, tuple[str, ...]] = {}
+    identities: dict[Identity, Identity] = {}  # one object per service account, not one per pod
     for ip, owners in claims.items():
         if len(owners) > 1:
             conflicts[ip] = tuple(f"{w.namespace}/{w.name}" for w in owners)
             continue
         owner = owners[0]
-        pods[ip] = MeshPod(owner, ip, owner.identity(settings.trust_domain))
+        identity = owner.identity(settings.trust_domain)
+        pods[ip] = MeshPod(owner, ip, identities.setdefault(identity, identity))
     assignment = None
     if vf_map is not None:
         assignment = assign(vf_map, [(p.name, p.ip) for p in pods.values() if p.node == node])
@@ -346,48 +341,9 @@ def _decode_authorization(packed: any_pb2.Any) -> Authorization:
     return Authorization.from_pb(msg)
 
 
-# --- the local folder source -----------------------------------------------------------------------------------
-
-
-class LocalConfigSource:
-    """A folder of Kubernetes YAML (ztd's --config-dir format), translated as ztd translates it."""
-
-    def __init__(
-        self, path: str | os.PathLike[str], store: StateStore, options: TranslateOptions, poll_interval: float = 0.5
-    ) -> None:
-        self._registry = Registry()
-        self._files = FileRegistrySource(path, self._registry, poll_interval)
-        self._store = store
-        self._options = options
-
-    async def load_initial(self) -> NodeView:
-        """RegistryLoadError when the folder is missing or has errors (the bridge then refuses to start)."""
-        await self._files.load_initial()
-        return await self._apply()
-
-    async def _apply(self) -> NodeView:
-        translation = await asyncio.to_thread(translate, self._registry.current, self._options)
-        view = self._store.replace(translation.workloads, translation.authorizations)
-        log.info(
-            "local config: %d workloads, %d policies (registry version %d)",
-            len(translation.workloads),
-            len(translation.authorizations),
-            self._registry.current.version,
-        )
-        return view
-
-    async def run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._files.run(), name="local-config-poll")
-            async for _ in self._registry.watch(self._registry.current.version):
-                await self._apply()
-
-
 __all__ = [
-    "LocalConfigSource",
     "MeshPod",
     "NodeView",
-    "RegistryLoadError",
     "Rejected",
     "StateStore",
     "ViewSettings",

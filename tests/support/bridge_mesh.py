@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ipsec_bridge.state import LocalConfigSource, StateStore, ViewSettings
+from ipsec_bridge.local_source import LocalConfigSource
+from ipsec_bridge.state import StateStore, ViewSettings
 from ztcore.mesh.translate import TranslateOptions
 
 NODE_A_IP, NODE_B_IP = "192.168.50.1", "192.168.50.2"

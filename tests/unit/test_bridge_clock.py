@@ -14,9 +14,10 @@ import pytest
 
 from ipsec_bridge.handshake import Kind, Preamble
 from ipsec_bridge.keys import KeyScope
+from ipsec_bridge.local_source import LocalConfigSource
 from ipsec_bridge.pairs import TunnelScope
 from ipsec_bridge.sa_manager import SaManager, SaSettings
-from ipsec_bridge.state import LocalConfigSource, StateStore
+from ipsec_bridge.state import StateStore
 from ipsec_bridge.tunnels.manager import TunnelManager
 from ipsec_bridge.tunnels.records import Generation
 from ipsec_bridge.tunnels.settings import BridgeMetrics, BridgeSettings

@@ -17,6 +17,7 @@ from typing import Any, cast
 import pytest
 
 from ipsec_bridge import pairs
+from ipsec_bridge.local_source import LocalConfigSource
 from ipsec_bridge.main import BridgeConfig
 from ipsec_bridge.pairs import TunnelScope
 from ipsec_bridge.sa_manager import (
@@ -32,7 +33,7 @@ from ipsec_bridge.sa_manager import (
     SaSettings,
     host_net,
 )
-from ipsec_bridge.state import LocalConfigSource, StateStore
+from ipsec_bridge.state import StateStore
 from ipsec_bridge.tunnels.manager import TunnelManager
 from ipsec_bridge.tunnels.ondemand import OnDemand, acquired_pair, pod_key
 from ipsec_bridge.tunnels.records import Generation, Tunnel
