@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -203,19 +204,22 @@ class Workload:
         locality = None
         if msg.HasField("locality"):
             locality = Locality(msg.locality.region, msg.locality.zone, msg.locality.subzone)
+        # the fields that repeat across a cluster's workloads are interned: one string each, not one per workload
+        # (a node's bridge holds every workload of the mesh: ~3 MiB at 10,000)
+        shared = sys.intern
         return cls(
             uid=msg.uid,
             name=msg.name,
-            namespace=msg.namespace,
+            namespace=shared(msg.namespace),
             addresses=tuple(_ip(a) for a in msg.addresses),
             hostname=msg.hostname,
-            network=msg.network,
+            network=shared(msg.network),
             tunnel_protocol=TunnelProtocol(msg.tunnel_protocol),
-            trust_domain=msg.trust_domain,
-            service_account=msg.service_account,
-            node=msg.node,
-            canonical_name=msg.canonical_name,
-            canonical_revision=msg.canonical_revision,
+            trust_domain=shared(msg.trust_domain),
+            service_account=shared(msg.service_account),
+            node=shared(msg.node),
+            canonical_name=shared(msg.canonical_name),
+            canonical_revision=shared(msg.canonical_revision),
             workload_type=WorkloadType(msg.workload_type),
             workload_name=msg.workload_name,
             native_tunnel=msg.native_tunnel,
@@ -224,7 +228,7 @@ class Workload:
             ),
             authorization_policies=tuple(msg.authorization_policies),
             status=WorkloadStatus(msg.status),
-            cluster_id=msg.cluster_id,
+            cluster_id=shared(msg.cluster_id),
             locality=locality,
             network_mode=NetworkMode(msg.network_mode),
         )
