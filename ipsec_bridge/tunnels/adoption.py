@@ -104,7 +104,7 @@ class Adoption:
             t = self.table.add(Tunnel(dataclasses.replace(spec, selectors=a.selectors), now))
             t.current = gens[0]
             t.retiring = [(g, now + grace) for g in gens[1:]]
-            t.history.append((0, "adopted at restart", gens[0].established.isoformat()))
+            t.record(0, "adopted at restart", gens[0].established)
             t.want_rekey("replacing adopted keys")
             self.metrics.adoption.inc(decision="kept")
             self.stats["kept"] = self.stats.get("kept", 0) + 1

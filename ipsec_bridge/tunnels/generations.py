@@ -178,7 +178,7 @@ class Generations:
         reason = t.rekey_reason or ("new" if gen.number == 1 else "peer")
         if not result.initiator and gen.number > 1:
             reason = "peer" if not t.rekey_reason else f"peer ({t.rekey_reason}, asked by us)"
-        t.history.append((gen.number, reason, gen.established.isoformat()))
+        t.record(gen.number, reason, gen.established)
         t.failures = 0
         t.nudges = 0
         t.last_error = ""

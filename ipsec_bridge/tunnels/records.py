@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +15,8 @@ from ipsec_bridge.tunnels.desired import TunnelSpec
 from ipsec_bridge.xfrm import messages as m
 from ipsec_bridge.xfrm.netlink import XfrmError
 from ipsec_bridge.xfrm.offload import OffloadStatus
+
+HISTORY = 8  # generations a record remembers (/config_dump)
 
 
 @dataclass(slots=True)
@@ -57,7 +58,9 @@ class Tunnel:
     guard: list[str] = field(default_factory=list)  # set on removal; in-flight installers stop
     rekey_reason: str = ""
     limit_kind: str = ""  # "bytes" or "packets": which kernel limit the last EXPIRE was about (metrics)
-    history: collections.deque[tuple[int, str, str]] = field(default_factory=lambda: collections.deque(maxlen=8))
+    # the last HISTORY generations (number, why, when): a tuple, not a deque (a deque is ~600 B even when empty,
+    # and a node holds thousands of records)
+    history: tuple[tuple[int, str, dt.datetime], ...] = ()
     # idle reclaim (on-demand): the SA byte counters last read, and when they last moved (monotonic)
     seen_bytes: tuple[int, int] = (-1, -1)  # (in, out)
     active_at: float = 0.0
@@ -65,6 +68,9 @@ class Tunnel:
     # on-demand reconcile: what the spec was last checked against (the view's rules_version and the two pods'
     # workload objects); the same basis in a new view means the same answer, so the pair is not asked again
     basis: tuple[int, object, object] | None = None
+
+    def record(self, number: int, reason: str, at: dt.datetime) -> None:
+        self.history = (*self.history[1 - HISTORY :], (number, reason, at))
 
     def want_rekey(self, reason: str) -> None:
         self.rekey_wanted = True

@@ -108,7 +108,7 @@ def tunnel_row(t: Tunnel, counters: Counters, now: float, idle_after: float = 0.
         "origin": g.origin if g is not None else None,
         "last_error": t.last_error,
         "retiring_spis": [f"0x{r.spi_in:08x}/0x{r.spi_out:08x}" for r, _ in t.retiring],
-        "history": [{"generation": n, "reason": why, "at": at} for n, why, at in t.history],
+        "history": [{"generation": n, "reason": why, "at": at.isoformat()} for n, why, at in t.history],
         "origin_setup": t.origin,
     }
     if g is None:

@@ -302,3 +302,15 @@ def test_offload_probe_lines() -> None:
         "--offload crypto on eth0: the kernel accepts it but runs the SAs in software"
     )
     assert OffloadProbe("packet", "p0", OffloadStatus.PACKET).usable
+
+
+async def test_config_dump_shows_a_tunnels_last_eight_generations(bridge: Bridge) -> None:
+    t = bridge.manager.tunnels[("pod", "10.1.0.10", "10.2.0.10")]
+    at = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    for n in range(1, 11):
+        t.record(n, f"reason {n}", at + dt.timedelta(seconds=n))
+    async with aiohttp.ClientSession() as http, http.get(bridge.url + "/config_dump") as resp:
+        rows = {r["key"]: r for r in (await resp.json())["tunnels"]}
+    history = rows["pod/10.1.0.10/10.2.0.10"]["history"]
+    assert [h["generation"] for h in history] == list(range(3, 11))
+    assert history[-1] == {"generation": 10, "reason": "reason 10", "at": "2030-01-01T00:00:10+00:00"}
