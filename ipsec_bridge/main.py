@@ -26,6 +26,7 @@ from aiohttp import web
 
 from ipsec_bridge.admin import Admin
 from ipsec_bridge.adopt import summary as adopt_summary
+from ipsec_bridge.allocator import Allocator
 from ipsec_bridge.certs import Certificates
 from ipsec_bridge.netns import Netns, NetnsError
 from ipsec_bridge.pairs import TunnelScope
@@ -181,6 +182,7 @@ class Bridge:
         self.manager: TunnelManager | None = None
         self.vf_map: VfMapFile | None = None
         self.offload: OffloadProbe | None = None
+        self.allocator = Allocator()
 
     def _credential(self) -> Identity:
         assert self.cfg.token_file is not None
@@ -380,6 +382,7 @@ class Bridge:
                     tg.create_task(manager.watch_acquire(acquires), name="acquire-events")
                 if self.vf_map is not None:
                     tg.create_task(self.vf_map.run(), name="vf-map")
+                tg.create_task(self.allocator.run(), name="allocator-trim")
                 await stop.wait()
                 raise _Stop
         except* _Stop:
@@ -458,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config.load(BridgeConfig, argv, prog="zt-bridge", description=__doc__.splitlines()[0])
     configure_logging(cfg.log_level)
     raise_open_files_limit()
+    Allocator().tune()  # the process's, before its first burst (the initial xDS response)
     try:
         asyncio.run(_amain(cfg))
     except BridgeError as err:
