@@ -4,7 +4,7 @@ and the clocks' readings come in as arguments."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from ipsec_bridge.adopt import AdoptedTunnel
@@ -146,8 +146,11 @@ def tunnel_rows(
     wall: dt.datetime,
     *,
     idle_after: float = 0.0,
-) -> list[dict[str, Any]]:
-    """Every tunnel by key, then the adopted ones still waiting for the workload state."""
-    rows = [tunnel_row(t, counters, now, idle_after) for t in sorted(tunnels, key=lambda t: t.spec.key)]
-    rows.extend(adopted_row(a, counters, wall) for a in adopted)
-    return rows
+) -> Iterator[dict[str, Any]]:
+    """Every tunnel by key, then the adopted ones still waiting for the workload state: one row at a time, so a
+    dump of thousands is written as it is made (the records are taken when the first row is asked for)."""
+    ordered, waiting = sorted(tunnels, key=lambda t: t.spec.key), list(adopted)
+    for t in ordered:
+        yield tunnel_row(t, counters, now, idle_after)
+    for a in waiting:
+        yield adopted_row(a, counters, wall)

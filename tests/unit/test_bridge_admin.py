@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from ipsec_bridge.admin import Admin
+from ipsec_bridge.admin import Admin, json_chunks
 from ipsec_bridge.certs import Certificates
 from ipsec_bridge.netns import Netns
 from ipsec_bridge.sa_manager import BRIDGE_MARK, SaManager, SaSettings
@@ -314,3 +315,15 @@ async def test_config_dump_shows_a_tunnels_last_eight_generations(bridge: Bridge
     history = rows["pod/10.1.0.10/10.2.0.10"]["history"]
     assert [h["generation"] for h in history] == list(range(3, 11))
     assert history[-1] == {"generation": 10, "reason": "reason 10", "at": "2030-01-01T00:00:10+00:00"}
+
+
+@pytest.mark.parametrize("size", [1, 64, 64 * 1024])
+def test_the_streamed_config_dump_is_byte_for_byte_what_json_dumps_writes(size: int) -> None:
+    rows = [{"key": f"pod/10.1.0.{i}/10.2.0.1", "history": [{"n": 1, "at": None}], "retiring_spis": [], "x": "a\nb"}
+            for i in range(50)]  # fmt: skip
+    doc: dict[str, Any] = {"node": "node-a", "tunnels": iter(rows), "refused_pairs": iter([]), "errors": {}}
+    expected = json.dumps({**doc, "tunnels": rows, "refused_pairs": []}, indent=2).encode()
+    chunks = list(json_chunks(doc, size=size))
+    assert b"".join(chunks) == expected
+    assert len(chunks) > 1 if size < 1024 else len(chunks) == 1
+    assert b"".join(json_chunks({})) == b"{}"
