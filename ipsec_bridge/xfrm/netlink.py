@@ -21,7 +21,7 @@ import errno
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ipsec_bridge.netns import netns_path, setns_fd
@@ -80,10 +80,6 @@ class _Outcome:
     replies: list[m.NetlinkMessage] = field(default_factory=list)
     ack: m.NetlinkAck | None = None
     interrupted: bool = False
-    # a dump read for a few fields: each reply is turned into what is kept as its datagram arrives, so a dump of
-    # thousands of SAs never holds every message at once
-    reduce: Callable[[m.NetlinkMessage], object] | None = None
-    reduced: list[object] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,14 +233,11 @@ class XfrmSocket:
 
     async def dump(self, request: m.Request) -> list[m.NetlinkMessage]:
         """Run a dump to its end; restart it when the kernel flags it as interrupted by a concurrent change."""
-        return (await self._dump(request, None)).replies
-
-    async def _dump(self, request: m.Request, reduce: Callable[[m.NetlinkMessage], object] | None) -> _Outcome:
         for _ in range(_DUMP_RETRIES):
-            (outcome,) = await asyncio.to_thread(self._exchange, [request], 1, reduce)
+            (outcome,) = await asyncio.to_thread(self._exchange, [request], 1)
             _raise_for(request, outcome)
             if not outcome.interrupted:
-                return outcome
+                return outcome.replies
         raise XfrmError(request.what, errno.EAGAIN, f"dump interrupted {_DUMP_RETRIES} times by concurrent changes")
 
     # --- SAs ---
@@ -285,10 +278,8 @@ class XfrmSocket:
         return await asyncio.to_thread(m.decode_sas, await self.dump(m.dump_sa()))
 
     async def sa_counters(self) -> list[m.SaCounters]:
-        """Every SA's destination, SPI, mark and counters: a dump without the cost of decoding keys and algorithms,
-        read datagram by datagram (what it holds is the counters, never the whole dump)."""
-        outcome = await self._dump(m.dump_sa(), _sa_counters_of)
-        return [c for c in outcome.reduced if isinstance(c, m.SaCounters)]
+        """Every SA's destination, SPI, mark and counters: a dump without the cost of decoding keys and algorithms."""
+        return await asyncio.to_thread(m.decode_sas_counters, await self.dump(m.dump_sa()))
 
     async def delete_sa(self, sa_id: m.SaId) -> None:
         await self.call(m.delete_sa(sa_id))
@@ -351,16 +342,12 @@ class XfrmSocket:
 
     # --- the blocking part (runs in a worker thread) ---
 
-    def _exchange(
-        self, requests: Sequence[m.Request], window: int, reduce: Callable[[m.NetlinkMessage], object] | None = None
-    ) -> list[_Outcome]:
+    def _exchange(self, requests: Sequence[m.Request], window: int) -> list[_Outcome]:
         with self._thread_lock:
-            return self._exchange_locked(requests, window, reduce)
+            return self._exchange_locked(requests, window)
 
-    def _exchange_locked(
-        self, requests: Sequence[m.Request], window: int, reduce: Callable[[m.NetlinkMessage], object] | None = None
-    ) -> list[_Outcome]:
-        outcomes = [_Outcome(reduce=reduce) for _ in requests]
+    def _exchange_locked(self, requests: Sequence[m.Request], window: int) -> list[_Outcome]:
+        outcomes = [_Outcome() for _ in requests]
         start = 0
         while start < len(requests):
             pending: dict[int, int] = {}
@@ -406,15 +393,8 @@ class XfrmSocket:
                     outcome.interrupted |= bool(msg.flags & NlmFlag.DUMP_INTR)
                     del pending[msg.seq]
                 elif msg.type not in (NlmsgType.NOOP, NlmsgType.OVERRUN):
-                    if outcome.reduce is None:
-                        outcome.replies.append(msg)
-                    else:
-                        outcome.reduced.append(outcome.reduce(msg))
+                    outcome.replies.append(msg)
                     outcome.interrupted |= bool(msg.flags & NlmFlag.DUMP_INTR)
-
-
-def _sa_counters_of(msg: m.NetlinkMessage) -> m.SaCounters | None:
-    return m.decode_sa_counters(msg.payload) if msg.type in (XfrmMsg.NEWSA, XfrmMsg.UPDSA) else None
 
 
 def _raise_for(request: m.Request, outcome: _Outcome) -> None:
