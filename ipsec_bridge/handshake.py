@@ -731,7 +731,7 @@ def _check_peer(channel: TlsChannel, plan: Plan, role: str) -> tuple[Identity, d
             raise HandshakeError("resumption", f"the {role}'s certificate in the session expired at {not_after}")
         if plan.ticket is not None and channel.peer_fingerprint() != plan.ticket.peer_fingerprint:
             raise HandshakeError("resumption", f"the {role} resumed a session other than the one offered")
-    return identity, not_after
+    return plan.expected_peer, not_after  # equal to the one parsed; the view's object is shared by every tunnel
 
 
 async def _reject(channel: TlsChannel, err: HandshakeError, *, full: bool = False) -> None:
