@@ -1239,12 +1239,8 @@ def decode_sa_counters(payload: bytes) -> SaCounters:
     daddr, spi, _proto = _XFRM_ID.unpack_from(payload, off)
     off += _XFRM_ID.size + 16 + _LIFETIME_CFG.size
     current = LifetimeCurrent(*_LIFETIME_CUR.unpack_from(payload, off))
-    mark = None
-    for attr, raw in iter_attrs(memoryview(payload)[USERSA_INFO_LEN:]):
-        if attr == XfrmAttr.MARK:
-            _need(raw, _MARK.size, "xfrm_mark")
-            mark = Mark(*_MARK.unpack_from(raw))
-            break
+    marks = {a: raw for a, raw in iter_attrs(memoryview(payload)[USERSA_INFO_LEN:]) if a == XfrmAttr.MARK}
+    mark = _mark_from(marks, XfrmAttr.MARK)
     return SaCounters(_unpack_addr(daddr, family), int.from_bytes(spi, "big"), mark, current)
 
 
