@@ -1,7 +1,7 @@
 """The bridge's state from a local folder of Kubernetes YAML (--config-dir, ztd's format), translated as ztd
 translates it, instead of from ztd over xDS. Its own module: the registry, the translator and the file watcher
-cost a bridge 2.7 MiB of resident imports (measured after `import ipsec_bridge.main`) that one fed over xDS (the
-usual one) never loads."""
+cost a bridge ~2 MiB of resident imports (bench/bridge_memory.py) that one fed over xDS (the usual one) never
+loads."""
 
 from __future__ import annotations
 

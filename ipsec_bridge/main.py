@@ -277,7 +277,7 @@ class Bridge:
                         view_settings.bridge_identity)  # fmt: skip
         source: LocalConfigSource | DeltaXdsClient
         if cfg.config_dir is not None:
-            # only here: the registry and translator are 2.7 MiB of imports a bridge fed over xDS never needs
+            # only here: the registry and translator are ~2 MiB of imports a bridge fed over xDS never needs
             from ipsec_bridge.local_source import LocalConfigSource, RegistryLoadError, TranslateOptions
 
             source = LocalConfigSource(
