@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 from google.protobuf import struct_pb2
 
 from protos.istio.v1.auth import ca_pb2, ca_pb2_grpc
-from xds_server.main import Ztd, ZtdConfig
+from xds_server.main import StartupError, Ztd, ZtdConfig
 
 ISTIOD_NAME = "istiod.istio-system.svc"
 
@@ -120,23 +120,31 @@ class RunningZtd:
 
 @contextlib.asynccontextmanager
 async def running_ztd(tmp: Path, config_dir: Path | None = None, **overrides: Any) -> AsyncIterator[RunningZtd]:
-    cfg = ZtdConfig(
-        listen_address="127.0.0.1",
-        xds_port=free_port(),
-        secure_port=free_port(),
-        monitoring_port=free_port(),
-        state_dir=tmp / "state",
-        config_dir=config_dir,
-        **overrides,
-    )
-    ztd = Ztd(cfg)
-    stop = asyncio.Event()
-    task = asyncio.create_task(ztd.run(stop))
-    ready = asyncio.create_task(ztd.ready.wait())
-    done, _ = await asyncio.wait({task, ready}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        ready.cancel()
-        task.result()
+    # free_port() hands out a port that is free now; an outgoing connection of this busy process can take it from
+    # the ephemeral range before ztd binds it: the ports are then picked again (at most 3 tries)
+    tries = 3
+    for attempt in range(tries):
+        cfg = ZtdConfig(
+            listen_address="127.0.0.1",
+            xds_port=free_port(),
+            secure_port=free_port(),
+            monitoring_port=free_port(),
+            state_dir=tmp / "state",
+            config_dir=config_dir,
+            **overrides,
+        )
+        ztd = Ztd(cfg)
+        stop = asyncio.Event()
+        task = asyncio.create_task(ztd.run(stop))
+        ready = asyncio.create_task(ztd.ready.wait())
+        done, _ = await asyncio.wait({task, ready}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            ready.cancel()
+            err = task.exception()
+            if isinstance(err, StartupError) and "address already in use" in str(err) and attempt + 1 < tries:
+                continue
+            task.result()
+        break
     assert ready in done, "ztd did not become ready"
     try:
         yield RunningZtd(ztd, cfg, cfg.published_root.read_bytes())
