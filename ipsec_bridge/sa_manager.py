@@ -193,6 +193,7 @@ class Coalescer:
         self._queue: list[tuple[list[m.Request], asyncio.Future[list[Outcome]]]] = []
         self._later: list[m.Request] = []
         self._task: asyncio.Task[None] | None = None
+        self._leading = False  # a caller is about to send the next batch itself (`submit`)
 
     def later(self, requests: Sequence[m.Request]) -> None:
         """Send these first in the next batch, whoever's it is: before anything submitted from now on, without a
@@ -204,34 +205,67 @@ class Coalescer:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Outcome]] = loop.create_future()
         self._queue.append((list(requests), future))
-        if self._task is None or self._task.done():
-            self._task = loop.create_task(self._drain(), name="xfrm-coalescer")
+        if not self._leading and (self._task is None or self._task.done()):
+            # Nothing in flight: this caller leads the next batch. It yields one event-loop turn first, so what
+            # is already scheduled adds its requests (an ACQUIRE's handler its trap), then sends the batch itself
+            # when the kernel answers on the loop: one turn, where a batch task of its own took two (a turn is
+            # ~80 us in UML). A batch that needs a worker thread goes to the batch task.
+            self._leading = True
+            try:
+                await asyncio.sleep(0)
+            finally:
+                self._leading = False
+                await self._lead(loop)
         return await future
 
+    async def _lead(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._queue or (self._task is not None and not self._task.done()):
+            return
+        flat = [*self._later, *(r for reqs, _ in self._queue for r in reqs)]
+        if self._xfrm.runs_inline(flat):
+            await self._send_batch()  # answered on the loop: no suspension, nothing else runs meanwhile
+        else:
+            self._task = loop.create_task(self._drain(), name="xfrm-coalescer")
+
     async def _drain(self) -> None:
-        batch: list[tuple[list[m.Request], asyncio.Future[list[Outcome]]]] = []
         try:
             while self._queue:
-                batch, self._queue = self._queue, []
-                later, self._later = self._later, []
-                flat = later + [r for reqs, _ in batch for r in reqs]
-                try:
-                    results = await self._xfrm.call_each(flat)
-                except XfrmError as err:  # the socket itself failed: every request of the batch did
-                    results = [err] * len(flat)
-                for result in results[: len(later)]:
-                    if isinstance(result, XfrmError) and result.errno != errno.EEXIST:
-                        log.warning("%s", result)
-                pos = len(later)
-                for reqs, future in batch:
-                    if not future.done():
-                        future.set_result(results[pos : pos + len(reqs)])
-                    pos += len(reqs)
-                batch = []
+                await self._send_batch()
         finally:
-            for _, future in [*batch, *self._queue]:  # cancelled mid-batch (shutdown): nobody waits forever
+            for _, future in self._queue:  # cancelled (shutdown): nobody waits forever
                 if not future.done():
                     future.cancel()
+
+    async def _send_batch(self) -> None:
+        """Everything queued and every `later` request, in one call; each waiting request gets its own outcomes."""
+        batch, self._queue = self._queue, []
+        later, self._later = self._later, []
+        flat = later + [r for reqs, _ in batch for r in reqs]
+        try:
+            results = await self._call(flat)
+        except BaseException:  # cancelled mid-batch (shutdown): nobody waits forever
+            for _, future in batch:
+                if not future.done():
+                    future.cancel()
+            raise
+        self._report_later(results[: len(later)])
+        pos = len(later)
+        for reqs, future in batch:
+            if not future.done():
+                future.set_result(results[pos : pos + len(reqs)])
+            pos += len(reqs)
+
+    async def _call(self, flat: list[m.Request]) -> list[Outcome]:
+        try:
+            return await self._xfrm.call_each(flat)
+        except XfrmError as err:  # the socket itself failed: every request of the batch did
+            return [err] * len(flat)
+
+    @staticmethod
+    def _report_later(results: Sequence[Outcome]) -> None:
+        for result in results:
+            if isinstance(result, XfrmError) and result.errno != errno.EEXIST:
+                log.warning("%s", result)
 
     def close(self) -> None:
         if self._task is not None:

@@ -201,7 +201,10 @@ class Generations:
             describe(t.spec), gen.number, gen.spi_in, gen.spi_out, role, mode, result.signatures,
             result.seconds * 1000,
         )  # fmt: skip
-        self.table.touch(t)
+        if t.task is None or t.task.done():
+            # (a task of the tunnel still running, as the initiator's handshake is now, touches it as it ends:
+            # the scheduler's look then sees the tunnel idle, not busy, and one pass does for both)
+            self.table.touch(t)
 
     def resumption_dump(self) -> dict[str, Any]:
         """For /config_dump: the bounds, the tickets held (count only) and full vs resumed handshakes."""

@@ -24,6 +24,7 @@ from ipsec_bridge.handshake import (
     read_preamble,
     refuse,
     respond,
+    small_reads,
     status_ok,
 )
 from ipsec_bridge.keys import KeyScope
@@ -90,6 +91,7 @@ class Responder:
         s = self.settings
         g = self.generations
         t: Tunnel | None = None
+        small_reads(writer)
         deadline = asyncio.get_running_loop().time() + s.handshake_timeout
         try:
             async with asyncio.timeout_at(deadline):

@@ -17,33 +17,62 @@ from ipsec_bridge.xfrm.netlink import XfrmError
 log = logging.getLogger(__name__)
 
 
-class Wake(asyncio.Event):
+class Wake:
     """The scheduler's event, which it clears; `changed()` lets others wait for the next `set` as well.
 
     `set()` asks for a look at every tunnel (a new view may touch any of them); `TunnelTable.touch` asks for one
-    tunnel's, so a commit or an ACQUIRE costs the scheduler that tunnel, not the table."""
+    tunnel's, so a commit or an ACQUIRE costs the scheduler that tunnel, not the table.
+
+    Not an asyncio.Event: Event.wait looks the running loop up on every call, and on Python 3.11 that lookup is a
+    getpid() syscall (~20 us in UML), several times per tunnel; this keeps the loop it first ran on."""
 
     def __init__(self) -> None:
-        super().__init__()
+        self._set = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: list[asyncio.Future[None]] = []
         self._watchers: list[asyncio.Future[None]] = []
         self.everything = False  # a `set()` since the scheduler last took the work
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def clear(self) -> None:
+        self._set = False
 
     def set(self) -> None:
         self.everything = True
         self.notify()
 
+    def tick(self) -> None:
+        """The scheduler's own timer: wake it for the tunnels whose time came (no watcher, not every tunnel)."""
+        self._set = True
+        self._waiters = _release(self._waiters)
+
     def notify(self) -> None:
         """Wake the scheduler for the tunnels `TunnelTable.touch` named (not every tunnel)."""
-        super().set()
-        waiters, self._watchers = self._watchers, []
-        for future in waiters:
-            if not future.done():
-                future.set_result(None)
+        self.tick()
+        self._watchers = _release(self._watchers)
+
+    async def wait(self) -> None:
+        if not self._set:
+            await self._future(self._waiters)
 
     async def changed(self) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._watchers.append(future)
-        await future
+        await self._future(self._watchers)
+
+    def _future(self, into: list[asyncio.Future[None]]) -> asyncio.Future[None]:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = self._loop.create_future()
+        into.append(future)
+        return future
+
+
+def _release(futures: list[asyncio.Future[None]]) -> list[asyncio.Future[None]]:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
+    return []
 
 
 class TunnelTable:

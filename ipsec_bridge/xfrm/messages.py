@@ -810,8 +810,10 @@ class Request:
     def is_dump(self) -> bool:
         return (self.flags & NlmFlag.DUMP) == NlmFlag.DUMP
 
-    def encode(self, seq: int, pid: int = 0) -> bytes:
-        return encode_nlmsg(self.type, self.flags, seq, self.payload, pid)
+    def encode(self, seq: int, pid: int = 0, *, ack: bool = True) -> bytes:
+        """`ack=False` drops NLM_F_ACK: the kernel then answers only a refusal (and any reply), not a success."""
+        flags = self.flags if ack else self.flags & ~NlmFlag.ACK
+        return encode_nlmsg(self.type, flags, seq, self.payload, pid)
 
 
 _ACKED = NlmFlag.REQUEST | NlmFlag.ACK

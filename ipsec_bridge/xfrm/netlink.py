@@ -20,6 +20,7 @@ import contextlib
 import errno
 import os
 import socket
+import struct
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ _RECV_SIZE = 1 << 16  # the kernel sizes dump batches to at most 32 KiB; one dat
 _SOCKET_BUFFER = 1 << 20
 _MAX_BATCH_BYTES = 1 << 16
 _DUMP_RETRIES = 3
+_BACKLOG = 1024  # notifications decoded but not yet taken before XfrmEvents stops reading its socket
 _INLINE_MAX = 8  # at most this many requests on the event loop at once (a pod pair handshake's SAs and policies)
 _INLINE = frozenset({
     XfrmMsg.ALLOCSPI, XfrmMsg.GETSA, XfrmMsg.DELSA, XfrmMsg.NEWPOLICY, XfrmMsg.UPDPOLICY, XfrmMsg.DELPOLICY,
@@ -73,6 +75,9 @@ class XfrmBatchError(XfrmError):
         more = f"; {len(self.failures) - 1} more of {total} failed" if len(self.failures) > 1 else ""
         super().__init__(f"{first.op} (request {first_index + 1} of {total})", first.errno, first.kernel_message)
         self.args = (f"{self.args[0]}{more}",)
+
+
+_IMPLIED_ACK = m.NetlinkAck(0)  # no refusal came before a later request's answer
 
 
 @dataclass(slots=True)
@@ -154,7 +159,13 @@ class XfrmSocket:
 
     def __init__(self, sock: socket.socket, *, reply_timeout: float = 10.0, netns: str | None = None) -> None:
         self._sock = sock
-        self._sock.settimeout(reply_timeout)
+        # the kernel enforces the timeout (SO_RCVTIMEO/SO_SNDTIMEO) on a blocking socket: a Python-level timeout
+        # would poll() and read the clock before every send and receive
+        sock.settimeout(None)
+        seconds = int(reply_timeout)
+        timeval = struct.pack("@ll", seconds, int((reply_timeout - seconds) * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         self._timeout = reply_timeout
         self._thread_lock = threading.Lock()  # a cancelled caller's thread may still be talking to the kernel
         self._seq = 0
@@ -180,8 +191,7 @@ class XfrmSocket:
     async def _run(self, requests: list[m.Request], window: int) -> list[_Outcome]:
         """`_exchange` on the event loop when the requests are few and cheap and no worker thread is talking to
         the kernel on this socket (never wait for one here), else in a worker thread."""
-        cheap = len(requests) <= _INLINE_MAX and all(self._inline(r) for r in requests)
-        if cheap and self._thread_lock.acquire(blocking=False):
+        if self.runs_inline(requests) and self._thread_lock.acquire(blocking=False):
             try:
                 return self._exchange_locked(requests, window)
             finally:
@@ -191,6 +201,12 @@ class XfrmSocket:
             self._sa_warm = any(r.type in _SA_WRITES and o.ack is not None and o.ack.ok
                                 for r, o in zip(requests, outcomes, strict=True))  # fmt: skip
         return outcomes
+
+    def runs_inline(self, requests: Sequence[m.Request]) -> bool:
+        """Whether these requests would go to the kernel on the event loop, without a suspension (unless a worker
+        thread is talking to the kernel on this socket right now)."""
+        cheap = len(requests) <= _INLINE_MAX and all(self._inline(r) for r in requests)
+        return cheap and not self._thread_lock.locked()
 
     def _inline(self, request: m.Request) -> bool:
         return request.type in _INLINE or (self._sa_warm and request.type in _SA_WRITES)
@@ -347,22 +363,28 @@ class XfrmSocket:
             return self._exchange_locked(requests, window)
 
     def _exchange_locked(self, requests: Sequence[m.Request], window: int) -> list[_Outcome]:
+        """Each datagram asks for an ack on its last request only (a dump always ends in DONE): the kernel handles
+        a datagram's messages in order and answers a refusal whether asked or not, so the last one's ack also
+        says that every earlier request without a refusal succeeded. One read per datagram instead of one per
+        request."""
         outcomes = [_Outcome() for _ in requests]
         start = 0
         while start < len(requests):
-            pending: dict[int, int] = {}
-            datagram = bytearray()
+            chunk: list[tuple[int, int, bytes]] = []  # (seq, index, encoded)
+            size = 0
             index = start
             while index < len(requests) and index - start < window:
                 self._seq = self._seq % 0xFFFF_FFFF + 1
-                encoded = requests[index].encode(self._seq)
-                if datagram and len(datagram) + len(encoded) > _MAX_BATCH_BYTES:
+                encoded = requests[index].encode(self._seq, ack=False)
+                if chunk and size + len(encoded) > _MAX_BATCH_BYTES:
                     break
-                pending[self._seq] = index
-                datagram += encoded
+                chunk.append((self._seq, index, encoded))
+                size += len(encoded)
                 index += 1
-            self._send(bytes(datagram), requests[start])
-            self._collect(pending, outcomes, requests[start])
+            last_seq, last_index, _ = chunk[-1]
+            chunk[-1] = (last_seq, last_index, requests[last_index].encode(last_seq))
+            self._send(b"".join(e for _, _, e in chunk), requests[start])
+            self._collect([(seq, i) for seq, i, _ in chunk], outcomes, requests)
             start = index
         return outcomes
 
@@ -372,29 +394,40 @@ class XfrmSocket:
         except OSError as exc:
             raise XfrmError(first.what, exc.errno or errno.EIO, "sending to the kernel failed") from exc
 
-    def _collect(self, pending: dict[int, int], outcomes: list[_Outcome], first: m.Request) -> None:
-        while pending:
+    def _collect(self, sent: list[tuple[int, int]], outcomes: list[_Outcome], requests: Sequence[m.Request]) -> None:
+        """Read until the datagram's last request is answered. `sent`: (seq, request index), in sending order."""
+        position = {seq: pos for pos, (seq, _) in enumerate(sent)}
+        settled = 0  # every request before this position has its ack (a real one, or implied by a later answer)
+        first = requests[sent[0][1]]
+        while settled < len(sent):
             try:
                 data = self._sock.recv(_RECV_SIZE)
-            except TimeoutError as exc:
+            except (TimeoutError, BlockingIOError) as exc:  # SO_RCVTIMEO ran out
                 raise XfrmError(first.what, errno.ETIMEDOUT, f"no answer from the kernel in {self._timeout}s") from exc
             except OSError as exc:
                 raise XfrmError(first.what, exc.errno or errno.EIO, "receiving from the kernel failed") from exc
             for msg in m.decode_nlmsgs(data):
-                index = pending.get(msg.seq)
-                if index is None:
+                pos = position.get(msg.seq)
+                if pos is None:
                     continue  # left over from a request whose caller was cancelled
-                outcome = outcomes[index]
+                outcome = outcomes[sent[pos][1]]
                 if msg.type == NlmsgType.ERROR:
                     outcome.ack = m.decode_ack(msg)
-                    del pending[msg.seq]
                 elif msg.type == NlmsgType.DONE:
                     outcome.ack = m.decode_done(msg)
                     outcome.interrupted |= bool(msg.flags & NlmFlag.DUMP_INTR)
-                    del pending[msg.seq]
                 elif msg.type not in (NlmsgType.NOOP, NlmsgType.OVERRUN):
                     outcome.replies.append(msg)
                     outcome.interrupted |= bool(msg.flags & NlmFlag.DUMP_INTR)
+                    continue
+                else:
+                    continue
+                # an answer that ends request `pos`: the kernel is done with everything sent before it, and what
+                # it did not refuse there succeeded
+                for _, index in sent[settled:pos]:
+                    if outcomes[index].ack is None:
+                        outcomes[index].ack = _IMPLIED_ACK
+                settled = max(settled, pos + 1)
 
 
 def _raise_for(request: m.Request, outcome: _Outcome) -> None:
@@ -418,7 +451,15 @@ class XfrmEvents:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
+        self._fd = sock.fileno()
         self._queue: collections.deque[m.Event | EventsLost] = collections.deque()
+        # The socket stays registered with the loop between events (loop.sock_recv registers and unregisters it
+        # per read: two epoll_ctl and an empty recv per event); reading pauses while `_BACKLOG` events wait
+        # unread, so a reader that falls behind leaves them in the kernel's buffer (bounded; overflow is
+        # EventsLost), not in ours.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reading = False
+        self._waiter: asyncio.Future[None] | None = None
 
     @classmethod
     async def open(cls, groups: Iterable[XfrmGroup] = DEFAULT_GROUPS, netns: str | None = None) -> XfrmEvents:
@@ -426,6 +467,9 @@ class XfrmEvents:
         return cls(sock)
 
     def close(self) -> None:
+        if self._reading and self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._fd)
+        self._reading = False
         self._sock.close()
 
     async def __aenter__(self) -> XfrmEvents:
@@ -441,14 +485,33 @@ class XfrmEvents:
         return await self.next()
 
     async def next(self) -> m.Event | EventsLost:
-        loop = asyncio.get_running_loop()
         while not self._queue:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            if not self._reading:
+                self._loop.add_reader(self._fd, self._readable)
+                self._reading = True
+            self._waiter = self._loop.create_future()
             try:
-                data = await loop.sock_recv(self._sock, _RECV_SIZE)
-            except OSError as exc:
-                return _lost(exc)
-            self._decode(data)
+                await self._waiter
+            finally:
+                self._waiter = None
         return self._queue.popleft()
+
+    def _readable(self) -> None:
+        try:
+            data = self._sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return  # `ready_now` read it first
+        except OSError as exc:
+            self._queue.append(_lost(exc))
+        else:
+            self._decode(data)
+        if self._waiter is not None and not self._waiter.done() and self._queue:
+            self._waiter.set_result(None)
+        elif len(self._queue) >= _BACKLOG and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
 
     def ready_now(self) -> list[m.Event | EventsLost]:
         """The events the kernel has sent that `next` has not returned yet, without waiting: for a reader that must

@@ -22,7 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ipsec_bridge.xfrm import messages as m
-from ipsec_bridge.xfrm.consts import PolicyAction, PolicyDir, SaDir, XfrmGroup
+from ipsec_bridge.xfrm.consts import PolicyAction, PolicyDir, SaDir, XfrmGroup, XfrmMsg
 from ipsec_bridge.xfrm.netlink import XfrmError, XfrmEvents, XfrmSocket
 from ipsec_bridge.xfrm.offload import OffloadStatus
 from tests.kernel import guestlib as g
@@ -311,6 +311,42 @@ async def scenario_esp() -> dict[str, Any]:
         facts["duplicate_newsa"] = "accepted"
     except XfrmError as exc:
         facts["duplicate_newsa"] = str(exc)
+
+    # 5b. one datagram, an ack asked for on its last request only: successes are implied, refusals and replies
+    # still come back to the request that caused them (the kernel answers in order)
+    class Counted:  # the socket, counting the datagrams read
+        def __init__(self, sock: Any) -> None:
+            self.sock, self.reads = sock, 0
+
+        def recv(self, size: int) -> bytes:
+            self.reads += 1
+            data: bytes = self.sock.recv(size)
+            return data
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.sock, name)
+
+    real_sock = lab._sock
+    counted = lab._sock = Counted(real_sock)  # type: ignore[assignment]
+    fresh = dataclasses.replace(lab_sas[0], spi=0x5001)
+    batch = [
+        m.new_sa(fresh),  # ok
+        m.new_sa(lab_sas[0]),  # EEXIST
+        m.alloc_spi(m.SpiRequest(ip_address("203.0.113.2"), ip_address("203.0.113.1"), 0x20000, 0x2FFFF, reqid=9)),
+        m.delete_sa(dataclasses.replace(lab_sas[0], spi=0x5002).id()),  # ESRCH
+        m.delete_sa(fresh.id()),  # ok, the last: the only ack asked for
+    ]
+    outcomes = await lab.call_each(batch)
+    lab._sock = real_sock
+    facts["batch_outcomes"] = [
+        type(o).__name__ if isinstance(o, XfrmError) else [XfrmMsg(r.type).name for r in o] for o in outcomes
+    ]
+    facts["batch_errnos"] = [o.errno if isinstance(o, XfrmError) else 0 for o in outcomes]
+    facts["batch_reads"] = counted.reads
+    larval_spi = m.decode_sa(outcomes[2][0].payload).sa.spi if not isinstance(outcomes[2], XfrmError) else None
+    if larval_spi is not None:
+        await lab.delete_sa(m.SaId(ip_address("203.0.113.1"), larval_spi))
+    facts["batch_left_behind"] = [i.sa.spi for i in await lab.list_sas() if i.sa.spi in (0x5001, 0x5002, larval_spi)]
 
     # 6. offload on a veth (no xfrmdev_ops): crypto falls back silently, packet mode fails loudly
     dev0 = await g.ifindex("lab", "dev0")

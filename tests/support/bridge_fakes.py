@@ -29,6 +29,9 @@ class RecordingXfrm:
         self.sas, self.policies = sas, policies
         self.requests: list[m.Request] = []
 
+    def runs_inline(self, requests: Sequence[m.Request]) -> bool:
+        return True  # call_each never suspends
+
     async def call_each(self, requests: Sequence[m.Request]) -> list[list[m.NetlinkMessage]]:
         self.requests.extend(requests)
         return [[] for _ in requests]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
@@ -58,3 +59,19 @@ def test_a_trim_returns_the_free_pages_inside_the_heap() -> None:
     """What the bridge's periodic trim does for memory freed under thresholds that were raised before it tuned
     them, or freed in small pieces: glibc hands back whole free pages in the middle of its heap."""
     assert _kept_mib("trimmed") < 5
+
+
+async def test_handshake_connections_read_below_the_mmap_threshold() -> None:
+    # asyncio reads a stream 256 KiB at a time: over the fixed threshold, every read would map and unmap a buffer
+    from ipsec_bridge.allocator import THRESHOLD
+    from ipsec_bridge.handshake import small_reads
+
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert writer.transport.max_size >= THRESHOLD  # type: ignore[attr-defined]  # asyncio's default
+    small_reads(writer)
+    assert writer.transport.max_size < THRESHOLD  # type: ignore[attr-defined]
+    writer.close()
+    server.close()
+    await server.wait_closed()

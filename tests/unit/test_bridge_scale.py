@@ -26,7 +26,7 @@ import pytest
 
 from ipsec_bridge.certs import Certificates
 from ipsec_bridge.netns import Netns
-from ipsec_bridge.sa_manager import Endpoints, SaManager, SaSettings, host_net
+from ipsec_bridge.sa_manager import Coalescer, Endpoints, SaManager, SaSettings, host_net
 from ipsec_bridge.state import StateStore
 from ipsec_bridge.tunnels.manager import TunnelManager
 from ipsec_bridge.tunnels.records import Generation, Tunnel
@@ -59,6 +59,9 @@ class SlowKernel:
         self.batches: list[list[m.Request]] = []
         self.refuse_spis: set[int] = set()
         self._spis = itertools.count(0x2000)
+
+    def runs_inline(self, requests: Sequence[m.Request]) -> bool:
+        return not (self.policy_delay and any(r.type in POLICY_TYPES for r in requests))  # no sleep: no suspension
 
     async def call_each(self, requests: Sequence[m.Request]) -> list[list[m.NetlinkMessage] | XfrmError]:
         self.batches.append(list(requests))
@@ -274,9 +277,8 @@ async def test_retired_generations_of_many_tunnels_go_in_one_batch(
     assert len(kernel.batches) == 1
 
 
-async def test_a_commit_costs_the_scheduler_its_tunnel_not_the_table(tmp_path: Path) -> None:
-    # 300 quiet tunnels: the first pass looks at each; a touched tunnel (a commit, a record, a request) is looked
-    # at alone, at once; a new view (Wake.set) looks at all again; each is looked at again when its time comes
+async def quiet_tunnels(tmp_path: Path, count: int) -> TunnelManager:
+    """A manager holding `count` established tunnels with nothing to do for an hour (its scheduler not started)."""
     store = await load_view(write_mesh(tmp_path))
     sa = SaManager(cast(Any, SlowKernel()), SaSettings(mesh_cidrs=store.settings.mesh_cidrs))
     manager = TunnelManager(BridgeSettings(node="node-a"), store, sa, cast(Any, NoCertificates()),
@@ -285,7 +287,7 @@ async def test_a_commit_costs_the_scheduler_its_tunnel_not_the_table(tmp_path: P
     template = manager.tunnels[("pod", A1, B1)]
     manager.tunnels.clear()
     now = time.monotonic()
-    for i in range(300):
+    for i in range(count):
         local = ip_address(f"10.1.{i // 250 + 1}.{i % 250 + 1}")
         ep = dataclasses.replace(template.spec.endpoints, local_net=host_net(local))
         spec = dataclasses.replace(template.spec, key=("pod", str(local), B1), endpoints=ep, local_address=local)
@@ -297,6 +299,13 @@ async def test_a_commit_costs_the_scheduler_its_tunnel_not_the_table(tmp_path: P
         )
         t.next_rekey = now + 3600
         manager.tunnels[spec.key] = t
+    return manager
+
+
+async def test_a_commit_costs_the_scheduler_its_tunnel_not_the_table(tmp_path: Path) -> None:
+    # 300 quiet tunnels: the first pass looks at each; a touched tunnel (a commit, a record, a request) is looked
+    # at alone, at once; a new view (Wake.set) looks at all again; each is looked at again when its time comes
+    manager = await quiet_tunnels(tmp_path, 300)
     scheduler, table = manager.scheduler, manager.table
 
     async def after(passes: int) -> int:
@@ -313,6 +322,63 @@ async def test_a_commit_costs_the_scheduler_its_tunnel_not_the_table(tmp_path: P
         assert await after(2) == 301
         table.wake.set()
         assert await after(3) == 601
-        await asyncio.sleep(1.2)  # each one's time came (a quiet tunnel is looked at again within 1 s)
+        # each one's time came: a quiet tunnel is looked at again 1 s after its last look, on the 0.25 s timer grid
+        for _ in range(60):
+            await asyncio.sleep(0.025)
+            if scheduler.looks >= 901:
+                break
         assert scheduler.looks >= 901 and scheduler.passes <= 6
         task.cancel()
+
+
+async def test_tunnels_due_at_scattered_moments_share_timed_passes(tmp_path: Path) -> None:
+    # 40 tunnels, each touched at its own moment over 0.4 s: 40 passes of one tunnel. A second later each one's
+    # time comes at a moment of its own; the timer's 0.25 s grid gathers them into a few passes, not 40
+    manager = await quiet_tunnels(tmp_path, 40)
+    scheduler, table = manager.scheduler, manager.table
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(scheduler.run(tg))
+        await asyncio.sleep(0.05)
+        for t in list(manager.tunnels.values()):
+            table.touch(t)
+            await asyncio.sleep(0.01)
+        touched_passes, looks = scheduler.passes, scheduler.looks
+        assert looks >= 80  # the first pass (all 40) and one per touch
+        await asyncio.sleep(1.6)  # every tunnel's time came once (1 s after its touch), none twice
+        assert scheduler.looks - looks >= 40
+        assert scheduler.passes - touched_passes <= 8, scheduler.passes - touched_passes
+        task.cancel()
+
+
+async def test_a_batch_on_the_loop_costs_its_caller_one_turn_and_still_gathers_what_is_scheduled() -> None:
+    kernel = SlowKernel()
+    batches = Coalescer(cast(Any, kernel))
+    turns = 0
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    spi = m.alloc_spi(m.SpiRequest(ip_address("192.0.2.2"), ip_address("192.0.2.1"), 0x1000, 0x1FFF))
+    policy = m.delete_policy(m.PolicyId(m.Selector.of("10.1.0.1/32", "10.2.0.1/32"), PolicyDir.OUT))
+    tick = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    start = turns
+    (reply,) = await batches.submit([spi])
+    assert turns - start == 1 and reply != []  # the caller sent it after one turn (a batch task took two)
+    # a handler already scheduled adds its request first (as an ACQUIRE's handler adds its trap); two callers in
+    # the same turn share one batch
+    batches_before = len(kernel.batches)
+    asyncio.get_running_loop().call_soon(batches.later, [policy])
+    out = await asyncio.gather(batches.submit([spi]), batches.submit([policy]))
+    assert [len(o) for o in out] == [1, 1]
+    assert [[r.type for r in b] for b in kernel.batches[batches_before:]] == [
+        [XfrmMsg.DELPOLICY, XfrmMsg.ALLOCSPI, XfrmMsg.DELPOLICY]
+    ]
+    # a batch that needs a worker thread (here: a slow kernel) goes to the batch task, and still answers everyone
+    kernel.policy_delay = 0.01
+    out = await asyncio.gather(batches.submit([policy]), batches.submit([spi]))
+    assert [len(o) for o in out] == [1, 1] and len(kernel.batches) == batches_before + 2
+    tick.cancel()

@@ -71,6 +71,9 @@ class Kernel:
         self.refill: m.Policy | None = None  # put into the slot of the next out policy deleted (an ACQUIRE's hold)
         self._spis = itertools.count(0x2000 if node == "a" else 0x3000)
 
+    def runs_inline(self, requests: Sequence[m.Request]) -> bool:
+        return True  # call_each never suspends
+
     async def call_each(self, requests: Sequence[m.Request]) -> list[list[m.NetlinkMessage] | XfrmError]:
         out: list[list[m.NetlinkMessage] | XfrmError] = []
         for r in requests:

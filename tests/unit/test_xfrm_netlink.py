@@ -32,6 +32,11 @@ def ack(req: m.NetlinkMessage, err: int = 0, text: str | None = None) -> bytes:
     return m.encode_nlmsg(NlmsgType.ERROR, flags, req.seq, struct.pack("=i", -err) + echoed + tlvs)
 
 
+def _success(reply: bytes) -> bool:
+    (answer,) = m.decode_nlmsgs(reply)
+    return answer.type == NlmsgType.ERROR and m.decode_ack(answer).ok
+
+
 class FakeKernel:
     """Answers each datagram's messages with `answer`; records datagrams as they arrive."""
 
@@ -52,7 +57,10 @@ class FakeKernel:
                 return
             msgs = m.decode_nlmsgs(data)
             self.datagrams.append(msgs)
-            out = b"".join(reply for msg in msgs for reply in self.answer(msg))
+            # as the kernel does: a success is acked only when the request asked (NLM_F_ACK), a refusal always
+            out = b"".join(
+                reply for msg in msgs for reply in self.answer(msg) if msg.flags & NlmFlag.ACK or not _success(reply)
+            )
             if out:
                 self.theirs.send(out)
 
@@ -126,6 +134,26 @@ async def test_batch_is_windowed_and_reports_every_failure(fake: Callable[..., t
     assert [index for index, _ in caught.value.failures] == [7, 33]
     assert "request 8 of 50" in str(caught.value) and "1 more of 50 failed" in str(caught.value)
     assert [len(d) for d in kernel.datagrams] == [16, 16, 16, 2]  # every request was sent, 16 per datagram
+    # each datagram asks for one ack, on its last request: the kernel's answer to it implies the silent successes
+    assert [[bool(msg.flags & NlmFlag.ACK) for msg in d] for d in kernel.datagrams] == [
+        [False] * (len(d) - 1) + [True] for d in kernel.datagrams
+    ]
+
+
+async def test_silent_successes_keep_their_replies_and_a_refusal_its_request(
+    fake: Callable[..., tuple[FakeKernel, XfrmSocket]],
+) -> None:
+    def answer(req: m.NetlinkMessage) -> list[bytes]:
+        if req.type == XfrmMsg.GETSA:
+            return [m.encode_nlmsg(XfrmMsg.NEWSA, 0, req.seq, kernel_sa_v4_payload()), ack(req)]
+        return [ack(req, errno.ENOENT if req.type == XfrmMsg.DELPOLICY else 0)]
+
+    _, xs = fake(answer)
+    out = await xs.call_each([m.new_policy(policy_v4()), m.get_sa(sa_v4().id()), m.delete_policy(policy_v4().id()),
+                              m.new_sa(sa_v4())])  # fmt: skip
+    assert out[0] == [] and out[3] == []
+    assert not isinstance(out[1], XfrmError) and m.decode_sa(out[1][0].payload).sa == sa_v4()
+    assert isinstance(out[2], XfrmError) and out[2].errno == errno.ENOENT
 
 
 async def test_dump_multipart_and_interrupted_restart(fake: Callable[..., tuple[FakeKernel, XfrmSocket]]) -> None:
@@ -250,6 +278,37 @@ async def test_events_already_sent_are_read_without_waiting_beside_a_waiting_rea
     theirs.send(policy)  # the waiting reader still gets what comes next
     assert isinstance(await asyncio.wait_for(waiting, 2), m.PolicyEvent)
     events.close()
+    theirs.close()
+
+
+async def test_events_keep_the_socket_registered_and_stop_reading_when_nobody_takes_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ours.setblocking(False)
+    loop = asyncio.get_running_loop()
+    calls: list[str] = []
+    for name in ("add_reader", "remove_reader"):
+        real = getattr(loop, name)
+        monkeypatch.setattr(loop, name, lambda *a, _real=real, _name=name: (calls.append(_name), _real(*a))[1])
+    monkeypatch.setattr("ipsec_bridge.xfrm.netlink._BACKLOG", 3)
+    events = XfrmEvents(ours)
+    policy = m.encode_nlmsg(XfrmMsg.NEWPOLICY, 0, 0, m.encode_policy(policy_v4()))
+    for _ in range(5):  # one event at a time, each awaited: registered once, not once per event
+        theirs.send(policy)
+        assert isinstance(await asyncio.wait_for(events.next(), 2), m.PolicyEvent)
+    assert calls == ["add_reader"]
+    theirs.send(policy + policy + policy + policy)  # four at once while nobody waits: read and kept
+    for _ in range(3):
+        theirs.send(policy)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    # one datagram (4 events) read, over the backlog of 3: reading paused, the rest wait in the kernel
+    assert calls == ["add_reader", "remove_reader"]
+    got = [await asyncio.wait_for(events.next(), 2) for _ in range(7)]  # reading resumes for the rest
+    assert [type(e) for e in got] == [m.PolicyEvent] * 7 and calls == ["add_reader", "remove_reader", "add_reader"]
+    events.close()
+    assert calls[-1] == "remove_reader"
     theirs.close()
 
 
