@@ -25,6 +25,7 @@ from ipsec_bridge.xfrm import messages as m
 from ipsec_bridge.xfrm.consts import XFRM_INF, Mode, PolicyAction, PolicyDir, StateFlag
 
 NODE_A, NODE_B, POD_A, POD_B = "nodeA", "nodeB", "podA", "podB"
+_REPO = Path(__file__).resolve().parents[2]
 UNDERLAY_A, UNDERLAY_B = ip_address("192.168.50.1"), ip_address("192.168.50.2")
 POD_A_IP, POD_B_IP = ip_address("10.1.0.10"), ip_address("10.2.0.10")
 POD_NET_A, POD_NET_B = ip_network("10.1.0.0/24"), ip_network("10.2.0.0/24")
@@ -467,3 +468,98 @@ async def raw_mtls_ms(client_ns: str, server_ns: str, server_ip: str, count: int
                           str(key)))  # fmt: skip
     await asyncio.wait_for(server.wait(), 30)
     return [float(x) for x in out.split()]
+
+
+# One process inside `relA` (the netns of its own that `held_release_ms` makes): a trap (an out policy whose
+# template no SA satisfies) holds a TCP SYN, then an UPDPOLICY puts a policy whose SA exists in the trap's slot,
+# as the bridge's switch does; the time from that request's answer to the connect completing is the kernel's
+# release of what it held (xfrm_policy_requeue runs the queue from a timer set to the current jiffy) plus the SYN's
+# round trip. The SA is a transport-mode ESP one, also in relB, so the SYN goes out encrypted as the bridge's would.
+HELD_RELEASE = """
+import asyncio, os, random, secrets, socket, sys, time
+from ipaddress import ip_address
+from ipsec_bridge.xfrm import messages as m
+from ipsec_bridge.xfrm.consts import Mode, PolicyDir
+from ipsec_bridge.xfrm.netlink import XfrmSocket
+
+async def main(count):
+    with open("/proc/sys/net/core/xfrm_larval_drop", "w") as f:
+        f.write("0")  # relA's own: hold first packets, as the bridge sets it
+    here, there = await XfrmSocket.open(), await XfrmSocket.open("relB")
+    sel = m.Selector.of("10.99.0.1/32", "10.99.0.2/32")
+    sel = m.Selector(sel.src, sel.dst, 6, 0, 0, 5000, 0xFFFF)
+    key = m.Aead(secrets.token_bytes(16), secrets.token_bytes(4))
+    sa = m.SecurityAssociation(ip_address("10.99.0.1"), ip_address("10.99.0.2"), 0x1234, key, sel, reqid=7,
+                               mode=Mode.TRANSPORT)
+    await here.add_sa(sa)
+    await there.add_sa(sa)
+
+    def out(reqid):
+        tmpl = (m.Template(None, None, reqid=reqid, mode=Mode.TRANSPORT),)
+        return m.Policy(sel, PolicyDir.OUT, priority=100, templates=tmpl)
+
+    loop = asyncio.get_running_loop()
+    times = []
+    for _ in range(count):
+        await here.add_policy(out(99), update=True)  # the trap: no SA has reqid 99
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(("10.99.0.2", 5000))
+        except BlockingIOError:
+            pass
+        await asyncio.sleep(0.02 + random.random() * 0.02)  # held; released at a moment unrelated to the ticks
+        start = time.perf_counter()
+        await here.add_policy(out(7), update=True)
+        done = loop.create_future()
+        loop.add_writer(s.fileno(), lambda: done.done() or done.set_result(None))
+        await asyncio.wait_for(done, 5)
+        ms = (time.perf_counter() - start) * 1000
+        loop.remove_writer(s.fileno())
+        ok = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        s.close()
+        times.append(ms if ok else -1.0)
+    print(" ".join(f"{t:.3f}" for t in times))
+
+asyncio.run(main(int(sys.argv[1])))
+"""
+
+HELD_RELEASE_SERVER = """
+import socket, sys
+s = socket.socket()
+s.bind(("10.99.0.2", 5000))
+s.listen(1024)
+print("ready", flush=True)
+while True:
+    s.accept()[0].close()
+"""
+
+
+async def held_release_ms(count: int) -> list[float]:
+    """`count` times: the milliseconds from the UPDPOLICY that replaces a trap holding a TCP SYN to that connect
+    completing (the kernel's release of a held first packet, the floor under every on-demand first connection),
+    in two netns of their own (relA, relB), removed afterwards. -1 for a connect that failed."""
+    import sys
+
+    for ns in ("relA", "relB"):
+        await sh("ip", "netns", "add", ns)
+    try:
+        await sh("ip", "link", "add", "rel0", "netns", "relA", "type", "veth", "peer", "name", "rel1", "netns", "relB")
+        for ns, dev, addr in (("relA", "rel0", "10.99.0.1/24"), ("relB", "rel1", "10.99.0.2/24")):
+            await sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
+            await sh("ip", "-n", ns, "link", "set", dev, "up")
+        server = await asyncio.create_subprocess_exec(
+            *in_ns("relB", sys.executable, "-S", "-c", HELD_RELEASE_SERVER), stdout=asyncio.subprocess.PIPE
+        )
+        assert server.stdout is not None
+        assert (await asyncio.wait_for(server.stdout.readline(), 30)).strip() == b"ready"
+        try:
+            out = await sh(*in_ns("relA", "env", f"PYTHONPATH={_REPO}", sys.executable, "-c", HELD_RELEASE,
+                                  str(count)))  # fmt: skip
+        finally:
+            server.kill()
+            await server.wait()
+        return [float(x) for x in out.split()]
+    finally:
+        for ns in ("relA", "relB"):
+            await sh("ip", "netns", "del", ns, check=False)
