@@ -432,6 +432,9 @@ def configure_logging(level: str) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # the format shows no process id or name: a record need not ask for them (os.getpid() is a syscall each)
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
 
 
 async def _amain(cfg: BridgeConfig) -> None:

@@ -499,17 +499,20 @@ class XfrmEvents:
         return self._queue.popleft()
 
     def _readable(self) -> None:
-        try:
-            data = self._sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return  # `ready_now` read it first
-        except OSError as exc:
-            self._queue.append(_lost(exc))
-        else:
+        """All the kernel has sent (a burst of ACQUIREs is taken in one go, not one datagram per loop turn), up to
+        the backlog; then wake the reader."""
+        while len(self._queue) < _BACKLOG:
+            try:
+                data = self._sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break  # all read (or `ready_now` read it first)
+            except OSError as exc:
+                self._queue.append(_lost(exc))
+                break
             self._decode(data)
         if self._waiter is not None and not self._waiter.done() and self._queue:
             self._waiter.set_result(None)
-        elif len(self._queue) >= _BACKLOG and self._loop is not None:
+        if len(self._queue) >= _BACKLOG and self._loop is not None:
             self._loop.remove_reader(self._fd)
             self._reading = False
 
