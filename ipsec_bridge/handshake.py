@@ -762,7 +762,6 @@ async def initiate(
 ) -> Result:
     """The initiator's side, on a connected stream. Raises HandshakeError; leaves nothing half-installed."""
     started = plan.monotonic()
-    small_reads(writer)
     writer.write(preamble.encode())  # the ClientHello follows in the same segment
     offered = plan.ticket.session if plan.ticket is not None else None
     channel = TlsChannel(plan.context, server=False, reader=reader, writer=writer, session=offered)

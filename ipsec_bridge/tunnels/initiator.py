@@ -21,6 +21,7 @@ from ipsec_bridge.handshake import (
     initiate,
     request_rekey,
     request_teardown,
+    small_reads,
     teardown_done,
 )
 from ipsec_bridge.netns import Netns
@@ -78,7 +79,10 @@ class Initiator:
     async def _connect(self, t: Tunnel) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A connection to the peer's bridge, from this node's underlay address (the peer checks the source)."""
         ep, s = t.spec.endpoints, self.settings
-        return await self.netns.connect(str(ep.peer_node), s.port, s.handshake_timeout, source=str(ep.local_node))
+        reader, writer = await self.netns.connect(str(ep.peer_node), s.port, s.handshake_timeout,
+                                                  source=str(ep.local_node))  # fmt: skip
+        small_reads(writer)  # as the responder does for every connection it accepts
+        return reader, writer
 
     async def _exchange(self, t: Tunnel, plan: Plan) -> Result:
         reader, writer = await self._connect(t)

@@ -501,15 +501,7 @@ class XfrmEvents:
     def _readable(self) -> None:
         """All the kernel has sent (a burst of ACQUIREs is taken in one go, not one datagram per loop turn), up to
         the backlog; then wake the reader."""
-        while len(self._queue) < _BACKLOG:
-            try:
-                data = self._sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                break  # all read (or `ready_now` read it first)
-            except OSError as exc:
-                self._queue.append(_lost(exc))
-                break
-            self._decode(data)
+        self._read_sent(_BACKLOG)
         if self._waiter is not None and not self._waiter.done() and self._queue:
             self._waiter.set_result(None)
         if len(self._queue) >= _BACKLOG and self._loop is not None:
@@ -519,19 +511,24 @@ class XfrmEvents:
     def ready_now(self) -> list[m.Event | EventsLost]:
         """The events the kernel has sent that `next` has not returned yet, without waiting: for a reader that must
         not act on a stale picture (an ACQUIRE is sent in the same syscall that queues its packet). A `next` waiting
-        at the same time is safe: asyncio's reader retries on EAGAIN."""
-        while True:
+        at the same time is safe: its callback finds nothing left and waits for more."""
+        self._read_sent(None)
+        out = list(self._queue)
+        self._queue.clear()
+        return out
+
+    def _read_sent(self, backlog: int | None) -> None:
+        """Decode what the socket holds into the queue without waiting, until it is empty or the queue holds
+        `backlog` events (None: no bound). A read error (an overflow) is queued as EventsLost, and reading goes on."""
+        while backlog is None or len(self._queue) < backlog:
             try:
                 data = self._sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
-                break
+                return
             except OSError as exc:
                 self._queue.append(_lost(exc))
                 continue
             self._decode(data)
-        out = list(self._queue)
-        self._queue.clear()
-        return out
 
     def _decode(self, data: bytes) -> None:
         for msg in m.decode_nlmsgs(data):

@@ -382,3 +382,34 @@ async def test_a_batch_on_the_loop_costs_its_caller_one_turn_and_still_gathers_w
     out = await asyncio.gather(batches.submit([policy]), batches.submit([spi]))
     assert [len(o) for o in out] == [1, 1] and len(kernel.batches) == batches_before + 2
     tick.cancel()
+
+
+async def test_bridge_connections_read_below_the_mmap_threshold_both_ways(tmp_path: Path) -> None:
+    # every connection to the peer bridge (handshake, rekey request, teardown) goes through the initiator's
+    # _connect, and every one from it through serve_connection: both read 64 KiB at a time, not asyncio's 256 KiB
+    from ipsec_bridge.allocator import THRESHOLD
+
+    store = await load_view(write_mesh(tmp_path))
+    sa = SaManager(cast(Any, SlowKernel()), SaSettings(mesh_cidrs=store.settings.mesh_cidrs))
+    accepted: asyncio.Future[asyncio.StreamWriter] = asyncio.get_running_loop().create_future()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await manager.serve_connection(reader, writer)  # a preamble it cannot read: refused, closed
+        accepted.set_result(writer)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = BridgeSettings(node="node-a", port=port, handshake_timeout=2.0)
+    manager = TunnelManager(settings, store, sa, cast(Any, NoCertificates()), Netns(None),
+                            BridgeMetrics(Registry()))  # fmt: skip
+    await manager.reconcile(store.view)
+    t = manager.tunnels[("pod", A1, B1)]
+    t.spec = dataclasses.replace(t.spec, endpoints=dataclasses.replace(
+        t.spec.endpoints, local_node=ip_address("127.0.0.1"), peer_node=ip_address("127.0.0.1")))  # fmt: skip
+    _, writer = await manager.initiator._connect(t)
+    assert writer.transport.max_size < THRESHOLD  # type: ignore[attr-defined]
+    writer.write(b"not a preamble" * 10)
+    assert (await asyncio.wait_for(accepted, 5)).transport.max_size < THRESHOLD  # type: ignore[attr-defined]
+    writer.close()
+    server.close()
+    await server.wait_closed()
