@@ -118,6 +118,16 @@ class RunningZtd:
         )
 
 
+async def until_ready(task: asyncio.Task[None], ready: asyncio.Event, what: str) -> None:
+    """Wait (at most 20 s) until `ready` is set; if `task`, the server's run, ends first, raise what it raised."""
+    waiter = asyncio.create_task(ready.wait())
+    done, _ = await asyncio.wait({task, waiter}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        waiter.cancel()
+        task.result()
+    assert waiter in done, f"{what} did not become ready"
+
+
 @contextlib.asynccontextmanager
 async def running_ztd(tmp: Path, config_dir: Path | None = None, **overrides: Any) -> AsyncIterator[RunningZtd]:
     # free_port() hands out a port that is free now; an outgoing connection of this busy process can take it from
@@ -136,16 +146,13 @@ async def running_ztd(tmp: Path, config_dir: Path | None = None, **overrides: An
         ztd = Ztd(cfg)
         stop = asyncio.Event()
         task = asyncio.create_task(ztd.run(stop))
-        ready = asyncio.create_task(ztd.ready.wait())
-        done, _ = await asyncio.wait({task, ready}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            ready.cancel()
-            err = task.exception()
-            if isinstance(err, StartupError) and "address already in use" in str(err) and attempt + 1 < tries:
+        try:
+            await until_ready(task, ztd.ready, "ztd")
+        except StartupError as err:
+            if "address already in use" in str(err) and attempt + 1 < tries:
                 continue
-            task.result()
+            raise
         break
-    assert ready in done, "ztd did not become ready"
     try:
         yield RunningZtd(ztd, cfg, cfg.published_root.read_bytes())
     finally:

@@ -449,6 +449,19 @@ def make_cert(crt: Path, key_path: Path) -> None:
     )
 
 
+async def ready_server(netns: str, script: str, *args: str) -> asyncio.subprocess.Process:
+    """`python -S -c script args` in `netns`, once it has printed its "ready" line."""
+    import sys
+
+    server = await asyncio.create_subprocess_exec(
+        *in_ns(netns, sys.executable, "-S", "-c", script, *args), stdout=asyncio.subprocess.PIPE
+    )
+    assert server.stdout is not None
+    line = await asyncio.wait_for(server.stdout.readline(), 30)
+    assert line.strip() == b"ready", line
+    return server
+
+
 async def raw_mtls_ms(client_ns: str, server_ns: str, server_ip: str, count: int, workdir: Path) -> list[float]:
     """`count` mutual TLS 1.3 handshakes (ECDSA P-256, as the bridges' SVIDs; one self-signed cert on both ends,
     no tickets) from `client_ns` to `server_ns`, one at a time; each one's milliseconds."""
@@ -457,13 +470,7 @@ async def raw_mtls_ms(client_ns: str, server_ns: str, server_ip: str, count: int
     crt, key = workdir / "tls.crt", workdir / "tls.key"
     if not await asyncio.to_thread(crt.exists):
         await asyncio.to_thread(make_cert, crt, key)
-    server = await asyncio.create_subprocess_exec(
-        *in_ns(server_ns, sys.executable, "-S", "-c", MTLS_SERVER, str(crt), str(key), str(count)),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert server.stdout is not None
-    line = await asyncio.wait_for(server.stdout.readline(), 30)
-    assert line.strip() == b"ready", line
+    server = await ready_server(server_ns, MTLS_SERVER, str(crt), str(key), str(count))
     out = await sh(*in_ns(client_ns, sys.executable, "-S", "-c", MTLS_CLIENT, str(crt), server_ip, str(count),
                           str(key)))  # fmt: skip
     await asyncio.wait_for(server.wait(), 30)
@@ -548,11 +555,7 @@ async def held_release_ms(count: int) -> list[float]:
         for ns, dev, addr in (("relA", "rel0", "10.99.0.1/24"), ("relB", "rel1", "10.99.0.2/24")):
             await sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
             await sh("ip", "-n", ns, "link", "set", dev, "up")
-        server = await asyncio.create_subprocess_exec(
-            *in_ns("relB", sys.executable, "-S", "-c", HELD_RELEASE_SERVER), stdout=asyncio.subprocess.PIPE
-        )
-        assert server.stdout is not None
-        assert (await asyncio.wait_for(server.stdout.readline(), 30)).strip() == b"ready"
+        server = await ready_server("relB", HELD_RELEASE_SERVER)
         try:
             out = await sh(*in_ns("relA", "env", f"PYTHONPATH={_REPO}", sys.executable, "-c", HELD_RELEASE,
                                   str(count)))  # fmt: skip

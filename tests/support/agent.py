@@ -18,7 +18,7 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf import struct_pb2
 
 from sds.agent.main import Agent, AgentConfig
-from tests.helpers import RunningZtd
+from tests.helpers import RunningZtd, until_ready
 from ztcore.xds import typeurls
 
 # Pods of three service accounts on node-a, where the agent's ztunnel identity may impersonate them.
@@ -75,12 +75,7 @@ async def running_agent(cfg: AgentConfig, **kwargs: Any) -> AsyncIterator[Agent]
     agent = Agent(cfg, **kwargs)
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
-    ready = asyncio.create_task(agent.ready.wait())
-    done, _ = await asyncio.wait({task, ready}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        ready.cancel()
-        task.result()
-    assert ready in done, "zt-agent did not become ready"
+    await until_ready(task, agent.ready, "zt-agent")
     try:
         yield agent
     finally:
