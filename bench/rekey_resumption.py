@@ -131,6 +131,9 @@ class SpiOnly:
     async def allocate_spi(self) -> int:
         return next(self._spis)
 
+    def propose_spi(self) -> int:
+        return next(self._spis)
+
     async def install(
         self, inbound: tuple[int, Aead] | None, outbound: tuple[int, Aead] | None, *, esn: bool = True
     ) -> None:

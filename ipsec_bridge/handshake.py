@@ -1,27 +1,42 @@
 """One TLS 1.3 handshake per tunnel between two bridges, and the SPI exchange that follows inside it.
 
-On the wire (TCP from the initiator's bridge to the responder's, port --port), three round trips:
+On the wire (TCP from the initiator's bridge to the responder's, port --port), two round trips, as many as the
+TLS 1.3 handshake itself takes:
 
-    I -> R  preamble "ZTB1" kind scope len + JSON {src, dst, key_bytes} (cleartext), then the TLS ClientHello
-    R -> I  TLS 1.3 server flight -- or, instead, a refusal: byte 1 + reason ("10.2.0.9 is not a mesh pod ...")
-    I -> R  TLS client Finished. Both sides presented a certificate (the initiator A's SVID, the responder B's,
-            or in node scope each bridge's own) and verified the peer's chain against the mesh roots; each
-            now checks that the peer's SPIFFE ID is the identity WDS holds for the address it claims and that
-            policy admits the pair. A side that finds otherwise sends reject {reason} and closes.
-    R -> I  accept {spi_r, esn}  R verified I, then reserved its inbound SPI (ALLOCSPI); esn: whether R's SAs
-                                 can carry 64-bit sequence numbers (false behind an offload device without ESN)
-    I -> R  ready {spi_i, esn}   I verified R, reserved spi_i, derived the keys, installed its inbound SA; esn: the
-                                 tunnel's choice, ESN only if both sides can (both SAs of both sides follow it)
-    R -> I  done             R derived the keys, installed its inbound and outbound SAs (and its policies, unless
-                             the installer defers them)
+    I -> R  preamble "ZTB1" kind scope len + JSON {src, dst, key_bytes, rev: 2} (cleartext), and in the same
+            segment the TLS ClientHello
+    R -> I  announce: byte 2, spi_r (4 bytes), flags (1 byte; bit 0: R's SAs can carry 64-bit sequence numbers,
+            false behind an offload device without ESN), then the TLS 1.3 server flight -- or, instead of both,
+            a refusal: byte 1 + reason ("10.2.0.9 is not a mesh pod ...")
+    I -> R  TLS client Finished and, in the same flight, ready {spi_i, esn, peer_spi}. I verified R's certificate
+            (below) before choosing spi_i; it derived the keys and installed its inbound SA. esn: the tunnel's
+            choice, ESN only if both sides can (both SAs of both sides follow it); peer_spi: the spi_r I keyed
+            with, so that R sees an announce altered on the way (R refuses then; the keys would differ anyway)
+    R -> I  done   R verified I, derived the keys, installed its inbound and outbound SAs (and its policies,
+                   unless the installer defers them)
     then I installs its outbound SA (and policies). zt-bridge defers the pair policies on both sides until the
     exchange is over: its deadline bounds the exchange, not a node tunnel's thousands of policies.
 
-No key exists and nothing is installed before both sides have verified each other. Each side installs its
+Verification: both sides present a certificate (the initiator A's SVID, the responder B's, or in node scope
+each bridge's own) and verify the peer's chain against the mesh roots; each then checks that the peer's
+SPIFFE ID is the identity WDS holds for the address it claims and that policy admits the pair. A side that
+finds otherwise sends reject {reason} (the initiator with its Finished, instead of ready) and closes.
+
+SPIs: each side chooses its inbound SPI at random (`Installer.propose_spi`, no kernel state) and the kernel
+reserves it only with the inbound SA itself (NEWSA, refused if that SPI is live), so an announce costs the
+responder nothing before it has verified the initiator. Each side installs a key only after it has verified
+the peer: the initiator's inbound SA can exist before the responder has verified the initiator (keyed from a
+session only the verified responder shares), and goes if the responder refuses. Each side installs its
 outbound SA only after the peer's inbound SA for it exists, so no packet is ever sent under an SPI the
 receiver cannot decrypt. The keys come from the TLS exporter (`ipsec_bridge.keys`), bound to both addresses,
-both SPIs and the key size: a preamble altered on the way yields different keys on the two sides, never a
-weaker tunnel. A second preamble kind (answered by a status byte) asks the pair's initiator to rekey now.
+both SPIs and the key size: a preamble or announce altered on the way yields different keys on the two
+sides, never a weaker tunnel. A second preamble kind (answered by a status byte) asks the pair's initiator to
+rekey now.
+
+Revision 1 (bridges before the announce; a responder knows one by a preamble without "rev", an initiator by a
+server flight without an announce) takes a round trip more: after the client Finished, R -> I accept {spi_r,
+esn} (R reserved spi_r with ALLOCSPI once it had verified I), I -> R ready {spi_i, esn} (I reserved spi_i, keyed,
+installed its inbound SA), R -> I done. Both sides still speak it.
 
 Idle teardown (on-demand set-up, `ipsec_bridge.tunnels.ondemand`): a third preamble kind asks the peer to remove an
 idle pair together with this side, naming the generation by its SPIs (as the sender sees them). The peer answers
@@ -96,7 +111,11 @@ from ztcore.identity import Identity, IdentityError
 IPAddress = IPv4Address | IPv6Address
 
 MAGIC = b"ZTB1"
+REVISION = 2  # the announce (see the module docstring); a preamble without "rev" is revision 1
 _PREAMBLE_HEAD = struct.Struct("!4sBBH")  # magic, kind, scope, JSON length
+_ANNOUNCE = struct.Struct("!BIB")  # 2, the responder's inbound SPI, flags
+_ANNOUNCE_TYPE = 2
+_ANNOUNCE_ESN = 0x01
 _FRAME = struct.Struct("!H")
 MAX_PREAMBLE = 1024
 MAX_FRAME = 4096
@@ -140,9 +159,12 @@ class Preamble:
     dst: str
     key_bytes: int = 16
     spis: tuple[int, int] | None = None  # teardown: the generation, (in, out) as the sender sees them
+    revision: int = REVISION  # of the handshake the sender speaks (a handshake's responder answers in kind)
 
     def encode(self) -> bytes:
         fields: dict[str, Any] = {"src": self.src, "dst": self.dst, "key_bytes": self.key_bytes}
+        if self.revision > 1:
+            fields["rev"] = self.revision
         if self.spis is not None:
             fields["spi_in"], fields["spi_out"] = self.spis
         body = json.dumps(fields, separators=(",", ":")).encode()
@@ -174,7 +196,11 @@ async def read_preamble(reader: asyncio.StreamReader) -> Preamble:
         spis = (_spi(body["spi_in"]), _spi(body["spi_out"])) if "spi_in" in body or "spi_out" in body else None
         if Kind(kind) is Kind.TEARDOWN_REQUEST and spis is None:
             raise HandshakeError("protocol", "a teardown request must name the generation (spi_in, spi_out)")
-        return Preamble(Kind(kind), KeyScope(scope), str(body["src"]), str(body["dst"]), int(key_bytes), spis)
+        revision = body.get("rev", 1)
+        if not isinstance(revision, int) or isinstance(revision, bool) or revision < 1:
+            raise HandshakeError("protocol", f"bad revision {revision!r} in the preamble")
+        return Preamble(Kind(kind), KeyScope(scope), str(body["src"]), str(body["dst"]), int(key_bytes), spis,
+                        min(revision, REVISION))  # fmt: skip
     except asyncio.IncompleteReadError:
         raise HandshakeError("protocol", "connection closed inside the preamble") from None
     except (ValueError, KeyError, TypeError):
@@ -188,6 +214,11 @@ def status_ok() -> bytes:
 def status_refused(reason: str) -> bytes:
     raw = reason.encode()[:MAX_FRAME]
     return b"\x01" + _FRAME.pack(len(raw)) + raw
+
+
+def announce(spi: int, esn: bool) -> bytes:
+    """The responder's SPI and ESN ability, ahead of its TLS server flight (revision 2)."""
+    return _ANNOUNCE.pack(_ANNOUNCE_TYPE, spi, _ANNOUNCE_ESN if esn else 0)
 
 
 def parse_refusal(data: bytes) -> str | None:
@@ -225,6 +256,7 @@ class Accept:
 class Ready:
     spi: int
     esn: bool = True  # the tunnel keys with ESN: the sender and the receiver of an SA must agree on it
+    peer_spi: int | None = None  # revision 2: the announced SPI the initiator keyed with
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +280,8 @@ def encode_message(msg: Message) -> bytes:
             body = {"t": "accept", "spi": msg.spi, "esn": msg.esn}
         case Ready():
             body = {"t": "ready", "spi": msg.spi, "esn": msg.esn}
+            if msg.peer_spi is not None:
+                body["peer_spi"] = msg.peer_spi
         case Done():
             body = {"t": "done"}
         case Reject():
@@ -279,7 +313,8 @@ def decode_message(raw: bytes) -> Message:
         if kind == "accept":
             return Accept(_spi(body["spi"]), _esn(body))
         if kind == "ready":
-            return Ready(_spi(body["spi"]), _esn(body))
+            peer_spi = _spi(body["peer_spi"]) if "peer_spi" in body else None
+            return Ready(_spi(body["spi"]), _esn(body), peer_spi)
         if kind == "done":
             return Done()
         if kind == "reject":
@@ -443,7 +478,10 @@ def _ssl_reason(err: SSL.Error) -> str:
 
 
 class TlsChannel:
-    """pyOpenSSL over asyncio streams through memory BIOs."""
+    """pyOpenSSL over asyncio streams through memory BIOs. `prefix`: cleartext that leaves in front of this side's
+    first TLS bytes, in the same write (the initiator's preamble, the responder's announce): one segment, one
+    wake-up of the peer. A client reads a refusal or an announce in front of the server's first bytes
+    (`announced`)."""
 
     def __init__(
         self,
@@ -453,6 +491,7 @@ class TlsChannel:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         session: SSL.Session | None = None,
+        prefix: bytes = b"",
     ) -> None:
         self._conn = SSL.Connection(ctx, None)
         self.trace = HandshakeTrace()
@@ -466,8 +505,11 @@ class TlsChannel:
         self._reader = reader
         self._writer = writer
         self._plain = bytearray()
-        # the client's first bytes may be the responder's refusal instead of TLS (which starts 0x15/0x16)
+        self._prefix = prefix
+        # the client's first bytes may be the responder's refusal instead of TLS (which starts 0x15/0x16), or its
+        # announce in front of TLS
         self._may_be_refused = not server
+        self.announced: tuple[int, bool] | None = None  # the responder's (spi, esn), when it announced them
 
     @property
     def connection(self) -> SSL.Connection:
@@ -484,6 +526,8 @@ class TlsChannel:
                 break
             out += chunk
         if out:
+            if self._prefix:  # only with TLS bytes: a server's first flush, before the ClientHello, has none
+                out[:0], self._prefix = self._prefix, b""
             self._writer.write(bytes(out))
             await self._writer.drain()
 
@@ -502,7 +546,25 @@ class TlsChannel:
                     data += more
                     reason = parse_refusal(data)
                 raise HandshakeError("refused", f"the responder refused: {reason}")
+            if data[0] == _ANNOUNCE_TYPE:
+                data = await self._read_announce(data)
+                if not data:
+                    return  # its TLS flight comes in the next read
         self._conn.bio_write(data)
+
+    async def _read_announce(self, data: bytes) -> bytes:
+        """The responder's announce at the start of `data`; returns what follows it."""
+        while len(data) < _ANNOUNCE.size:
+            more = await self._reader.read(_READ_SIZE)
+            if not more:
+                raise HandshakeError("protocol", "the responder closed the connection inside its announce")
+            data += more
+        _, spi, flags = _ANNOUNCE.unpack_from(data)
+        try:
+            self.announced = (_spi(spi), bool(flags & _ANNOUNCE_ESN))
+        except ValueError:
+            raise HandshakeError("protocol", "the responder announced SPI 0, which no SA can have") from None
+        return data[_ANNOUNCE.size :]
 
     async def handshake(self, *, flush: bool = True) -> None:
         """`flush=False` keeps the last flight (the client's Finished) for the next send to carry."""
@@ -618,7 +680,12 @@ class TlsChannel:
 class Installer(Protocol):
     """What one side programs while the exchange runs (ipsec_bridge.sa_manager provides the real one)."""
 
-    async def allocate_spi(self) -> int: ...
+    async def allocate_spi(self) -> int:
+        """Revision 1: an inbound SPI the kernel reserves now (ALLOCSPI); `install` puts the SA over it."""
+
+    def propose_spi(self) -> int:
+        """Revision 2: an inbound SPI chosen here, reserved by nothing until `install` puts its SA in (which the
+        kernel refuses if the SPI is live)."""
 
     async def install(
         self, inbound: tuple[int, Aead] | None, outbound: tuple[int, Aead] | None, *, esn: bool = True
@@ -762,31 +829,36 @@ async def initiate(
 ) -> Result:
     """The initiator's side, on a connected stream. Raises HandshakeError; leaves nothing half-installed."""
     started = plan.monotonic()
-    writer.write(preamble.encode())  # the ClientHello follows in the same segment
     offered = plan.ticket.session if plan.ticket is not None else None
-    channel = TlsChannel(plan.context, server=False, reader=reader, writer=writer, session=offered)
+    channel = TlsChannel(plan.context, server=False, reader=reader, writer=writer, session=offered,
+                         prefix=preamble.encode())  # fmt: skip
     await channel.handshake(flush=False)
     allocated = False
     try:
         peer, peer_not_after = await _verify_peer(channel, plan, "responder")
-        await channel.flush()  # our Finished: the responder verifies us now
-        answer = await channel.recv()
-        if isinstance(answer, Reject):
-            code = "resumption" if answer.full and channel.resumed else "refused"
-            raise HandshakeError(code, f"the responder refused: {answer.reason}")
-        if not isinstance(answer, Accept):
-            raise HandshakeError("protocol", f"expected accept, got {type(answer).__name__.lower()}")
-        allocated = True
-        esn = plan.esn and answer.esn
-        spi_i = await plan.installer.allocate_spi()
-        keys = _keys(channel, plan, spi_i, answer.spi, preamble.key_bytes, preamble.scope)
-        await plan.installer.install((spi_i, keys.responder_to_initiator), None, esn=esn)
-        await channel.send(Ready(spi_i, esn))
+        if channel.announced is not None:
+            spi_r, esn_r = channel.announced
+            esn = plan.esn and esn_r
+            allocated = True
+            spi_i = plan.installer.propose_spi()
+            keys = _keys(channel, plan, spi_i, spi_r, preamble.key_bytes, preamble.scope)
+            await plan.installer.install((spi_i, keys.responder_to_initiator), None, esn=esn)
+            await channel.send(Ready(spi_i, esn, spi_r))  # with our Finished: the responder verifies us now
+        else:  # revision 1
+            await channel.flush()  # our Finished: the responder verifies us now
+            answer = await channel.recv()
+            if not isinstance(answer, Accept):
+                raise _not_answered(answer, channel, "accept")
+            spi_r, esn = answer.spi, plan.esn and answer.esn
+            allocated = True
+            spi_i = await plan.installer.allocate_spi()
+            keys = _keys(channel, plan, spi_i, spi_r, preamble.key_bytes, preamble.scope)
+            await plan.installer.install((spi_i, keys.responder_to_initiator), None, esn=esn)
+            await channel.send(Ready(spi_i, esn))
         final = await channel.recv()
         if not isinstance(final, Done):
-            reason = final.reason if isinstance(final, Reject) else type(final).__name__.lower()
-            raise HandshakeError("refused", f"the responder did not finish: {reason}")
-        await plan.installer.install(None, (answer.spi, keys.initiator_to_responder), esn=esn)
+            raise _not_answered(final, channel, "done")
+        await plan.installer.install(None, (spi_r, keys.initiator_to_responder), esn=esn)
         ticket = _next_ticket(channel, plan, peer, peer_not_after, started)
     except BaseException:
         if allocated:
@@ -795,9 +867,18 @@ async def initiate(
     finally:
         await channel.close()
     return Result(
-        True, peer, peer_not_after, plan.credential.not_after, spi_i, answer.spi, preamble.key_bytes,
+        True, peer, peer_not_after, plan.credential.not_after, spi_i, spi_r, preamble.key_bytes,
         plan.monotonic() - started, esn, channel.resumed, channel.trace.signatures, ticket,
     )  # fmt: skip
+
+
+def _not_answered(msg: Message, channel: TlsChannel, expected: str) -> HandshakeError:
+    """What the initiator raises when the responder sent `msg` instead of `expected`."""
+    if isinstance(msg, Reject):
+        # a refused resumption: the current certificates may pass in a full handshake
+        code = "resumption" if msg.full and channel.resumed else "refused"
+        return HandshakeError(code, f"the responder refused: {msg.reason}")
+    return HandshakeError("protocol", f"expected {expected}, got {type(msg).__name__.lower()}")
 
 
 def _next_ticket(
@@ -853,27 +934,42 @@ async def refuse(writer: asyncio.StreamWriter, reason: str) -> None:
 async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, preamble: Preamble, plan: Plan) -> Result:
     """The responder's side, once the preamble is read and accepted. Raises HandshakeError."""
     started = plan.monotonic()
-    channel = TlsChannel(plan.context, server=True, reader=reader, writer=writer)
+    announcing = preamble.revision >= 2
+    spi_r = plan.installer.propose_spi() if announcing else 0
+    channel = TlsChannel(plan.context, server=True, reader=reader, writer=writer,
+                         prefix=announce(spi_r, plan.esn) if announcing else b"")  # fmt: skip
     await channel.handshake()
     allocated = False
     try:
         peer, peer_not_after = await _verify_peer(channel, plan, "initiator")
-        early = channel.poll()  # the initiator may have refused us along with its Finished
+        early = channel.poll()  # what the initiator sent with its Finished: a refusal of us, or (revision 2) ready
         if isinstance(early, Reject):
             raise HandshakeError("resumption" if early.full else "refused", f"the initiator refused: {early.reason}")
-        if early is not None:
-            raise HandshakeError("protocol", f"unexpected {type(early).__name__.lower()} before accept")
-        allocated = True
-        spi_r = await plan.installer.allocate_spi()
-        await channel.send(Accept(spi_r, plan.esn))
-        ready = await channel.recv()
+        if announcing:
+            ready = early if early is not None else await channel.recv()
+        else:
+            if early is not None:
+                raise HandshakeError("protocol", f"unexpected {type(early).__name__.lower()} before accept")
+            allocated = True
+            spi_r = await plan.installer.allocate_spi()
+            await channel.send(Accept(spi_r, plan.esn))
+            ready = await channel.recv()
         if not isinstance(ready, Ready):
             reason = ready.reason if isinstance(ready, Reject) else type(ready).__name__.lower()
             raise HandshakeError("refused", f"the initiator refused: {reason}")
+        if announcing and ready.peer_spi != spi_r:
+            seen = "none" if ready.peer_spi is None else f"0x{ready.peer_spi:08x}"
+            err = HandshakeError(
+                "protocol",
+                f"the initiator keyed with SPI {seen}, not the 0x{spi_r:08x} announced (altered on the way?)",
+            )
+            await _reject(channel, err)
+            raise err
         if ready.esn and not plan.esn:
             err = HandshakeError("protocol", "the initiator keys with ESN, which this side's offload device cannot do")
             await _reject(channel, err)
             raise err
+        allocated = True
         keys = _keys(channel, plan, ready.spi, spi_r, preamble.key_bytes, preamble.scope)
         await plan.installer.install(
             (spi_r, keys.initiator_to_responder), (ready.spi, keys.responder_to_initiator), esn=ready.esn

@@ -62,6 +62,7 @@ import asyncio
 import errno
 import itertools
 import logging
+import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
@@ -287,6 +288,14 @@ def held_flow(selector: m.Selector) -> m.Selector:
                       selector.dport, selector.dport_mask)  # fmt: skip
 
 
+class InboundRefused(XfrmError):
+    """The kernel refused the inbound SA of a proposed SPI (EEXIST: a live SA has it): nothing under that SPI is
+    this generation's."""
+
+    def __init__(self, err: XfrmError) -> None:
+        super().__init__(err.op, err.errno, err.kernel_message, err.hint)
+
+
 def _first_error(results: Sequence[Outcome], ignore_missing: bool = False) -> None:
     for result in results:
         if isinstance(result, XfrmError) and not (ignore_missing and _ignore_missing(result)):
@@ -506,6 +515,15 @@ class SaManager:
             raise XfrmError("ALLOCSPI", errno.EEXIST, f"the kernel returned SPI 0x{spi:08x} of an adopted SA")
         return spi
 
+    def propose_spi(self, ep: Endpoints) -> int:
+        """An SPI for an inbound SA, chosen at random and reserved by nothing until the SA goes in with NEWSA (which
+        the kernel refuses if a live SA has it: the handshake fails and is retried; odds ~ live SAs / 2^32). The
+        kernel's own ALLOCSPI chooses the same way, among SPIs that are not live."""
+        while True:
+            spi = SPI_MIN + secrets.randbelow(SPI_MAX - SPI_MIN + 1)
+            if (ep.local_node, spi) not in self._held:
+                return spi
+
     def inbound_sa(
         self, ep: Endpoints, spi: int, aead: m.Aead, reqid: int, *, esn: bool = True
     ) -> m.SecurityAssociation:
@@ -547,17 +565,19 @@ class SaManager:
         in_place: Iterable[PairSelector] = (),
         esn: bool = True,
         inbound_policies: bool = False,
+        inbound_proposed: bool = False,
     ) -> tuple[OffloadStatus, OffloadStatus]:
-        """One netlink batch, applied in order: the inbound SA (UPDSA over ALLOCSPI's larval state) and, with
-        `inbound_policies`, the pairs' in/fwd policies, then the outbound SA, then (with `switch`, see
-        `switch_policies`) the pairs' policies switched to `reqid`.
+        """One netlink batch, applied in order: the inbound SA (UPDSA over ALLOCSPI's larval state; NEWSA for an SPI
+        from `propose_spi`) and, with `inbound_policies`, the pairs' in/fwd policies, then the outbound SA, then
+        (with `switch`, see `switch_policies`) the pairs' policies switched to `reqid`.
 
-        Returns the offload each SA really got (read back only when offload was asked for)."""
+        Returns the offload each SA really got (read back only when offload was asked for). A proposed SPI's SA
+        that did not go in raises `InboundRefused`: that SPI is not ours to remove."""
         requests: list[m.Request] = []
         sa_in = sa_out = None
         if inbound is not None:
             sa_in = self.inbound_sa(ep, inbound[0], inbound[1], reqid, esn=esn)
-            requests.append(m.new_sa(sa_in, update=True))
+            requests.append(m.new_sa(sa_in, update=not inbound_proposed))
             if inbound_policies:
                 requests.extend(m.new_policy(p, update=True) for sel in selectors for p in self.in_policies(ep, sel))
         if outbound is not None:
@@ -566,7 +586,10 @@ class SaManager:
             if switch:
                 requests.extend(self._switch_requests(ep, selectors, reqid, in_place))
                 requests.extend(self._after_switch(selectors))
-        _first_error(await self._batches.submit(requests))
+        results = await self._batches.submit(requests)
+        if inbound_proposed and sa_in is not None and isinstance(results[0], XfrmError):
+            raise InboundRefused(results[0])
+        _first_error(results)
         status_in = await self._offload_of(sa_in)
         status_out = await self._offload_of(sa_out)
         if outbound is not None and switch:
@@ -691,7 +714,8 @@ class SaManager:
 class GenerationInstaller:
     """One handshake's writes (ipsec_bridge.handshake.Installer), undone by `rollback` on failure.
 
-    Order: ALLOCSPI -> inbound SA (UPDSA over the larval state) -> outbound SA -> switch the out policies;
+    Order: the inbound SPI (`propose_spi`, chosen here; or, with a revision-1 peer, ALLOCSPI) -> inbound SA (NEWSA,
+    which reserves a proposed SPI; UPDSA over ALLOCSPI's larval state) -> outbound SA -> switch the out policies;
     the responder installs both SAs and the policies in one netlink batch, the initiator in two.
 
     With `defer_policies`, `install` puts in the SAs only and the caller switches the policies with `switch`
@@ -715,6 +739,8 @@ class GenerationInstaller:
     defer_policies: bool = False
     in_place: tuple[PairSelector, ...] = ()  # pairs whose in/fwd policies a previous generation put in
     inbound_early: bool = False  # this generation put in/fwd policies in with its inbound SA (on-demand)
+    proposed: bool = False  # spi_in came from propose_spi: its SA may not exist (and then is not ours)
+    inbound_in: bool = False  # the inbound SA went in (an allocated SPI's larval state is ours either way)
     switched_with_sa: bool = False  # the out policies went in with the outbound SA (a new on-demand pair)
 
     def _check(self) -> None:
@@ -724,6 +750,12 @@ class GenerationInstaller:
     async def allocate_spi(self) -> int:
         self._check()
         self.spi_in = await self.manager.alloc_spi(self.endpoints, self.reqid)
+        return self.spi_in
+
+    def propose_spi(self) -> int:
+        self._check()
+        self.spi_in = self.manager.propose_spi(self.endpoints)
+        self.proposed = True  # the inbound SA is ours to remove only once `install` has put it in
         return self.spi_in
 
     async def install(self, inbound: SaKey | None, outbound: SaKey | None, *, esn: bool = True) -> None:
@@ -742,11 +774,18 @@ class GenerationInstaller:
             self.switched_with_sa = with_sa
         if early:
             self.inbound_early = True  # before the batch: a failed one is rolled back whole
-        status_in, status_out = await self.manager.install(
-            self.endpoints, self.reqid, self.selectors, inbound, outbound,
-            switch=switch, in_place=self.selectors if self.inbound_early else self.in_place, esn=esn,
-            inbound_policies=early,
-        )  # fmt: skip
+        try:
+            status_in, status_out = await self.manager.install(
+                self.endpoints, self.reqid, self.selectors, inbound, outbound,
+                switch=switch, in_place=self.selectors if self.inbound_early else self.in_place, esn=esn,
+                inbound_policies=early, inbound_proposed=self.proposed,
+            )  # fmt: skip
+        except InboundRefused:
+            raise
+        except XfrmError:
+            self.inbound_in = self.inbound_in or inbound is not None  # it went in; a later request failed
+            raise
+        self.inbound_in = self.inbound_in or inbound is not None
         if early:
             self.in_place = self.selectors  # the deferred switch changes the out policies only
         if inbound is not None:
@@ -773,7 +812,7 @@ class GenerationInstaller:
         ids = []
         if self.spi_out:
             ids.append(self.manager.outbound_id(self.endpoints, self.spi_out))
-        if self.spi_in:
+        if self.spi_in and (self.inbound_in or not self.proposed):
             ids.append(self.manager.inbound_id(self.endpoints, self.spi_in))
         return ids
 

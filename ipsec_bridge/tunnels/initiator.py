@@ -61,10 +61,11 @@ class Initiator:
                     except HandshakeError as err:
                         if err.code != "resumption":
                             raise
-                        # the resumed session (the certificate it was made with) was refused before any SPI
-                        # existed: the current certificates may well pass, in a full handshake
+                        # the resumed session (the certificate it was made with) was refused, and what the attempt
+                        # installed was rolled back: the current certificates may well pass, in a full handshake
                         log.info("resumption for %s refused, full handshake: %s", describe(t.spec), err)
                         self.metrics.handshakes.inc(role="initiator", result="resumption")
+                        installer = g.installer(t)  # the refused attempt's was rolled back: a clean one
                         result = await self._exchange(t, await g.plan(t, installer, resume=False))
                 switch_seconds = await g.switch(t, installer)
                 await g.commit(t, installer, result, switch_seconds)

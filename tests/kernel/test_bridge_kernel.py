@@ -144,7 +144,9 @@ def test_a_pod_claiming_another_pods_address_gets_no_tunnel(facts: dict[str, Any
         "the responder refused: identity: the initiator presented spiffe://cluster.local/ns/shop/sa/debug, "
         "but WDS says that address is spiffe://cluster.local/ns/shop/sa/frontend"
     )
-    assert spoof["rogue_installer_calls"] == []  # not even an SPI on the impostor's side
+    # the impostor keyed only its own inbound SA (from a session with the real b1, which it could verify) and took
+    # it out at the refusal; node-b keyed nothing (above)
+    assert spoof["rogue_installer_calls"] == ["propose", "install", "rollback"]
     assert spoof["sas_on_b_unchanged"]  # nor on the responder's
     assert spoof["b_identity_failures"] == 1
     # and in the data plane: a2 sending with a1's source address gets nothing through a1's tunnel
@@ -675,6 +677,10 @@ class Stories(Guest):
 
             async def allocate_spi(self) -> int:
                 self.calls.append("alloc")
+                return 0x4242
+
+            def propose_spi(self) -> int:
+                self.calls.append("propose")
                 return 0x4242
 
             async def install(self, inbound: Any, outbound: Any, *, esn: bool = True) -> None:

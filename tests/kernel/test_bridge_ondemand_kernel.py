@@ -259,6 +259,15 @@ class OnDemandStory(Guest):
     async def keyed(self, netns: str) -> int:
         return len([i for i in await self.our_sas(netns) if i.sa.aead is not None])
 
+    async def leftovers(self) -> str:
+        """What a failed wait for no keyed SA found: the SAs, each bridge's tunnels and the ends of their logs."""
+        out = []
+        for name, netns in (("a", "nodeA"), ("b", "nodeB")):
+            sas = [i.sa.describe() for i in await self.our_sas(netns) if i.sa.aead is not None]
+            log = (await asyncio.to_thread(Path(f"/run/bridge-{name}.log").read_text)).splitlines()[-15:]
+            out.append(f"node-{name}: SAs {sas}; tunnels {sorted(await self.rows(name))}; log tail:\n" + "\n".join(log))
+        return "\n".join(out)
+
     async def all_gone(self) -> float:
         """When neither bridge has a tunnel any more (monotonic)."""
         while True:
@@ -467,11 +476,14 @@ class OnDemandStory(Guest):
         await asyncio.sleep(0.5)
         t0 = time.monotonic()
         write_mesh(self.mesh, deny)
-        async with asyncio.timeout(20):
-            while True:
-                if not await self.keyed("nodeA") and not await self.keyed("nodeB"):
-                    break
-                await asyncio.sleep(0.02)
+        try:
+            async with asyncio.timeout(20):
+                while True:
+                    if not await self.keyed("nodeA") and not await self.keyed("nodeB"):
+                        break
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            raise RuntimeError(f"keyed SAs 20 s after the revoke: {await self.leftovers()}") from None
         gone = time.monotonic() - t0
         flood.kill()
         await flood.wait()

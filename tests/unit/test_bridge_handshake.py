@@ -56,6 +56,11 @@ class RecordingInstaller:
         self.calls.append(("alloc", spi))
         return spi
 
+    def propose_spi(self) -> int:  # no kernel state: an SPI chosen, reserved only by its inbound SA's install
+        spi = int(next(self.spis))
+        self.calls.append(("propose", spi))
+        return spi
+
     esn: list[bool] = field(default_factory=list)  # the esn of every install call
 
     async def install(
@@ -71,6 +76,10 @@ class RecordingInstaller:
 
     def kinds(self) -> list[str]:
         return [c[0] for c in self.calls]
+
+    def installed(self) -> list[tuple[Any, ...]]:
+        """What reached the kernel: everything but a proposed SPI (chosen here, reserved by nothing)."""
+        return [c for c in self.calls if c[0] != "propose"]
 
     def key(self, kind: str) -> bytes:
         found: bytes = next(c[2] for c in self.calls if c[0] == kind)
@@ -136,15 +145,21 @@ class Outcome:
 
 
 async def run_pair(
-    preamble: hs.Preamble, initiator_plan: hs.Plan, responder_plan: Callable[[hs.Preamble], hs.Plan]
+    preamble: hs.Preamble,
+    initiator_plan: hs.Plan,
+    responder_plan: Callable[[hs.Preamble], hs.Plan],
+    *,
+    responder_revision: int = hs.REVISION,
 ) -> Outcome:
-    """One handshake over loopback TCP: the responder reads the preamble, resolves a plan, responds."""
+    """One handshake over loopback TCP: the responder reads the preamble, resolves a plan, responds.
+    `responder_revision=1`: it answers as a bridge from before the announce (which ignores the preamble's "rev")."""
     done: asyncio.Future[hs.Result | hs.HandshakeError] = asyncio.get_running_loop().create_future()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             got = await hs.read_preamble(reader)
-            done.set_result(await hs.respond(reader, writer, got, responder_plan(got)))
+            spoken = dataclasses.replace(got, revision=min(got.revision, responder_revision))
+            done.set_result(await hs.respond(reader, writer, spoken, responder_plan(got)))
         except hs.HandshakeError as err:
             done.set_result(err)
         finally:
@@ -171,20 +186,29 @@ def pod_preamble(src: str, dst: str) -> hs.Preamble:
     return hs.Preamble(hs.Kind.HANDSHAKE, KeyScope.POD, PODS[src][4], PODS[dst][4])
 
 
-async def test_both_ends_derive_the_same_directional_keys_bound_to_their_spis(mesh: Mesh) -> None:
+@pytest.mark.parametrize(
+    ("initiator_revision", "responder_revision", "reserve"),
+    [(2, 2, "propose"), (2, 1, "alloc"), (1, 2, "alloc"), (1, 1, "alloc")],
+    ids=["announce", "old-responder", "old-initiator", "revision-1"],
+)
+async def test_both_ends_derive_the_same_directional_keys_bound_to_their_spis(
+    mesh: Mesh, initiator_revision: int, responder_revision: int, reserve: str
+) -> None:
+    """Whichever side predates the announce, the two speak the revision both know (a rolling upgrade)."""
     a1, b1 = PODS["a1"][4], PODS["b1"][4]
     ins_i, ins_r = RecordingInstaller(), RecordingInstaller(spis=itertools.count(0x9000))
     i_plan = plan(mesh.creds["a1"], identity("b1"), ins_i, a1, b1)
     r_plan = plan(mesh.creds["b1"], identity("a1"), ins_r, a1, b1)
-    out = await run_pair(pod_preamble("a1", "b1"), i_plan, lambda _: r_plan)
+    preamble = dataclasses.replace(pod_preamble("a1", "b1"), revision=initiator_revision)
+    out = await run_pair(preamble, i_plan, lambda _: r_plan, responder_revision=responder_revision)
     assert isinstance(out.initiator, hs.Result) and isinstance(out.responder, hs.Result), out
     ri, rr = out.initiator, out.responder
     # each side allocates its inbound SPI only; the peer's inbound SPI is its outbound one
     assert (ri.spi_in, ri.spi_out, rr.spi_in, rr.spi_out) == (0x1000, 0x9000, 0x9000, 0x1000)
     assert ri.peer_identity.uri == identity("b1") and rr.peer_identity.uri == identity("a1")
     # the order that makes the switch lossless: nothing outbound before the peer can decrypt it
-    assert ins_r.kinds() == ["alloc", "inbound", "outbound"]
-    assert ins_i.kinds() == ["alloc", "inbound", "outbound"]
+    assert ins_r.kinds() == [reserve, "inbound", "outbound"]
+    assert ins_i.kinds() == [reserve, "inbound", "outbound"]
     assert ins_i.key("outbound") == ins_r.key("inbound")  # a1 -> b1
     assert ins_r.key("outbound") == ins_i.key("inbound")  # b1 -> a1
     assert ins_i.key("outbound") != ins_i.key("inbound")
@@ -219,7 +243,9 @@ async def test_a_pod_claiming_another_pods_address_gets_no_tunnel(mesh: Mesh) ->
     )
     assert isinstance(out.initiator, hs.HandshakeError) and out.initiator.code == "refused"
     assert "identity: the initiator presented" in str(out.initiator)
-    assert ins_i.calls == [] and ins_r.calls == []  # no SPI was allocated, no key exists, on either side
+    # the responder installed nothing; the initiator, which had verified the responder, keyed its inbound SA
+    # before the responder had verified it, and removed it on the refusal
+    assert ins_i.kinds() == ["propose", "inbound", "rollback"] and ins_r.installed() == []
 
 
 async def test_an_impostor_responder_is_refused_before_any_spi(mesh: Mesh) -> None:
@@ -234,8 +260,9 @@ async def test_an_impostor_responder_is_refused_before_any_spi(mesh: Mesh) -> No
     assert isinstance(out.initiator, hs.HandshakeError) and out.initiator.code == "identity"
     assert "the responder presented spiffe://cluster.local/ns/shop/sa/cart" in str(out.initiator)
     assert isinstance(out.responder, hs.HandshakeError) and out.responder.code == "refused"
-    # the refusal travels with the initiator's Finished: the responder never reserves an SPI
-    assert ins_i.calls == [] and ins_r.calls == []
+    # the refusal travels with the initiator's Finished: the responder never reserves an SPI (it chose one, which
+    # no kernel state holds)
+    assert ins_i.calls == [] and ins_r.installed() == []  # the responder only chose its SPI
 
 
 async def test_policy_checked_again_after_tls_stops_the_handshake(mesh: Mesh) -> None:
@@ -251,7 +278,9 @@ async def test_policy_checked_again_after_tls_stops_the_handshake(mesh: Mesh) ->
     assert isinstance(out.responder, hs.HandshakeError) and out.responder.code == "denied"
     assert isinstance(out.initiator, hs.HandshakeError)
     assert "denied: DENY policy payments/x matched" in str(out.initiator)
-    assert ins_i.calls == [] and ins_r.calls == []
+    # the responder installed nothing; the initiator, which had verified the responder, keyed its inbound SA
+    # before the responder had verified it, and removed it on the refusal
+    assert ins_i.kinds() == ["propose", "inbound", "rollback"] and ins_r.installed() == []
 
 
 def _foreign_credential(uri: str, trusts: bytes) -> hs.Credential:
@@ -295,7 +324,9 @@ async def test_a_certificate_from_another_ca_fails_tls(mesh: Mesh) -> None:
     assert isinstance(out.responder, hs.HandshakeError) and out.responder.code == "tls"
     assert "certificate verify failed" in str(out.responder)
     assert isinstance(out.initiator, hs.HandshakeError) and "unknown ca" in str(out.initiator)
-    assert ins_i.calls == [] and ins_r.calls == []
+    # the responder installed nothing; the initiator, which had verified the responder, keyed its inbound SA
+    # before the responder had verified it, and removed it on the refusal
+    assert ins_i.kinds() == ["propose", "inbound", "rollback"] and ins_r.installed() == []
 
 
 async def test_a_refused_preamble_reaches_the_initiator_as_a_reason(mesh: Mesh) -> None:
@@ -317,6 +348,101 @@ async def test_a_refused_preamble_reaches_the_initiator_as_a_reason(mesh: Mesh) 
     assert err.value.code == "refused"
     assert str(err.value) == "the responder refused: 10.2.0.99 is not a mesh pod of node node-b"
     assert ins.calls == []
+
+
+async def test_the_preamble_leaves_with_the_client_hello_and_the_announce_with_the_server_flight(mesh: Mesh) -> None:
+    """One segment each way where there were two: the peer wakes once per flight (in UML, where both bridges share
+    one CPU, a wake-up is a large part of a first connection)."""
+    first: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first.set_result(await reader.read(1 << 16))  # what the initiator's first write carried, at least
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+    writes: list[bytes] = []
+    write = writer.write
+    writer.write = lambda data: (writes.append(bytes(data)), write(data))[1]  # type: ignore[method-assign]
+    preamble = pod_preamble("a1", "b1")
+    with pytest.raises(hs.HandshakeError):
+        await hs.initiate(reader, writer, preamble, plan(mesh.creds["a1"], identity("b1"), RecordingInstaller(),
+                                                         PODS["a1"][4], PODS["b1"][4]))  # fmt: skip
+    writer.close()
+    server.close()
+    head = len(preamble.encode())
+    assert writes[0][:head] == preamble.encode() and writes[0][head] == 0x16  # a TLS handshake record follows
+    assert (await first)[: head + 1] == writes[0][: head + 1]
+
+    # the responder: its announce, then the server flight, in one write
+    sent: list[bytes] = []
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        write = writer.write
+        writer.write = lambda data: (sent.append(bytes(data)), write(data))[1]  # type: ignore[method-assign]
+        with contextlib.suppress(hs.HandshakeError):
+            got = await hs.read_preamble(reader)
+            await hs.respond(reader, writer, got, plan(mesh.creds["b1"], identity("a1"), RecordingInstaller(
+                spis=itertools.count(0x9000)), PODS["a1"][4], PODS["b1"][4]))  # fmt: skip
+        writer.close()
+
+    server = await asyncio.start_server(respond, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+    result = await hs.initiate(reader, writer, preamble, plan(mesh.creds["a1"], identity("b1"), RecordingInstaller(),
+                                                              PODS["a1"][4], PODS["b1"][4]))  # fmt: skip
+    writer.close()
+    server.close()
+    assert result.spi_out == 0x9000
+    assert sent[0][:6] == hs.announce(0x9000, True) and sent[0][6] == 0x16
+
+
+async def test_an_announce_altered_on_the_way_is_refused_before_the_responder_keys_anything(mesh: Mesh) -> None:
+    """Whoever rewrites the cleartext announce's SPI makes the initiator key with another SPI (so another key):
+    the responder sees the SPI the initiator keyed with (inside TLS) and refuses, before any key of its own."""
+    a1, b1 = PODS["a1"][4], PODS["b1"][4]
+    ins_i, ins_r = RecordingInstaller(), RecordingInstaller(spis=itertools.count(0x9000))
+    done: asyncio.Future[hs.Result | hs.HandshakeError] = asyncio.get_running_loop().create_future()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            got = await hs.read_preamble(reader)
+            done.set_result(
+                await hs.respond(reader, writer, got, plan(mesh.creds["b1"], identity("a1"), ins_r, a1, b1))
+            )
+        except hs.HandshakeError as err:
+            done.set_result(err)
+        finally:
+            writer.close()
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, alter: bool) -> None:
+        while data := await src.read(1 << 16):
+            if alter:  # the announce's SPI, 0x9000 -> 0x9001
+                data, alter = data[:4] + bytes([data[4] ^ 1]) + data[5:], False
+            dst.write(data)
+        dst.close()
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True))
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    middle = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", middle.sockets[0].getsockname()[1])
+    with pytest.raises(hs.HandshakeError) as err:
+        await hs.initiate(
+            reader, writer, pod_preamble("a1", "b1"), plan(mesh.creds["a1"], identity("b1"), ins_i, a1, b1)
+        )
+    writer.close()
+    responder = await asyncio.wait_for(done, 10)
+    server.close()
+    middle.close()
+    assert isinstance(responder, hs.HandshakeError) and responder.code == "protocol"
+    assert (
+        str(responder) == "the initiator keyed with SPI 0x00009001, not the 0x00009000 announced (altered on the way?)"
+    )
+    assert err.value.code == "refused" and "altered on the way" in str(err.value)
+    assert ins_r.installed() == []  # nothing keyed on the responder
+    assert ins_i.kinds() == ["propose", "inbound", "rollback"]
 
 
 @pytest.mark.parametrize(
@@ -395,7 +521,7 @@ async def test_a_responder_without_esn_refuses_an_initiator_that_keys_with_it(me
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
-        writer.write(pod_preamble("a1", "b1").encode())
+        writer.write(dataclasses.replace(pod_preamble("a1", "b1"), revision=1).encode())  # an old initiator's
         channel = hs.TlsChannel(mesh.creds["a1"][1], server=False, reader=reader, writer=writer)
         await channel.handshake(flush=False)
         await channel.flush()
@@ -508,7 +634,7 @@ async def test_a_session_whose_certificate_wds_no_longer_names_is_refused_then_a
     assert isinstance(out.initiator, hs.HandshakeError) and out.initiator.code == "resumption", out
     assert "resumed a session made with spiffe://cluster.local/ns/payments/sa/ledger" in str(out.initiator)
     assert isinstance(out.responder, hs.HandshakeError) and out.responder.code == "resumption", out
-    assert ins_i.calls == [] and ins_r.calls == []
+    assert ins_i.calls == [] and ins_r.installed() == []  # the responder only chose its SPI
 
     again, ins_i, ins_r = await _rekey(mesh, None, responder="b2", expected="b2")
     assert isinstance(again.initiator, hs.Result) and not again.initiator.resumed and again.initiator.signatures == 1
@@ -527,7 +653,9 @@ async def test_the_responder_refuses_a_session_whose_client_certificate_wds_no_l
     assert isinstance(out.responder, hs.HandshakeError) and out.responder.code == "resumption", out
     assert "resumed a session made with spiffe://cluster.local/ns/shop/sa/frontend" in str(out.responder)
     assert isinstance(out.initiator, hs.HandshakeError) and out.initiator.code == "resumption", out
-    assert ins_i.calls == [] and ins_r.calls == []
+    # the responder installed nothing; the initiator, which had verified the responder, keyed its inbound SA
+    # before the responder had verified it, and removed it on the refusal
+    assert ins_i.kinds() == ["propose", "inbound", "rollback"] and ins_r.installed() == []
 
 
 async def test_a_resumed_session_is_checked_against_policy_like_a_full_one(mesh: Mesh) -> None:
@@ -542,7 +670,9 @@ async def test_a_resumed_session_is_checked_against_policy_like_a_full_one(mesh:
     assert isinstance(out.responder, hs.HandshakeError) and out.responder.code == "denied"
     # a denial is no reason to try a full handshake: the initiator sees a plain refusal
     assert isinstance(out.initiator, hs.HandshakeError) and out.initiator.code == "refused"
-    assert ins_i.calls == [] and ins_r.calls == []
+    # the responder installed nothing; the initiator, which had verified the responder, keyed its inbound SA
+    # before the responder had verified it, and removed it on the refusal
+    assert ins_i.kinds() == ["propose", "inbound", "rollback"] and ins_r.installed() == []
 
 
 async def test_a_session_made_with_a_since_expired_certificate_is_refused(mesh: Mesh) -> None:
@@ -742,7 +872,7 @@ async def test_the_responder_refuses_the_resumption_past_n_that_the_initiator_of
     assert "2 resumptions since the last full handshake (at most 2)" in str(refused.responder)
     # the initiator is told a full handshake may pass (Initiator.initiate runs one on a new connection)
     assert isinstance(refused.initiator, hs.HandshakeError) and refused.initiator.code == "resumption", refused
-    assert ins_r.calls == [] and chains.refused == {"resumptions": 1}
+    assert ins_r.installed() == [] and chains.refused == {"resumptions": 1}
     full, _ = await _chained(mesh, None, chains)
     assert _modes(full) == FULL
     assert isinstance(full.initiator, hs.Result)
@@ -1010,7 +1140,7 @@ async def test_psk_ke_is_never_accepted(mesh: Mesh) -> None:
     assert isinstance(out.initiator, hs.HandshakeError) and out.initiator.code == "tls", out
     assert str(out.initiator) == "the session was resumed with psk_ke (no ECDHE); only psk_dhe_ke is allowed"
     assert isinstance(out.responder, hs.HandshakeError) and out.responder.code == "tls", out
-    assert ins_i.calls == [] and ins_r.calls == []
+    assert ins_i.calls == [] and ins_r.installed() == []  # the responder only chose its SPI
 
     # our responder, offered psk_ke by such a client, picks psk_dhe_ke (OpenSSL: ALLOW_NO_DHE_KEX is not set)
     first = await run_pair(

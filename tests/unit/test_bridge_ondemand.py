@@ -25,10 +25,12 @@ from ipsec_bridge.sa_manager import (
     FLOW_HOLD_PRIORITY,
     PAIR_TRAP_PRIORITY,
     RELEASED_HOLD_PRIORITY,
+    SPI_MIN,
     TRAP_PRIORITY,
     TRAP_REQID,
     Endpoints,
     GenerationInstaller,
+    InboundRefused,
     SaManager,
     SaSettings,
     host_net,
@@ -520,6 +522,39 @@ async def test_a_new_on_demand_pairs_policies_go_in_with_its_sas() -> None:
     await gen.switch([sel])
     assert steps(xfrm, 0) == [("UPDSA", "sa"), ("UPDPOLICY", "IN"), ("UPDPOLICY", "FWD"), ("NEWSA", "sa"),
                               ("UPDPOLICY", "OUT")]  # fmt: skip
+
+
+async def test_a_proposed_spi_is_reserved_by_its_newsa_and_one_the_kernel_refuses_is_never_removed() -> None:
+    """Revision 2: an inbound SPI chosen by the bridge goes in with NEWSA, which the kernel refuses if a live SA has
+    it (UPDSA would change that SA). A refused one belongs to that live SA: the rollback must leave it, and still
+    remove what else the batch put in."""
+
+    class LiveSpi(RecordingXfrm):
+        async def call_each(self, requests: Sequence[m.Request]) -> list[Any]:
+            self.requests.extend(requests)
+            return [XfrmError("NEWSA", errno.EEXIST) if r.type == XfrmMsg.NEWSA else [] for r in requests]
+
+    ep, sel = Endpoints(NODE_A, NODE_B, host_net(A1), host_net(B1)), (host_net(A1), host_net(B1))
+    key = m.Aead(bytes(16), b"salt")
+    sa, xfrm = sa_manager(True)
+    gen = GenerationInstaller(sa, ep, (sel,), 0x5A00000B, None, defer_policies=True)
+    spi = gen.propose_spi()
+    assert SPI_MIN <= spi <= 0xFFFF_FFFF and xfrm.requests == []  # chosen here: nothing reached the kernel
+    await gen.install((spi, key), None)
+    assert [r.type for r in xfrm.requests][:1] == [XfrmMsg.NEWSA]  # never UPDSA: there is no larval state
+    await gen.rollback()
+    assert xfrm.deleted_spis() == {spi}  # it went in: the rollback removes it
+
+    xfrm = LiveSpi([], [])
+    sa = SaManager(cast(Any, xfrm), SaSettings(mesh_cidrs=MESH, on_demand=True))
+    gen = GenerationInstaller(sa, ep, (sel,), 0x5A00000C, None, defer_policies=True)
+    spi = gen.propose_spi()
+    with pytest.raises(InboundRefused, match="NEWSA failed"):
+        await gen.install((spi, key), None)
+    await gen.rollback()
+    assert spi not in xfrm.deleted_spis()  # the live SA that has it stays
+    removed = sorted(r.what.rsplit(" ", 1)[1] for r in xfrm.requests if r.type == XfrmMsg.DELPOLICY)
+    assert removed == ["fwd", "in", "out"]  # what else the batch put in (the pair's in/fwd policies) goes
 
 
 def generation(now: float) -> Generation:

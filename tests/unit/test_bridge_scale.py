@@ -26,7 +26,7 @@ import pytest
 
 from ipsec_bridge.certs import Certificates
 from ipsec_bridge.netns import Netns
-from ipsec_bridge.sa_manager import Coalescer, Endpoints, SaManager, SaSettings, host_net
+from ipsec_bridge.sa_manager import Coalescer, SaManager, SaSettings, host_net
 from ipsec_bridge.state import StateStore
 from ipsec_bridge.tunnels.manager import TunnelManager
 from ipsec_bridge.tunnels.records import Generation, Tunnel
@@ -168,9 +168,10 @@ async def test_a_slow_policy_install_does_not_time_the_handshake_out(pair: Pair)
     for node, t in ((pair.a, ta), (pair.b, tb)):
         sas = node.kernel.requests(XfrmMsg.NEWSA, XfrmMsg.UPDSA)
         assert len(sas) == 2
-        # SAs first (the inbound one before the outbound one), the policies after both
+        # SAs first (the inbound one, under the SPI its side chose, before the outbound one), the policies after both
         kinds = [r.type for batch in node.kernel.batches for r in batch if r.type != XfrmMsg.ALLOCSPI]
-        assert kinds[:2] == [XfrmMsg.UPDSA, XfrmMsg.NEWSA] and set(kinds[2:]) <= set(POLICY_TYPES)
+        assert kinds[:2] == [XfrmMsg.NEWSA, XfrmMsg.NEWSA] and set(kinds[2:]) <= set(POLICY_TYPES)
+        assert t.current is not None and m.decode_sa(sas[0].payload).sa.spi == t.current.spi_in
         pols = node.kernel.policies()
         assert sorted(p.direction for p in pols) == sorted((PolicyDir.IN, PolicyDir.FWD, PolicyDir.OUT))
         (out,) = [p for p in pols if p.direction == PolicyDir.OUT]
@@ -216,13 +217,13 @@ async def test_source_refusal(pair: Pair) -> None:
 async def test_the_exchange_itself_is_still_bounded_by_the_handshake_timeout(pair: Pair) -> None:
     pair.a.kernel.policy_delay = pair.b.kernel.policy_delay = 0.0
     ta = pair.a.manager.tunnels[("pod", A1, B1)]
-    slow_alloc = pair.b.manager.sa.alloc_spi
+    slow_install = pair.b.manager.sa.install
 
-    async def stuck(ep: Endpoints, reqid: int) -> int:
+    async def stuck(*args: Any, **kwargs: Any) -> Any:  # the responder's SAs, which the initiator's done waits for
         await asyncio.sleep(5)
-        return await slow_alloc(ep, reqid)
+        return await slow_install(*args, **kwargs)
 
-    pair.b.manager.sa.alloc_spi = stuck  # type: ignore[method-assign]
+    pair.b.manager.sa.install = stuck  # type: ignore[method-assign]
     started = time.monotonic()
     await pair.a.manager.initiator.initiate(ta)
     assert ta.current is None and ta.last_error.startswith("timeout") and time.monotonic() - started < 3
