@@ -457,6 +457,8 @@ async def test_an_announce_altered_on_the_way_is_refused_before_the_responder_ke
             "unsupported key size 24 in the preamble",
         ),
         (b"ZTB1\x01", "connection closed before a complete preamble"),
+        (b'ZTB1\x01\x01\x00\x1d{"src":"a","dst":"b","rev":0}', "bad revision 0 in the preamble"),
+        (b'ZTB1\x01\x01\x00\x1f{"src":"a","dst":"b","rev":"2"}', "bad revision '2' in the preamble"),
     ],
 )
 async def test_bad_preambles_are_refused_by_name(raw: bytes, message: str) -> None:
@@ -473,6 +475,15 @@ async def test_preamble_round_trip() -> None:
     reader = asyncio.StreamReader()
     reader.feed_data(pre.encode())
     assert await hs.read_preamble(reader) == pre
+
+
+@pytest.mark.parametrize(("body", "revision"), [(b"", 1), (b',"rev":2', 2), (b',"rev":7', hs.REVISION)])
+async def test_a_preamble_says_which_revision_its_sender_speaks(body: bytes, revision: int) -> None:
+    """None: a bridge from before the announce (revision 1). A later one than ours is answered in ours."""
+    raw = b'{"src":"10.1.0.10","dst":"10.2.0.10","key_bytes":16' + body + b"}"
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"ZTB1\x01\x01" + struct.pack("!H", len(raw)) + raw)
+    assert (await hs.read_preamble(reader)).revision == revision
 
 
 def test_a_bridge_that_predates_the_esn_field_keys_with_esn() -> None:
