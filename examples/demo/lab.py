@@ -108,14 +108,23 @@ def read_pcap(path: Path) -> list[bytes]:
 
 
 def classify(frames: list[bytes], mesh: Any) -> dict[str, Any]:
-    """ESP by SPI; pod packets in clear (either address in the mesh CIDR); the payload pattern anywhere."""
-    out: dict[str, Any] = {"frames": len(frames), "esp": 0, "pod_plaintext": 0, "pattern_frames": 0, "other": 0}
+    """ESP by SPI; pod packets in clear (either address in the mesh CIDR); ARP (the nodes resolving each other's
+    underlay address, whenever the kernel re-checks its neighbour entry); the payload pattern anywhere; anything
+    else described in `others`."""
+    out: dict[str, Any] = {"frames": len(frames), "esp": 0, "pod_plaintext": 0, "pattern_frames": 0, "arp": 0,
+                           "other": 0}  # fmt: skip
     by_spi: collections.Counter[str] = collections.Counter()
+    others: collections.Counter[str] = collections.Counter()
     for frame in frames:
         if PATTERN in frame:
             out["pattern_frames"] += 1
-        if struct.unpack_from("!H", frame, 12)[0] != 0x0800:
+        ethertype = struct.unpack_from("!H", frame, 12)[0]
+        if ethertype == 0x0806:
+            out["arp"] += 1
+            continue
+        if ethertype != 0x0800:
             out["other"] += 1
+            others[f"ethertype 0x{ethertype:04x}"] += 1
             continue
         ip = frame[14:]
         ihl, proto = (ip[0] & 0x0F) * 4, ip[9]
@@ -126,7 +135,9 @@ def classify(frames: list[bytes], mesh: Any) -> dict[str, Any]:
             out["pod_plaintext"] += 1
         else:
             out["other"] += 1
+            others[f"IP proto {proto} {ip_address(ip[12:16])} -> {ip_address(ip[16:20])}"] += 1
     out["esp_by_spi"] = dict(by_spi)
+    out["others"] = dict(others)
     return out
 
 

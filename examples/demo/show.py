@@ -293,9 +293,11 @@ class Show:
         for node in ("node-a", "node-b"):
             w = wire[node]
             spis = ", ".join(f"SPI {k}: {v}" for k, v in sorted(w["esp_by_spi"].items()))
+            rest = "".join(f", {n} {what}" for what, n in sorted(w["others"].items()))
+            pattern, lost = w["pattern_frames"], w["dropped_by_kernel"]
             self.say(f"  {node} underlay (eth0, egress): {w['frames']} frames: {w['esp']} ESP ({spis}); "
-                     f"{w['pod_plaintext']} pod packets in clear; the payload's byte pattern in {w['pattern_frames']}"
-                     f"; capture lost {w['dropped_by_kernel']}")  # fmt: skip
+                     f"{w['pod_plaintext']} pod packets in clear; {w['arp']} ARP; {w['other']} other{rest}; "
+                     f"the payload's byte pattern in {pattern}; capture lost {lost}")  # fmt: skip
         w = wire[src]
         self.say(f"  control, inside {src}: the same pattern in {w['pattern_frames']} of its {w['frames']} frames "
                  "(so its absence on the underlay means something)")  # fmt: skip
