@@ -508,7 +508,7 @@ class TlsChannel:
         self._prefix = prefix
         # the client's first bytes may be the responder's refusal instead of TLS (which starts 0x15/0x16), or its
         # announce in front of TLS
-        self._may_be_refused = not server
+        self._first_read = not server
         self.announced: tuple[int, bool] | None = None  # the responder's (spi, esn), when it announced them
 
     @property
@@ -535,8 +535,8 @@ class TlsChannel:
         data = await self._reader.read(_READ_SIZE)
         if not data:
             raise HandshakeError("tls", "the peer closed the connection")
-        if self._may_be_refused:
-            self._may_be_refused = False
+        if self._first_read:
+            self._first_read = False
             if data[0] == 1:
                 reason = parse_refusal(data)
                 while reason is None:
@@ -836,25 +836,24 @@ async def initiate(
     allocated = False
     try:
         peer, peer_not_after = await _verify_peer(channel, plan, "responder")
+        echo: int | None = None  # revision 2: the announced SPI, sent back inside TLS
         if channel.announced is not None:
             spi_r, esn_r = channel.announced
-            esn = plan.esn and esn_r
+            echo = spi_r
             allocated = True
             spi_i = plan.installer.propose_spi()
-            keys = _keys(channel, plan, spi_i, spi_r, preamble.key_bytes, preamble.scope)
-            await plan.installer.install((spi_i, keys.responder_to_initiator), None, esn=esn)
-            await channel.send(Ready(spi_i, esn, spi_r))  # with our Finished: the responder verifies us now
         else:  # revision 1
             await channel.flush()  # our Finished: the responder verifies us now
             answer = await channel.recv()
             if not isinstance(answer, Accept):
                 raise _not_answered(answer, channel, "accept")
-            spi_r, esn = answer.spi, plan.esn and answer.esn
+            spi_r, esn_r = answer.spi, answer.esn
             allocated = True
             spi_i = await plan.installer.allocate_spi()
-            keys = _keys(channel, plan, spi_i, spi_r, preamble.key_bytes, preamble.scope)
-            await plan.installer.install((spi_i, keys.responder_to_initiator), None, esn=esn)
-            await channel.send(Ready(spi_i, esn))
+        esn = plan.esn and esn_r
+        keys = _keys(channel, plan, spi_i, spi_r, preamble.key_bytes, preamble.scope)
+        await plan.installer.install((spi_i, keys.responder_to_initiator), None, esn=esn)
+        await channel.send(Ready(spi_i, esn, echo))  # revision 2: with our Finished, the responder verifies us now
         final = await channel.recv()
         if not isinstance(final, Done):
             raise _not_answered(final, channel, "done")

@@ -740,7 +740,7 @@ class GenerationInstaller:
     in_place: tuple[PairSelector, ...] = ()  # pairs whose in/fwd policies a previous generation put in
     inbound_early: bool = False  # this generation put in/fwd policies in with its inbound SA (on-demand)
     proposed: bool = False  # spi_in came from propose_spi: its SA may not exist (and then is not ours)
-    inbound_in: bool = False  # the inbound SA went in (an allocated SPI's larval state is ours either way)
+    inbound_in: bool = False  # its inbound SA was sent and not refused: ours to remove (a larval state always is)
     switched_with_sa: bool = False  # the out policies went in with the outbound SA (a new on-demand pair)
 
     def _check(self) -> None:
@@ -774,6 +774,8 @@ class GenerationInstaller:
             self.switched_with_sa = with_sa
         if early:
             self.inbound_early = True  # before the batch: a failed one is rolled back whole
+        if inbound is not None:
+            self.inbound_in = True  # before the batch as well, unless the kernel refused the SA itself (below)
         try:
             status_in, status_out = await self.manager.install(
                 self.endpoints, self.reqid, self.selectors, inbound, outbound,
@@ -781,11 +783,8 @@ class GenerationInstaller:
                 inbound_policies=early, inbound_proposed=self.proposed,
             )  # fmt: skip
         except InboundRefused:
+            self.inbound_in = False  # a live SA has that SPI: not ours to remove
             raise
-        except XfrmError:
-            self.inbound_in = self.inbound_in or inbound is not None  # it went in; a later request failed
-            raise
-        self.inbound_in = self.inbound_in or inbound is not None
         if early:
             self.in_place = self.selectors  # the deferred switch changes the out policies only
         if inbound is not None:

@@ -350,6 +350,18 @@ async def test_a_refused_preamble_reaches_the_initiator_as_a_reason(mesh: Mesh) 
     assert ins.calls == []
 
 
+def record_writes(writer: asyncio.StreamWriter, into: list[bytes]) -> list[bytes]:
+    """Each `writer.write` from here on, appended to `into` (returned), and written as before."""
+    write = writer.write
+
+    def recording(data: bytes | bytearray | memoryview) -> None:
+        into.append(bytes(data))
+        write(data)
+
+    writer.write = recording  # type: ignore[method-assign]
+    return into
+
+
 async def test_the_preamble_leaves_with_the_client_hello_and_the_announce_with_the_server_flight(mesh: Mesh) -> None:
     """One segment each way where there were two: the peer wakes once per flight (in UML, where both bridges share
     one CPU, a wake-up is a large part of a first connection)."""
@@ -361,9 +373,7 @@ async def test_the_preamble_leaves_with_the_client_hello_and_the_announce_with_t
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
-    writes: list[bytes] = []
-    write = writer.write
-    writer.write = lambda data: (writes.append(bytes(data)), write(data))[1]  # type: ignore[method-assign]
+    writes = record_writes(writer, [])
     preamble = pod_preamble("a1", "b1")
     with pytest.raises(hs.HandshakeError):
         await hs.initiate(reader, writer, preamble, plan(mesh.creds["a1"], identity("b1"), RecordingInstaller(),
@@ -375,11 +385,10 @@ async def test_the_preamble_leaves_with_the_client_hello_and_the_announce_with_t
     assert (await first)[: head + 1] == writes[0][: head + 1]
 
     # the responder: its announce, then the server flight, in one write
-    sent: list[bytes] = []
+    sent: list[bytes] = []  # the responder's writes
 
     async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        write = writer.write
-        writer.write = lambda data: (sent.append(bytes(data)), write(data))[1]  # type: ignore[method-assign]
+        record_writes(writer, sent)
         with contextlib.suppress(hs.HandshakeError):
             got = await hs.read_preamble(reader)
             await hs.respond(reader, writer, got, plan(mesh.creds["b1"], identity("a1"), RecordingInstaller(
