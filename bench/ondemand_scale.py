@@ -342,6 +342,15 @@ def guest_classes() -> type:
             """The bridge process's resident set (MiB), now and its peak."""
             return self.rss_of(str(self.procs[name].pid))
 
+        def cpu_ms(self) -> dict[str, float]:
+            """Each bridge's CPU time so far (user + system, ms; clock ticks of /proc/<pid>/stat)."""
+            tick = os.sysconf("SC_CLK_TCK")
+            out = {}
+            for name in ("a", "b"):
+                fields = Path(f"/proc/{self.procs[name].pid}/stat").read_text().rsplit(")", 1)[1].split()
+                out[name] = (int(fields[11]) + int(fields[12])) * 1000 / tick  # utime, stime
+            return out
+
         @staticmethod
         def rss_of(pid: str) -> dict[str, float]:
             fields = {}
@@ -393,6 +402,13 @@ def guest_classes() -> type:
             col = rows[0].index("table_fulls")
             out["neigh_table_fulls"] = sum(int(r[col], 16) for r in rows[1:])
             return out
+
+        async def fast_open(self) -> dict[str, int]:
+            """TCP Fast Open counters of both nodes' netns (the bridges' handshake connections)."""
+            from tests.kernel.guestlib import fast_open_counters
+
+            a, b = await fast_open_counters("nodeA"), await fast_open_counters("nodeB")
+            return {**{f"a_{k}": v for k, v in a.items()}, **{f"b_{k}": v for k, v in b.items()}}
 
         async def traps_in(self) -> bool:
             a, b = await self.state("nodeA"), await self.state("nodeB")
@@ -454,6 +470,10 @@ def guest_classes() -> type:
             # unloaded first connections, between two raw TLS samples
             seq = all_pairs[: o["sequential"]]
             tls_before = await self.raw_tls(15)
+            idle0, t_idle = self.cpu_ms(), time.monotonic()
+            await asyncio.sleep(3)
+            idle1, t_idle = self.cpu_ms(), time.monotonic() - t_idle
+            fo0, cpu0, t_seq = await self.fast_open(), self.cpu_ms(), time.monotonic()
             firsts: list[float] = []
             seconds: list[float] = []
             errors: list[str] = []
@@ -464,6 +484,13 @@ def guest_classes() -> type:
                         sink.append(ms)
                     else:
                         errors.append(err)
+            fo1, cpu1, t_seq = await self.fast_open(), self.cpu_ms(), time.monotonic() - t_seq
+            # what each bridge spent per new pair (its handshake, the ACQUIRE, the switch), its idle work taken out
+            cpu = {}
+            for n in ("a", "b"):
+                idle_rate = (idle1[n] - idle0[n]) / t_idle
+                cpu[f"cpu_{n}_idle_ms_per_s"] = round(idle_rate, 2)
+                cpu[f"cpu_{n}_ms_per_pair"] = round((cpu1[n] - cpu0[n] - idle_rate * t_seq) / max(1, len(seq)), 2)
             tls_after = await self.raw_tls(15)
             # the kernel's own share of every first connection: releasing the held SYN once its policy is in
             from tests.kernel.guestlib import held_release_ms
@@ -481,7 +508,8 @@ def guest_classes() -> type:
                             "tls_ms": spread(tls_before + tls_after), "first_all": firsts,
                             "kernel_release_ms": spread([x for x in release if x >= 0]),
                             "kernel_release_failed": sum(1 for x in release if x < 0),
-                            "kernel_hz": await asyncio.to_thread(kernel_hz)}  # fmt: skip
+                            "kernel_hz": await asyncio.to_thread(kernel_hz),
+                            "fast_open": diff(fo1, fo0), **cpu}  # fmt: skip
 
             # the waves: 1/4, 1/4, 1/2 of the local pods, `concurrency` connections at a time
             cuts = [self.local // 4, self.local // 2, self.local]
@@ -645,6 +673,18 @@ def report(od: dict[str, Any], eg: dict[str, Any]) -> str:
         f" {fm.get('max')}; beside mutual TLS 1.3 in the same boot: median {tl.get('median')} ms (p90 {tl.get('p90')})"
         f" -> {fm.get('median', 0) / max(tl.get('median', 1), 1e-9):.1f}x; second connection over the tunnel:"
         f" median {lat['second_ms'].get('median')} ms"
+    )
+    fo = lat.get("fast_open", {})
+    if fo:  # --tcp-fast-open (off by default)
+        lines.append(
+            f"  handshake connections with TCP Fast Open: node-a sent {fo.get('a_Active', 0)} SYNs with data"
+            f" ({fo.get('a_ActiveFail', 0)} fell back), node-b took {fo.get('b_Passive', 0)}"
+            f" ({fo.get('b_PassiveFail', 0)} refused, {fo.get('b_CookieReqd', 0)} cookies asked for)"
+        )
+    lines.append(
+        f"  guest CPU per new pair (idle work taken out; UML bills the host's steal to whoever runs): node-a"
+        f" {lat.get('cpu_a_ms_per_pair')} ms, node-b {lat.get('cpu_b_ms_per_pair')} ms; idle: node-a"
+        f" {lat.get('cpu_a_idle_ms_per_s')} ms/s, node-b {lat.get('cpu_b_idle_ms_per_s')} ms/s"
     )
     kr = lat.get("kernel_release_ms", {})
     if kr:

@@ -257,6 +257,7 @@ class Ready:
     spi: int
     esn: bool = True  # the tunnel keys with ESN: the sender and the receiver of an SA must agree on it
     peer_spi: int | None = None  # revision 2: the announced SPI the initiator keyed with
+    peer_esn: bool | None = None  # revision 2: the announced ESN ability it read (None: a bridge before the echo)
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +283,8 @@ def encode_message(msg: Message) -> bytes:
             body = {"t": "ready", "spi": msg.spi, "esn": msg.esn}
             if msg.peer_spi is not None:
                 body["peer_spi"] = msg.peer_spi
+            if msg.peer_esn is not None:
+                body["peer_esn"] = msg.peer_esn
         case Done():
             body = {"t": "done"}
         case Reject():
@@ -314,7 +317,10 @@ def decode_message(raw: bytes) -> Message:
             return Accept(_spi(body["spi"]), _esn(body))
         if kind == "ready":
             peer_spi = _spi(body["peer_spi"]) if "peer_spi" in body else None
-            return Ready(_spi(body["spi"]), _esn(body), peer_spi)
+            peer_esn = body.get("peer_esn")
+            if peer_esn is not None and not isinstance(peer_esn, bool):
+                raise ValueError(f"bad peer_esn {peer_esn!r}")
+            return Ready(_spi(body["spi"]), _esn(body), peer_spi, peer_esn)
         if kind == "done":
             return Done()
         if kind == "reject":
@@ -836,10 +842,9 @@ async def initiate(
     allocated = False
     try:
         peer, peer_not_after = await _verify_peer(channel, plan, "responder")
-        echo: int | None = None  # revision 2: the announced SPI, sent back inside TLS
+        echo: tuple[int, bool] | tuple[None, None] = (None, None)  # revision 2: the announce, sent back inside TLS
         if channel.announced is not None:
-            spi_r, esn_r = channel.announced
-            echo = spi_r
+            spi_r, esn_r = echo = channel.announced
             allocated = True
             spi_i = plan.installer.propose_spi()
         else:  # revision 1
@@ -853,7 +858,7 @@ async def initiate(
         esn = plan.esn and esn_r
         keys = _keys(channel, plan, spi_i, spi_r, preamble.key_bytes, preamble.scope)
         await plan.installer.install((spi_i, keys.responder_to_initiator), None, esn=esn)
-        await channel.send(Ready(spi_i, esn, echo))  # revision 2: with our Finished, the responder verifies us now
+        await channel.send(Ready(spi_i, esn, *echo))  # revision 2: with our Finished, the responder verifies us now
         final = await channel.recv()
         if not isinstance(final, Done):
             raise _not_answered(final, channel, "done")
@@ -956,12 +961,8 @@ async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pr
         if not isinstance(ready, Ready):
             reason = ready.reason if isinstance(ready, Reject) else type(ready).__name__.lower()
             raise HandshakeError("refused", f"the initiator refused: {reason}")
-        if announcing and ready.peer_spi != spi_r:
-            seen = "none" if ready.peer_spi is None else f"0x{ready.peer_spi:08x}"
-            err = HandshakeError(
-                "protocol",
-                f"the initiator keyed with SPI {seen}, not the 0x{spi_r:08x} announced (altered on the way?)",
-            )
+        if announcing and (why := _echo_mismatch(ready, spi_r, plan.esn)) is not None:
+            err = HandshakeError("protocol", f"{why} (altered on the way?)")
             await _reject(channel, err)
             raise err
         if ready.esn and not plan.esn:
@@ -984,6 +985,17 @@ async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pr
         False, peer, peer_not_after, plan.credential.not_after, spi_r, ready.spi, preamble.key_bytes,
         plan.monotonic() - started, ready.esn, channel.resumed, channel.trace.signatures,
     )  # fmt: skip
+
+
+def _echo_mismatch(ready: Ready, spi: int, esn: bool) -> str | None:
+    """Why the initiator's echo of the announce (inside TLS) differs from what this side announced in clear."""
+    if ready.peer_spi != spi:
+        seen = "none" if ready.peer_spi is None else f"0x{ready.peer_spi:08x}"
+        return f"the initiator keyed with SPI {seen}, not the 0x{spi:08x} announced"
+    if ready.peer_esn is not None and ready.peer_esn != esn:
+        said = {True: "on", False: "off"}
+        return f"the initiator read ESN {said[ready.peer_esn]} in the announce, which said {said[esn]}"
+    return None
 
 
 async def request_rekey(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, preamble: Preamble) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import ctypes
 import os
 import socket
@@ -19,6 +20,9 @@ from typing import TypeVar
 T = TypeVar("T")
 _CLONE_NEWNET = 0x40000000
 _STOCK = 8  # TCP sockets kept made in the namespace for the connections to peer bridges
+# TCP Fast Open (RFC 7413). Python 3.11's socket module lacks TCP_FASTOPEN_CONNECT (linux/tcp.h, Linux 4.11).
+TCP_FASTOPEN_CONNECT = 30
+_FAST_OPEN_QUEUE = 256  # SYNs with data the listener takes before their handshake completes; more fall back
 
 
 class NetnsError(Exception):
@@ -54,6 +58,10 @@ class Netns:
 
     def __init__(self, netns: str | None) -> None:
         self.name = netns
+        # Connections to peer bridges open with TCP Fast Open, and the listener takes it: a connection's first
+        # write (the preamble and the ClientHello) rides in its SYN once the kernel holds the peer's cookie. Set
+        # before the first connection and the listener (main turns it on with the namespace's sysctl).
+        self.fast_open = False
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         if netns is not None:
             self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -84,17 +92,19 @@ class Netns:
         """A new TCP socket of the namespace: made right here without one; else taken from a stock that the
         namespace's thread refills behind the connections (a thread hop per connection cost each first connection
         0.7-0.9 ms in UML: bench/thread_hop.py)."""
+        fast_open = self.fast_open
         if self._pool is None:
-            return _tcp(family)
+            return _tcp(family, fast_open)
         stock = self._stock.setdefault(family, [])
-        sock = stock.pop() if stock else await self.run(lambda: _tcp(family))
+        sock = stock.pop() if stock else await self.run(lambda: _tcp(family, fast_open))
         if len(stock) <= _STOCK // 2 and family not in self._filling and not self._closed:
             self._refill(family, self._pool, _STOCK - len(stock))
         return sock
 
     def _refill(self, family: int, pool: concurrent.futures.ThreadPoolExecutor, count: int) -> None:
         self._filling.add(family)
-        made = asyncio.get_running_loop().run_in_executor(pool, lambda: [_tcp(family) for _ in range(count)])
+        fast_open = self.fast_open
+        made = asyncio.get_running_loop().run_in_executor(pool, lambda: [_tcp(family, fast_open) for _ in range(count)])
 
         def done(future: asyncio.Future[list[socket.socket]]) -> None:
             self._filling.discard(family)
@@ -118,6 +128,8 @@ class Netns:
         await self.run(lambda: None)
 
     async def listen(self, host: str, port: int, backlog: int = 512) -> socket.socket:
+        fast_open = self.fast_open
+
         def make() -> socket.socket:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -126,6 +138,8 @@ class Netns:
                 # accepted sockets inherit it: without it the responder's accept waits behind its ticket segment
                 # for the initiator's delayed ACK (30-40 ms per handshake, measured in UML)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if fast_open:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, _FAST_OPEN_QUEUE)
                 sock.bind((host, port))
                 sock.listen(backlog)
                 sock.setblocking(False)
@@ -139,7 +153,8 @@ class Netns:
     async def connect(
         self, host: str, port: int, connect_s: float, source: str | None = None
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A TCP connection from the namespace; `source` pins the local address (the peer checks it)."""
+        """A TCP connection from the namespace; `source` pins the local address (the peer checks it). With Fast
+        Open and the peer's cookie, the connect returns at once and the SYN leaves with the first write."""
         sock = await self._tcp_socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         try:
             if source is not None:
@@ -164,12 +179,16 @@ class Netns:
         return await self.run(lambda: socket.if_nametoindex(dev))
 
 
-def _tcp(family: int) -> socket.socket:
+def _tcp(family: int, fast_open: bool) -> socket.socket:
     """A non-blocking TCP socket with Nagle off, in the calling thread's namespace."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if fast_open:
+            # EOPNOTSUPP once someone cleared the sysctl's client bit: an ordinary connect then
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
     except BaseException:
         sock.close()
         raise

@@ -85,6 +85,14 @@ async def xfrm_stat(netns: str) -> dict[str, int]:
 PING_SUMMARY = re.compile(r"(\d+) packets transmitted, (\d+) received")
 
 
+async def fast_open_counters(netns: str) -> dict[str, int]:
+    """The netns's TCP Fast Open counters (TcpExt TCPFastOpen*, without the prefix): SYNs that carried data and
+    were taken ("Active" on the connecting side, "Passive" on the listening one), and their fallbacks."""
+    rows = [x.split() for x in (await sh(*in_ns(netns, "cat", "/proc/net/netstat"))).splitlines()
+            if x.startswith("TcpExt:")]  # fmt: skip
+    return {k[11:]: int(v) for k, v in zip(rows[0], rows[1], strict=True) if k.startswith("TCPFastOpen")}
+
+
 def ping_counts(text: str) -> tuple[int, int]:
     found = PING_SUMMARY.search(text)
     if not found:

@@ -54,7 +54,7 @@ from tests.kernel.bridge_guest import (  # noqa: E402
     wire,
     xfrm_stat,
 )
-from tests.kernel.guestlib import Capture, raw_mtls_ms  # noqa: E402
+from tests.kernel.guestlib import Capture, fast_open_counters, raw_mtls_ms  # noqa: E402
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -80,6 +80,9 @@ def test_no_tunnel_and_no_sa_before_traffic(facts: dict[str, Any]) -> None:
     assert before["traps"] == {"a": 2, "b": 2}
     assert before["larval_drop"] == {"a": "0", "b": "0"}
     assert "xfrm_larval_drop=0" in before["log_a"]
+    # --tcp-fast-open: the bridges turned on the client and server bits in their netns
+    assert before["tcp_fastopen"] == {"a": 3, "b": 3}
+    assert "handshakes use TCP Fast Open" in before["log_a"]
 
 
 def test_the_first_packets_of_an_admitted_pair_get_through_as_esp_only(facts: dict[str, Any]) -> None:
@@ -161,6 +164,11 @@ def test_one_pod_opening_many_new_pairs_at_once_loses_no_first_packet(facts: dic
     assert burst["out_no_states"] == {"a": 0, "b": 0}, burst
     assert max(burst["connect_ms"]) < 900, burst
     assert burst["acquires_a"].get("admitted", 0) >= MANY and burst["acquires_a"].get("failed", 0) == 0, burst
+    # node-a holds node-b's Fast Open cookie since its first handshake: each of these SYNs carried the preamble and
+    # the ClientHello, and node-b took every one
+    fo = burst["fast_open"]
+    assert fo["a"].get("Active", 0) >= MANY and fo["a"].get("ActiveFail", 0) == 0, burst
+    assert fo["b"].get("Passive", 0) >= MANY and fo["b"].get("PassiveFail", 0) == 0, burst
 
 
 def test_a_policy_revoke_removes_the_tunnel_within_a_second(facts: dict[str, Any]) -> None:
@@ -277,7 +285,8 @@ class OnDemandStory(Guest):
 
     async def story(self) -> None:
         f = self.facts
-        extra = ("--setup", "on-demand", "--idle-timeout", f"{IDLE}s")
+        # --tcp-fast-open (off by default): the handshakes below must work with it, and its counters show it is used
+        extra = ("--setup", "on-demand", "--idle-timeout", f"{IDLE}s", "--tcp-fast-open")
         await asyncio.gather(
             self.start_bridge("a", "node-a", "nodeA", *extra), self.start_bridge("b", "node-b", "nodeB", *extra)
         )
@@ -299,8 +308,14 @@ class OnDemandStory(Guest):
                 n: (await sh(*ns(netns, "sysctl", "-n", "net.core.xfrm_larval_drop"))).strip()
                 for n, netns in (("a", "nodeA"), ("b", "nodeB"))
             },
+            "tcp_fastopen": {
+                n: int(await sh(*ns(netns, "sysctl", "-n", "net.ipv4.tcp_fastopen"))) & 3
+                for n, netns in (("a", "nodeA"), ("b", "nodeB"))
+            },
             "log_a": "\n".join(
-                x for x in (await asyncio.to_thread(Path("/run/bridge-a.log").read_text)).splitlines() if "larval" in x
+                x
+                for x in (await asyncio.to_thread(Path("/run/bridge-a.log").read_text)).splitlines()
+                if "larval" in x or "Fast Open" in x
             ),
         }
 
@@ -527,6 +542,7 @@ class OnDemandStory(Guest):
         retrans0 = await tcp_retransmits("a1")
         nostates0 = {n: await out_no_states(n) for n in ("a", "b")}
         acq0 = await self.acquires("a")
+        fo0 = {n: await fast_open_counters(f"node{n.upper()}") for n in ("a", "b")}
         out = json.loads(await sh(*ns("a1", sys.executable, "-S", "-c", BURST_CLIENT, json.dumps(peers))))
         server.kill()
         await server.wait()
@@ -537,6 +553,10 @@ class OnDemandStory(Guest):
             "tcp_retransmits_a1": await tcp_retransmits("a1") - retrans0,
             "out_no_states": {n: await out_no_states(n) - nostates0[n] for n in ("a", "b")},
             "acquires_a": {k: v - acq0.get(k, 0) for k, v in acq.items() if v != acq0.get(k, 0)},
+            "fast_open": {
+                n: {k: v - fo0[n].get(k, 0) for k, v in (await fast_open_counters(f"node{n.upper()}")).items()}
+                for n in ("a", "b")
+            },
         }
 
 

@@ -405,9 +405,21 @@ async def test_the_preamble_leaves_with_the_client_hello_and_the_announce_with_t
     assert sent[0][:6] == hs.announce(0x9000, True) and sent[0][6] == 0x16
 
 
-async def test_an_announce_altered_on_the_way_is_refused_before_the_responder_keys_anything(mesh: Mesh) -> None:
-    """Whoever rewrites the cleartext announce's SPI makes the initiator key with another SPI (so another key):
-    the responder sees the SPI the initiator keyed with (inside TLS) and refuses, before any key of its own."""
+@pytest.mark.parametrize(
+    ("byte", "flip", "message"),
+    [
+        (4, 1, "the initiator keyed with SPI 0x00009001, not the 0x00009000 announced"),
+        # ESN "can" -> "cannot": both sides would key without ESN, consistently but not as announced
+        (5, 1, "the initiator read ESN off in the announce, which said on"),
+    ],
+    ids=["spi", "esn"],
+)
+async def test_an_announce_altered_on_the_way_is_refused_before_the_responder_keys_anything(
+    mesh: Mesh, byte: int, flip: int, message: str
+) -> None:
+    """Whoever rewrites the cleartext announce (its SPI, or its ESN bit) makes the initiator key with something
+    the responder did not announce: the responder sees what the initiator read (echoed inside TLS) and refuses,
+    before any key of its own."""
     a1, b1 = PODS["a1"][4], PODS["b1"][4]
     ins_i, ins_r = RecordingInstaller(), RecordingInstaller(spis=itertools.count(0x9000))
     done: asyncio.Future[hs.Result | hs.HandshakeError] = asyncio.get_running_loop().create_future()
@@ -425,8 +437,8 @@ async def test_an_announce_altered_on_the_way_is_refused_before_the_responder_ke
 
     async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, alter: bool) -> None:
         while data := await src.read(1 << 16):
-            if alter:  # the announce's SPI, 0x9000 -> 0x9001
-                data, alter = data[:4] + bytes([data[4] ^ 1]) + data[5:], False
+            if alter:  # one byte of the announce: type, SPI (4 bytes), flags
+                data, alter = data[:byte] + bytes([data[byte] ^ flip]) + data[byte + 1 :], False
             dst.write(data)
         dst.close()
 
@@ -446,9 +458,7 @@ async def test_an_announce_altered_on_the_way_is_refused_before_the_responder_ke
     server.close()
     middle.close()
     assert isinstance(responder, hs.HandshakeError) and responder.code == "protocol"
-    assert (
-        str(responder) == "the initiator keyed with SPI 0x00009001, not the 0x00009000 announced (altered on the way?)"
-    )
+    assert str(responder) == f"{message} (altered on the way?)"
     assert err.value.code == "refused" and "altered on the way" in str(err.value)
     assert ins_r.installed() == []  # nothing keyed on the responder
     assert ins_i.kinds() == ["propose", "inbound", "rollback"]
@@ -563,7 +573,8 @@ async def test_a_responder_without_esn_refuses_an_initiator_that_keys_with_it(me
 @pytest.mark.parametrize(
     "msg",
     [hs.Accept(0x1234), hs.Accept(0x1234, esn=False), hs.Ready(0xFFFF_FFFF), hs.Ready(7, esn=False), hs.Done(),
-     hs.Reject("no"), hs.Reject("stale", full=True)],
+     hs.Ready(7, True, 0x9000, True), hs.Ready(7, False, 0x9000, False), hs.Reject("no"),
+     hs.Reject("stale", full=True)],
 )  # fmt: skip
 def test_messages_round_trip(msg: hs.Message) -> None:
     encoded = hs.encode_message(msg)
@@ -578,6 +589,7 @@ def test_messages_round_trip(msg: hs.Message) -> None:
         (b'{"t":"ready","spi":true}', "bad SPI True"),
         (b'{"t":"ready","spi":7,"esn":"no"}', "bad esn 'no'"),
         (b'{"t":"accept","spi":7,"esn":1}', "bad esn 1"),
+        (b'{"t":"ready","spi":7,"peer_spi":8,"peer_esn":0}', "bad peer_esn 0"),
         (b'{"t":"offer","src":"a","dst":"b","key_bytes":16}', "unknown message 'offer'"),
         (b'{"t":"hello"}', "unknown message 'hello'"),
         (b'{"t":"reject","reason":"x","full":1}', "bad full 1"),

@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 
 from ipsec_bridge import keys
+from ipsec_bridge import main as bridge_main
 from ipsec_bridge.admin import parse_xfrm_stat
-from ipsec_bridge.main import main, raise_open_files_limit
+from ipsec_bridge.main import Bridge, BridgeConfig, main, raise_open_files_limit
+from ipsec_bridge.netns import Netns
+from ztcore import config
 from ztctl.commands.proxy_config import tabulate
 from ztctl.commands.tunnels import COLUMNS, notes, rows
 
@@ -189,3 +192,34 @@ def test_bindings_that_must_never_produce_keys(kwargs: dict[str, object], why: s
     args.update(kwargs)
     with pytest.raises(keys.KeyDerivationError, match=why):
         keys.Binding(**args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "said"),
+    [("1", "3", "net.ipv4.tcp_fastopen=1 -> 3"), ("0", "3", "=0 -> 3"), ("1027", "1027", "=1027, already on")],
+)
+async def test_fast_open_turns_on_the_client_and_server_bits_and_says_so(
+    base: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    before: str, after: str, said: str,
+) -> None:  # fmt: skip
+    sysctl = tmp_path / "tcp_fastopen"
+    sysctl.write_text(before + "\n")
+    monkeypatch.setattr(bridge_main, "_FAST_OPEN_SYSCTL", str(sysctl))
+    netns = Netns(None)
+    with caplog.at_level("INFO", logger="zt-bridge"):
+        await Bridge(config.load(BridgeConfig, base, prog="zt-bridge", description=""))._fast_open(netns)
+    assert sysctl.read_text().strip() == after
+    assert netns.fast_open
+    assert said in caplog.text and "handshakes use TCP Fast Open" in caplog.text
+
+
+async def test_without_the_sysctl_handshakes_go_without_fast_open(
+    base: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(bridge_main, "_FAST_OPEN_SYSCTL", str(tmp_path / "none" / "tcp_fastopen"))
+    netns = Netns(None)
+    await Bridge(config.load(BridgeConfig, base, prog="zt-bridge", description=""))._fast_open(netns)
+    assert not netns.fast_open
+    assert caplog.messages == [
+        "TCP Fast Open off for handshakes: cannot set net.ipv4.tcp_fastopen in this netns: No such file or directory"
+    ]

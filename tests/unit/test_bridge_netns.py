@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ipsec_bridge.netns import Netns
+from ipsec_bridge.netns import TCP_FASTOPEN_CONNECT, Netns
 
 OWN_NETNS = f"/proc/{os.getpid()}/ns/net"  # entered by the worker thread as any other namespace would be
 
@@ -69,3 +71,41 @@ async def test_closing_closes_the_sockets_made_ahead(port: int) -> None:
     before = len(os.listdir("/proc/self/fd"))
     ns.close()
     assert len(os.listdir("/proc/self/fd")) < before
+
+
+async def test_fast_open_sockets_carry_data_both_ways_whatever_the_kernel_allows() -> None:
+    """With Fast Open asked for, the listener takes it and the connections ask for it; where the netns's sysctl
+    does not allow it (this host's default is the client bit only) the kernel falls back to a plain connect."""
+    ns = Netns(None)
+    ns.fast_open = True
+    listener = await ns.listen("127.0.0.1", 0)
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.read(100))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, sock=listener)
+    try:
+        assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN) == 256
+        port = listener.getsockname()[1]
+        for _ in range(3):  # the first asks for a cookie (where the server side is on), the next ones use it
+            reader, writer = await ns.connect("127.0.0.1", port, 5, source="127.0.0.1")
+            sock = writer.get_extra_info("socket")
+            client_bit = int(Path("/proc/sys/net/ipv4/tcp_fastopen").read_text()) & 1  # noqa: ASYNC240 - /proc
+            assert sock.getsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT) == client_bit
+            writer.write(b"preamble+hello")
+            assert await asyncio.wait_for(reader.read(100), 5) == b"preamble+hello"
+            writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+        ns.close()
+
+
+async def test_without_fast_open_no_socket_asks_for_it(port: int) -> None:
+    ns = Netns(None)
+    _, writer = await ns.connect("127.0.0.1", port, 5)
+    assert writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT) == 0
+    writer.close()
+    ns.close()
