@@ -8,10 +8,11 @@ TLS 1.3 handshake itself takes:
     R -> I  announce: byte 2, spi_r (4 bytes), flags (1 byte; bit 0: R's SAs can carry 64-bit sequence numbers,
             false behind an offload device without ESN), then the TLS 1.3 server flight -- or, instead of both,
             a refusal: byte 1 + reason ("10.2.0.9 is not a mesh pod ...")
-    I -> R  TLS client Finished and, in the same flight, ready {spi_i, esn, peer_spi}. I verified R's certificate
-            (below) before choosing spi_i; it derived the keys and installed its inbound SA. esn: the tunnel's
-            choice, ESN only if both sides can (both SAs of both sides follow it); peer_spi: the spi_r I keyed
-            with, so that R sees an announce altered on the way (R refuses then; the keys would differ anyway)
+    I -> R  TLS client Finished and, in the same flight, ready {spi_i, esn, peer_spi, peer_esn}. I verified R's
+            certificate (below) before choosing spi_i; it derived the keys and installed its inbound SA. esn: the
+            tunnel's choice, ESN only if both sides can (both SAs of both sides follow it); peer_spi, peer_esn:
+            the announce as I read it, so that R sees one altered on the way and refuses (an altered SPI would
+            give different keys anyway; an altered ESN bit would only turn ESN off, unseen without the echo)
     R -> I  done   R verified I, derived the keys, installed its inbound and outbound SAs (and its policies,
                    unless the installer defers them)
     then I installs its outbound SA (and policies). zt-bridge defers the pair policies on both sides until the

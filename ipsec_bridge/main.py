@@ -398,6 +398,11 @@ class Bridge:
         except* _Stop:
             pass
 
+    @property
+    def _where(self) -> str:
+        """The namespace whose sysctls the bridge sets, as its log lines name it."""
+        return f"netns {self.cfg.netns}" if self.cfg.netns else "this netns"
+
     async def _hold_first_packets(self, netns: Netns) -> None:
         """On-demand: the kernel holds a new pair's first packets while its tunnel is set up, instead of dropping
         them (net.core.xfrm_larval_drop=0: a queue of <= 100 packets per trap policy, re-looked up with a doubling
@@ -412,7 +417,7 @@ class Bridge:
         except OSError as err:
             raise BridgeError(f"--setup on-demand: cannot set net.core.xfrm_larval_drop=0: {err.strerror}") from None
         log.info("on-demand set-up: net.core.xfrm_larval_drop=0 in %s: first packets wait for their tunnel",
-                 f"netns {self.cfg.netns}" if self.cfg.netns else "this netns")  # fmt: skip
+                 self._where)  # fmt: skip
 
     async def _fast_open(self, netns: Netns) -> None:
         """Handshake connections with TCP Fast Open (RFC 7413): after a first connection has fetched the peer
@@ -431,16 +436,16 @@ class Bridge:
                     f.write(str(after))
             return before, after
 
-        where = f"netns {self.cfg.netns}" if self.cfg.netns else "this netns"
         try:
             before, after = await netns.run(enable)
         except (OSError, ValueError, IndexError) as err:
             reason = err.strerror if isinstance(err, OSError) and err.strerror else "unreadable value"
-            log.warning("TCP Fast Open off for handshakes: cannot set net.ipv4.tcp_fastopen in %s: %s", where, reason)
+            log.warning("TCP Fast Open off for handshakes: cannot set net.ipv4.tcp_fastopen in %s: %s", self._where,
+                        reason)  # fmt: skip
             return
         netns.fast_open = True
         change = f"{before} -> {after}" if after != before else f"{after}, already on"
-        log.info("handshakes use TCP Fast Open: net.ipv4.tcp_fastopen=%s in %s", change, where)
+        log.info("handshakes use TCP Fast Open: net.ipv4.tcp_fastopen=%s in %s", change, self._where)
 
     async def _probe_offload(self, xfrm: XfrmSocket, sa: SaManager) -> None:
         """One throwaway SA built like a tunnel's (on documentation addresses): says at start, in one line,
