@@ -5,7 +5,9 @@
 Why it matters: the bridge ran every TLS step and every netlink request through `asyncio.to_thread`, about a
 dozen in a row per new tunnel. Each figure is the median over `rounds` of `count` awaited `asyncio.to_thread` of
 a no-op, next to `os.getpid()` (one syscall) measured in the same process: UML pays for every syscall and
-context switch, the host barely does.
+context switch, the host barely does. Beside them, a clock read (`time.monotonic()`, `time.time()`) and an empty
+`epoll_wait`, which an event loop makes on every turn: the host's vDSO answers a clock read without a syscall,
+UML has no vDSO.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import argparse
 import asyncio
 import json
 import os
+import select
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,28 +29,40 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"
 sys.path.insert(0, str(REPO))
 
 
+# one syscall each on Linux, except that the host's vDSO answers clock reads without one; UML has no vDSO
+CALLS: dict[str, Callable[[], object]] = {"getpid": os.getpid, "monotonic": time.monotonic, "time": time.time}
+
+
 async def measure(count: int, rounds: int) -> dict[str, Any]:
-    hops, calls = [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(count):
-            await asyncio.to_thread(lambda: None)
-        hops.append((time.perf_counter() - t0) / count * 1e6)
-        t0 = time.perf_counter()
-        for _ in range(count):
-            os.getpid()
-        calls.append((time.perf_counter() - t0) / count * 1e6)
+    hops: list[float] = []
+    calls: dict[str, list[float]] = {name: [] for name in (*CALLS, "epoll0")}
+    poller = select.epoll()
+    try:
+        each = {**CALLS, "epoll0": lambda: poller.poll(0)}
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(count):
+                await asyncio.to_thread(lambda: None)
+            hops.append((time.perf_counter() - t0) / count * 1e6)
+            for name, call in each.items():
+                t0 = time.perf_counter()
+                for _ in range(count):
+                    call()
+                calls[name].append((time.perf_counter() - t0) / count * 1e6)
+    finally:
+        poller.close()
     return {
         "hop_us": round(statistics.median(hops), 1),
         "hop_spread_us": [round(min(hops), 1), round(max(hops), 1)],
-        "getpid_us": round(statistics.median(calls), 2),
+        **{f"{name}_us": round(statistics.median(v), 2) for name, v in calls.items()},
     }
 
 
 def line(where: str, r: dict[str, Any]) -> str:
     return (
         f"{where}: to_thread hop median {r['hop_us']} us (min-max {r['hop_spread_us'][0]}-{r['hop_spread_us'][1]}),"
-        f" getpid {r['getpid_us']} us -> a hop is {r['hop_us'] / max(r['getpid_us'], 1e-9):,.0f} syscalls"
+        f" getpid {r['getpid_us']} us -> a hop is {r['hop_us'] / max(r['getpid_us'], 1e-9):,.0f} syscalls;"
+        f" time.monotonic() {r['monotonic_us']} us, time.time() {r['time_us']} us, epoll_wait(0) {r['epoll0_us']} us"
     )
 
 
