@@ -115,6 +115,7 @@ class OnDemand:
         self.denied: dict[Pair, float] = {}  # pair -> when its block expires in the kernel (monotonic)
         self.reclaimed: collections.OrderedDict[TunnelKey, float] = collections.OrderedDict()  # not back yet
         self.stats: collections.Counter[str] = collections.Counter()
+        self.held: collections.Counter[str] = collections.Counter()  # how held queues went (`_let_go`)
         self.handlers: set[asyncio.Task[None]] = set()  # the ACQUIREs being handled
         self.queues: dict[IPAddress, HeldQueue] = {}  # local pod -> what its trap holds (see HeldQueue)
         self.hold_max = HOLD_MAX
@@ -273,10 +274,21 @@ class OnDemand:
             del self.queues[pair[0]]  # from here on, a first packet of the pod starts its next queue
         log.debug("on-demand: pod %s's held queue goes (head %s up: %s, %d pairs still pending, %.3fs)", pair[0],
                   pair[1], up, len(queue.pending), asyncio.get_running_loop().time() - queue.opened)  # fmt: skip
+        self._let_go(queue, up)
         try:
             await self.sa.kick(pair[0], queue.flow if queue.held else None, up=up)
         except XfrmError as err:
             log.warning("on-demand: releasing the packets held for pod %s: %s", pair[0], err)
+
+    def _let_go(self, queue: HeldQueue, up: bool) -> None:
+        """Count how a queue goes: the first packets of pairs still pending are freed with it (by the kernel)."""
+        given_up = len(queue.pending - {queue.head})
+        outcome = "head_failed" if not up else "hold_max" if given_up else "all_up"
+        self.held[outcome] += 1
+        self.metrics.held_queues.inc(outcome=outcome)
+        if given_up:
+            self.held["pairs_given_up"] += given_up
+            self.metrics.held_pairs_given_up.inc(given_up)
 
     def _switched(self, sel: PairSelector) -> list[m.Request]:
         """SaManager.switch_hook: the pair's out policy goes in now. When it is the head of its pod's held queue
@@ -292,6 +304,7 @@ class OnDemand:
             return []
         del self.queues[local]  # from here on, a first packet of the pod starts its next queue
         queue.released = True
+        self._let_go(queue, True)
         log.debug("on-demand: pod %s's held queue goes with its head's out policy (%s)", local, peer)
         return self.sa.kick_requests(local, queue.flow)
 
@@ -622,6 +635,7 @@ class OnDemand:
         return {
             "idle_timeout_seconds": self.settings.idle_timeout,
             "acquires": dict(self.stats),
+            "held_queues": dict(self.held),
             "in_flight": len(self.in_flight),
             "denied_pairs": sorted(f"{a}->{b}" for (a, b), until in self.denied.items() if until > now),
             "reclaimed_pairs": [f"{k[1]}->{k[2]}" for k in self.reclaimed],

@@ -126,6 +126,15 @@ class BridgeMetrics:
             "On-demand set-up: kernel ACQUIREs by result (received, admitted, denied, duplicate, over_cap, foreign, "
             "failed)",
         )
+        self.held_queues = registry.counter(
+            "zt_bridge_held_queues_total",
+            "On-demand set-up: pods' held first packets let go, by outcome (all_up: every pair of the queue was up; "
+            "hold_max: pairs still being set up lost their first packets, TCP sends them again; head_failed)",
+        )
+        self.held_pairs_given_up = registry.counter(
+            "zt_bridge_held_pairs_given_up_total",
+            "On-demand set-up: pairs whose first packets the kernel freed because their pod's queue went first",
+        )
         self.reclaims = registry.counter(
             "zt_bridge_reclaims_total", "On-demand set-up: idle tunnels removed (the trap policy took over again)"
         )

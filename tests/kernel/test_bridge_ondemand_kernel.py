@@ -15,7 +15,8 @@ script, the guest program. The story:
   5. a policy revoke removes a1<->b1 within 1 s, not at idle time
   6. one pod opens new pairs to MANY pods at once (pods that are addresses of one netns behind node-b): their
      first packets share a1's trap's queue, yet every connect succeeds with no SYN sent twice and no held
-     packet freed, each well under TCP's 1 s initial RTO
+     packet freed, each under TCP's 1 s initial RTO; on a host too busy for all of them to come up within that
+     second, the bridge gives up on the slow ones (and counts them), and the kernel frees only their packets
 """
 
 from __future__ import annotations
@@ -158,12 +159,23 @@ def test_traffic_from_the_other_side_right_after_a_reclaim_gets_through(facts: d
 def test_one_pod_opening_many_new_pairs_at_once_loses_no_first_packet(facts: dict[str, Any]) -> None:
     burst = facts["burst"]
     assert burst["errors"] == [] and len(burst["connect_ms"]) == MANY, burst
-    # every SYN was held until its own pair's tunnel was up, then sent: none sent twice (TCP's 1 s RTO), and no
-    # held packet was freed for want of an SA (XfrmOutNoStates counts exactly those)
-    assert burst["tcp_retransmits_a1"] == 0, burst
-    assert burst["out_no_states"] == {"a": 0, "b": 0}, burst
-    assert max(burst["connect_ms"]) < 900, burst
     assert burst["acquires_a"].get("admitted", 0) >= MANY and burst["acquires_a"].get("failed", 0) == 0, burst
+    # the SYNs shared a1's queue, and the bridge let it go once: when every pair in it was up, or, on a host too busy
+    # for that within HOLD_MAX (1 s, TCP's initial RTO), with the pairs still being set up given up on (counted)
+    held = burst["held_queues_a"]
+    assert held.get("head_failed", 0) == 0 and held.get("all_up", 0) + held.get("hold_max", 0) >= 1, burst
+    given_up = held.get("pairs_given_up", 0)
+    assert burst["out_no_states"]["b"] == 0, burst
+    if given_up == 0:
+        # every SYN was held until its own pair's tunnel was up, then sent: none sent twice (TCP's 1 s RTO), and no
+        # held packet was freed for want of an SA (XfrmOutNoStates counts exactly those)
+        assert burst["out_no_states"]["a"] == 0, burst
+        assert burst["tcp_retransmits_a1"] == 0 and max(burst["connect_ms"]) < 1000, burst
+    else:
+        # the kernel freed only what the bridge gave up on (a SYN, and its copy if that came before the pair's own
+        # trap); those connects waited for TCP's RTO, and only they
+        assert 1 <= burst["out_no_states"]["a"] <= 2 * given_up, burst
+        assert sum(1 for ms in burst["connect_ms"] if ms >= 990) >= given_up, burst
     # node-a holds node-b's Fast Open cookie since its first handshake: each of these SYNs carried the preamble and
     # the ClientHello, and node-b took every one
     fo = burst["fast_open"]
@@ -255,6 +267,9 @@ class OnDemandStory(Guest):
 
     async def acquires(self, name: str) -> dict[str, int]:
         return dict((await self.dump(name))["on_demand"]["acquires"])
+
+    async def held_queues(self, name: str) -> dict[str, int]:
+        return dict((await self.dump(name))["on_demand"]["held_queues"])
 
     async def traps(self, netns: str) -> int:
         from ipsec_bridge.sa_manager import BRIDGE_MARK, TRAP_PRIORITY
@@ -542,17 +557,20 @@ class OnDemandStory(Guest):
         retrans0 = await tcp_retransmits("a1")
         nostates0 = {n: await out_no_states(n) for n in ("a", "b")}
         acq0 = await self.acquires("a")
+        held0 = await self.held_queues("a")
         fo0 = {n: await fast_open_counters(f"node{n.upper()}") for n in ("a", "b")}
         out = json.loads(await sh(*ns("a1", sys.executable, "-S", "-c", BURST_CLIENT, json.dumps(peers))))
         server.kill()
         await server.wait()
         acq = await self.acquires("a")
+        held = await self.held_queues("a")
         return {
             "connect_ms": sorted(ms for ms, err in out if not err),
             "errors": [err for _, err in out if err],
             "tcp_retransmits_a1": await tcp_retransmits("a1") - retrans0,
             "out_no_states": {n: await out_no_states(n) - nostates0[n] for n in ("a", "b")},
             "acquires_a": {k: v - acq0.get(k, 0) for k, v in acq.items() if v != acq0.get(k, 0)},
+            "held_queues_a": {k: v - held0.get(k, 0) for k, v in held.items() if v != held0.get(k, 0)},
             "fast_open": {
                 n: {k: v - fo0[n].get(k, 0) for k, v in (await fast_open_counters(f"node{n.upper()}")).items()}
                 for n in ("a", "b")

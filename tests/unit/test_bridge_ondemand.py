@@ -323,6 +323,7 @@ async def test_a_pods_held_first_packets_wait_until_its_last_new_pair_is_up(tmp_
     assert (hold.selector.proto, hold.selector.sport, hold.selector.dport) == (1, 8, 0)  # the ping's flow only
     assert [r.type for r in xfrm.requests].count(XfrmMsg.ALLOCSPI) == 2  # both larval states released
     assert od.stats["admitted"] == 2 and od.queues == {}
+    assert od.held == {"all_up": 1}  # no first packet freed
 
 
 async def test_the_last_pair_of_a_held_queue_lets_it_go_in_its_own_switch_batch(tmp_path: Path) -> None:
@@ -354,6 +355,7 @@ async def test_the_last_pair_of_a_held_queue_lets_it_go_in_its_own_switch_batch(
     assert in_batch == [PAIR_TRAP_PRIORITY, FLOW_HOLD_PRIORITY, 100, RELEASED_HOLD_PRIORITY, TRAP_PRIORITY]
     await settle(od)
     assert [p for _, p, _ in written(xfrm)] == in_batch and od.queues == {}
+    assert od.held == {"all_up": 1}
 
 
 class UnreadAcquires:
@@ -405,7 +407,7 @@ async def test_a_queue_is_not_let_go_before_the_acquires_already_sent_are_read(t
 
 
 async def test_a_pods_queue_waits_for_a_slow_pair_no_longer_than_hold_max(tmp_path: Path) -> None:
-    od, xfrm, clock, _ = await on_demand(tmp_path)  # handshake_timeout 0.05: b2 gives up after 0.1 s
+    od, xfrm, clock, registry = await on_demand(tmp_path)  # handshake_timeout 0.05: b2 gives up after 0.1 s
     od.hold_max = 0.02
     await od.sa.set_local_pods([A1])
     kicked: list[bool] = []
@@ -427,6 +429,9 @@ async def test_a_pods_queue_waits_for_a_slow_pair_no_longer_than_hold_max(tmp_pa
     assert kicked == [True]
     assert [p for _, p, _ in written(xfrm)].count(TRAP_PRIORITY) == 1
     assert od.stats["admitted"] == 1 and od.stats["failed"] == 1
+    assert od.held == {"hold_max": 1, "pairs_given_up": 1}  # counted where an operator sees it
+    assert od.metrics.held_pairs_given_up.value() == 1 and od.metrics.held_queues.value(outcome="hold_max") == 1
+    assert 'zt_bridge_held_queues_total{outcome="hold_max"} 1' in registry.render()
 
 
 async def test_a_slow_head_still_waits_for_the_pairs_set_up_beside_it(tmp_path: Path) -> None:
@@ -445,7 +450,7 @@ async def test_a_slow_head_still_waits_for_the_pairs_set_up_beside_it(tmp_path: 
     up(od, A1, B2, clock.now)
     await settle(od)
     assert [p for _, p, _ in written(xfrm)][-2:] == [RELEASED_HOLD_PRIORITY, TRAP_PRIORITY]
-    assert od.stats["admitted"] == 2 and od.queues == {}
+    assert od.stats["admitted"] == 2 and od.queues == {} and od.held == {"all_up": 1}
 
 
 async def test_a_denied_head_frees_its_pods_queue_at_once(tmp_path: Path) -> None:
@@ -460,6 +465,7 @@ async def test_a_denied_head_frees_its_pods_queue_at_once(tmp_path: Path) -> Non
     policies = written(xfrm)
     assert policies.index(("UPDPOLICY", 100, f"{B1}/32")) < policies.index(("UPDPOLICY", TRAP_PRIORITY, "10.0.0.0/8"))
     assert FLOW_HOLD_PRIORITY not in [p for _, p, _ in policies] and od.queues == {}
+    assert od.held == {"head_failed": 1, "pairs_given_up": 1}  # b2's packet went with the queue
 
 
 async def test_a_pairs_trap_never_replaces_what_is_already_in_its_slot(caplog: pytest.LogCaptureFixture) -> None:
