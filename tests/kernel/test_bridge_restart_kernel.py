@@ -100,7 +100,9 @@ def test_a_killed_bridge_adopts_its_tunnels_and_rekeys_them(facts: dict[str, Any
 def test_traffic_of_adopted_tunnels_never_stops(facts: dict[str, Any]) -> None:
     flood = facts["flood"]
     # on failure: when the lost echoes were sent, beside the story's events and every XFRM counter that moved
-    why = json.dumps({k: flood[k] for k in ("result", "lost_at", "timeline", "counters_moved", "backlog_dropped")})
+    why = json.dumps({k: flood[k] for k in ("result", "lost_at", "timeline", "counters_moved", "backlog_dropped",
+                                            "socket_drops")})  # fmt: skip
+    assert flood["socket_drops"] == {"a1->b1": 0, "b2->a1": 0}, why  # (the measuring sockets lost nothing either)
     for sent, received in flood["result"].values():
         assert sent >= 500 and received == sent, why
     assert flood["in_no_states"] == {"a": 0, "b": 0}, flood  # nothing arrived for an SPI already deleted
@@ -143,6 +145,17 @@ FLOOD = r"""
 import json, os, select, socket, struct, sys, time
 dst, interval, stop_file, pattern = sys.argv[1], float(sys.argv[2]), sys.argv[3], bytes.fromhex(sys.argv[4])
 s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+# This socket sees every ICMP message to the pod, the other flood's echo requests too. A flood starved of CPU for
+# half a second (a busy host) then lost replies in its own receive buffer: keep only echo replies (ICMP_FILTER,
+# SOL_RAW 255 / 1: a set bit filters that type out), with room for seconds of them (SO_RCVBUFFORCE 33: root).
+s.setsockopt(255, 1, struct.pack("I", 0xFFFFFFFE))
+s.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)
+def socket_drops():  # what the kernel dropped at this socket (/proc/net/raw, "drops": the last column)
+    inode = str(os.fstat(s.fileno()).st_ino)
+    for line in open("/proc/net/raw").read().splitlines()[1:]:
+        if line.split()[9] == inode:
+            return int(line.split()[-1])
+    return -1
 ident = os.getpid() & 0xFFFF
 payload = pattern * 4
 def packet(seq):
@@ -163,8 +176,8 @@ def take():
 while True:
     now = time.monotonic()
     if stop_at is None and os.path.exists(stop_file):
-        stop_at = now + 1.0  # stop sending, wait a second for the last replies
-    if stop_at is not None and now >= stop_at:
+        stop_at = now + 5.0  # stop sending; the last replies may be late on a guest starved of CPU
+    if stop_at is not None and (now >= stop_at or len(got) == sent):
         break
     if stop_at is None and now >= nxt:
         sent += 1
@@ -183,6 +196,7 @@ except BlockingIOError:
 lost = sorted(round(sent_at[q], 3) for q in sent_at if q not in got)
 print("%d packets transmitted, %d received" % (sent, len(got)), flush=True)
 print("lost sent at %s" % json.dumps(lost[:200]), flush=True)
+print("socket drops %d" % socket_drops(), flush=True)
 """
 
 
@@ -191,7 +205,7 @@ def ns(netns: str, *args: str) -> list[str]:
 
 
 class Flood:
-    """ICMP echo every `interval` from a pod until told to stop; then a second for the last replies."""
+    """ICMP echo every `interval` from a pod until told to stop; then until the last reply (at most 5 s)."""
 
     def __init__(self, pod: str, dst: str, interval: float = 0.01) -> None:
         self.pod, self.dst, self.interval = pod, dst, interval
@@ -205,17 +219,18 @@ class Flood:
         assert self.proc.stdout is not None
         assert b"flooding" in await asyncio.wait_for(self.proc.stdout.readline(), 30)
 
-    async def stop(self) -> tuple[int, int, list[float]]:
-        """(sent, received, when each lost echo was sent: the guest's monotonic clock)."""
+    async def stop(self) -> tuple[int, int, list[float], int]:
+        """(sent, received, when each lost echo was sent (the guest's monotonic clock), replies its socket dropped)."""
         assert self.proc is not None and self.proc.stdout is not None
         self.stop_file.touch()
         out = (await asyncio.wait_for(self.proc.stdout.read(), 30)).decode()
         await self.proc.wait()
         found = re.search(r"(\d+) packets transmitted, (\d+) received", out)
         lost = re.search(r"lost sent at (\[.*\])", out)
-        if not found or not lost:
+        drops = re.search(r"socket drops (-?\d+)", out)
+        if not found or not lost or not drops:
             raise RuntimeError(f"flood {self.pod} -> {self.dst}: {out!r}")
-        return int(found.group(1)), int(found.group(2)), json.loads(lost.group(1))
+        return int(found.group(1)), int(found.group(2)), json.loads(lost.group(1)), int(drops.group(1))
 
 
 NODES = {"a": ("node-a", "nodeA"), "b": ("node-b", "nodeB")}
@@ -387,9 +402,10 @@ class RestartGuest(Guest):
         stopped = {k: await fl.stop() for k, fl in floods.items()}
         stat1 = {n: await xfrm_stat(netns) for n, (_, netns) in NODES.items()}
         f["flood"] = {
-            "result": {k: [sent, received] for k, (sent, received, _) in stopped.items()},
+            "result": {k: [sent, received] for k, (sent, received, _, _) in stopped.items()},
             # when a lost echo was sent, and what happened around it (seconds after the floods began)
-            "lost_at": {k: [round(t - t0, 2) for t in lost] for k, (_, _, lost) in stopped.items() if lost},
+            "lost_at": {k: [round(t - t0, 2) for t in lost] for k, (_, _, lost, _) in stopped.items() if lost},
+            "socket_drops": {k: drops for k, (_, _, _, drops) in stopped.items()},  # the measuring end's own losses
             "timeline": [(round(t - t0, 2), what) for t, what in self.timeline],
             "counters_moved": {n: moved(stat0[n], stat1[n]) for n in NODES},
             "backlog_dropped": softnet_dropped() - backlog0,
