@@ -384,6 +384,8 @@ def guest_classes() -> type:
                 elif key.startswith("zt_bridge_acquires_total{"):
                     result = key.split('result="', 1)[1].split('"', 1)[0]
                     out[f"acq_{result}"] = int(value)
+                elif key == "zt_bridge_held_pairs_given_up_total":
+                    out["given_up"] = int(value)
             return out
 
         async def kernel_counters(self) -> dict[str, int]:
@@ -519,11 +521,13 @@ def guest_classes() -> type:
                 batch = [p for p in all_pairs[lo * o["peers"] : cut * o["peers"]] if p not in seq]
                 active = cut * o["peers"]
                 k0 = await self.kernel_counters()
+                g0 = (await self.counters("a")).get("given_up", 0)
                 t0 = time.monotonic()
                 done = await self.connect(batch, o["concurrency"])
                 up = await self.wait_tunnels(active, 300)
                 ok = [r[1] for r in done["results"] if r[1] >= 0 and not r[2]]
                 k1 = await self.kernel_counters()
+                given_up = (await self.counters("a")).get("given_up", 0) - g0
                 waves.append({
                     "pairs": len(batch), "active_after": active, "connected": len(ok),
                     "errors": sorted({r[2] for r in done["results"] if r[2]})[:5],
@@ -537,6 +541,8 @@ def guest_classes() -> type:
                     # exact: held packets the kernel freed for want of an SA (XfrmOutNoStates, both nodes), and
                     # TCP segments the clients' and servers' netns sent again (TcpRetransSegs)
                     **diff(k1, k0),
+                    # pairs whose held first packets node-a let go before they were up (HOLD_MAX passed)
+                    "given_up_a": given_up,
                 })  # fmt: skip
                 snaps.append(await self.snapshot(f"after wave {len(waves)}", active))
                 lo = cut
@@ -658,7 +664,8 @@ def report(od: dict[str, Any], eg: dict[str, Any]) -> str:
             f" tunnels/s ({w['connected']:,} connected; connect ms under load: median {w['connect_ms'].get('median')},"
             f" p90 {w['connect_ms'].get('p90')}, max {w['connect_ms'].get('max')}; {w['retransmitted']} took >= 1 s;"
             f" TCP segments resent {w.get('tcp_resent_a', 0)} + {w.get('tcp_resent_b', 0)}, held packets freed"
-            f" {w.get('held_freed_a', 0)} + {w.get('held_freed_b', 0)}){' errors: ' if w['errors'] else ''}"
+            f" {w.get('held_freed_a', 0)} + {w.get('held_freed_b', 0)}, pairs node-a gave up holding for"
+            f" {w.get('given_up_a', 0)}){' errors: ' if w['errors'] else ''}"
             f"{'; '.join(w['errors'])}"
         )
     fulls = sum(w.get("neigh_table_fulls", 0) for w in od["waves"])

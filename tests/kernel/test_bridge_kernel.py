@@ -210,10 +210,11 @@ def test_a_policy_change_and_a_deleted_workload_remove_their_tunnels_within_a_se
     # end to end from the file write, through ztd's folder poll (0.5 s) and ADS push
     assert change["gone_after_seconds"] < 2.0
     assert change["remaining"] == {"a": [f"{A1}-{B2}"], "b": [f"{B2}-{A1}"]}
+    assert change["removed_before_the_change"] == {"a": [], "b": []}, change  # nothing went earlier in the story
     assert change["removed"] == {
         "a": [f"pod/{A1}/{B1}", f"pod/{A2}/{B2}"],
         "b": [f"pod/{B1}/{A1}", f"pod/{B2}/{A2}"],
-    }
+    }, change["removal_reasons"]
     assert change["ping_denied"] == [5, 0]
     assert change["ping_still_allowed"] == [5, 5]
     assert change["leftover_sas"] == {"a": 0, "b": 0}
@@ -784,6 +785,7 @@ class Stories(Guest):
 
         deny_both_ways = POLICIES + DENY_FRONTEND_LEDGER
         rows = {n: await self.rows(n) for n in ("a", "b")}
+        earlier = {n: len((await self.dump(n))["recent_removals"]) for n in ("a", "b")}
         doomed = {
             "nodeA": {int(rows["a"][k][s], 16) for k in (f"{A1}-{B1}", f"{A2}-{B2}") for s in ("spi_in", "spi_out")},
             "nodeB": {int(rows["b"][k][s], 16) for k in (f"{B1}-{A1}", f"{B2}-{A2}") for s in ("spi_in", "spi_out")},
@@ -807,7 +809,11 @@ class Stories(Guest):
         return {
             "gone_after_seconds": round(gone_after, 3),
             "removal_max_seconds": max(r["seconds"] for rs in removals.values() for r in rs),
-            "removed": {n: sorted(r["tunnel"] for r in rs) for n, rs in removals.items()},
+            "removed": {n: sorted(r["tunnel"] for r in rs[earlier[n] :]) for n, rs in removals.items()},
+            "removed_before_the_change": {n: rs[: earlier[n]] for n, rs in removals.items()},
+            "removal_reasons": {
+                n: [(r["tunnel"], r["reason"]) for r in rs[earlier[n] :]] for n, rs in removals.items()
+            },
             "removals": {n: metrics[n].get("zt_bridge_tunnel_removals_total", 0) for n in metrics},
             "remaining": remaining,
             "ping_denied": await ping("a1", B1, 5, "0.2"),

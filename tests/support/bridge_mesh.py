@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ipsec_bridge.local_source import LocalConfigSource
 from ipsec_bridge.state import StateStore, ViewSettings
+from ztcore.fsutil import write_atomic
 from ztcore.mesh.translate import TranslateOptions
 
 NODE_A_IP, NODE_B_IP = "192.168.50.1", "192.168.50.2"
@@ -131,9 +132,10 @@ status:
 def write_mesh(
     folder: Path, policies: str = POLICIES, pods: dict[str, tuple[str, str, str, str, str]] | None = None
 ) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "mesh.yaml").write_text(mesh_yaml(pods))
-    (folder / "policies.yaml").write_text(policies)
+    # each file whole or not at all, as an API server applies an object: ztd reads a file it sees change, and an
+    # in-place write it caught between the truncate and the write (a busy host) had no objects for that moment
+    write_atomic(folder / "mesh.yaml", mesh_yaml(pods).encode())
+    write_atomic(folder / "policies.yaml", policies.encode())
     return folder
 
 
