@@ -37,6 +37,7 @@ from ipsec_bridge.xfrm import messages as m
 from ipsec_bridge.xfrm.netlink import XfrmError
 from ipsec_bridge.xfrm.offload import OffloadProbe, OffloadStatus
 from tests.support.bridge_mesh import load_view, write_mesh
+from ztcore.fsutil import write_atomic
 from ztcore.identity.caclient import CAClient, CAClientOptions
 from ztcore.identity.manager import RotationPolicy, SecretManager
 from ztcore.metrics import Registry
@@ -183,7 +184,9 @@ async def test_metrics_names_and_labels(bridge: Bridge) -> None:
 
 async def test_vf_series_follow_the_map_and_a_bad_file_is_counted(bridge: Bridge) -> None:
     # a2 gets VF 5, a1 moves to VF 4: the VF 3 series go away rather than linger
-    bridge.vf_path.write_text("- {vf: 4, pod: shop/a1}\n- {vf: 5, ip: 10.1.0.11}\n")
+    # (whole files: the map is polled every 10 ms, and a read between an in-place write's truncate and its write is
+    # counted as an error, "the file is empty", which the count below would see)
+    write_atomic(bridge.vf_path, b"- {vf: 4, pod: shop/a1}\n- {vf: 5, ip: 10.1.0.11}\n")
     async with asyncio.timeout(5):
         while True:
             if bridge.store.view.pod(ip_address("10.1.0.11")) is not None:
@@ -194,7 +197,7 @@ async def test_vf_series_follow_the_map_and_a_bad_file_is_counted(bridge: Bridge
     assert vf_series == ['zt_bridge_vf_pods{pod="shop/a1",vf="4"}', 'zt_bridge_vf_pods{pod="shop/a2",vf="5"}']
     assert got['zt_bridge_vf_sa_packets{direction="out",vf="4"}'] == 2200 and 'vf="3"' not in str(got)
     assert got["zt_bridge_vf_refused_pods"] == 0
-    bridge.vf_path.write_text("- {vf: 4, pod: shop/a1\n")
+    write_atomic(bridge.vf_path, b"- {vf: 4, pod: shop/a1\n")
     async with asyncio.timeout(5):
         while True:
             dump = await _get(bridge.url + "/config_dump")
