@@ -15,6 +15,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tests.support.wait import eventually
+from ztcore.fsutil import write_atomic
+from ztcore.mesh.registry import files
 from ztcore.mesh.registry.files import FileRegistrySource, RegistryLoadError, load_dir, read_dir
 from ztcore.mesh.registry.objects import (
     AuthorizationPolicy,
@@ -808,6 +810,7 @@ def test_example_mesh_loads_cleanly() -> None:
 
 # --- folder loading and watching -----------------------------------------------------------------------
 
+LogCapture = pytest.LogCaptureFixture
 NS = "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {}}}\n"
 
 
@@ -910,6 +913,53 @@ async def test_a_change_reads_only_the_files_that_changed_and_applies_only_their
     assert registry.changes_since(version) == {("Namespace", "", "ns-8"), ("Namespace", "", "other-8")}
 
 
+async def test_a_file_caught_empty_mid_write_keeps_its_objects(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # an in-place write (open with O_TRUNC, then write) looked at between the two: no byte, yet no intent to delete
+    path = tmp_path / "ns.yaml"
+    path.write_text(NS.format("one") + "---\n" + NS.format("two"))
+    registry = Registry()
+    source = FileRegistrySource(tmp_path, registry, rescan_interval=600)
+    first = await source.load_initial()
+    path.write_text("")
+    with caplog.at_level("INFO", logger="ztcore.mesh.registry.files"):
+        assert not await source.poll_once() and not await source.poll_once()
+    assert registry.current is first and source.last_errors == ()
+    assert caplog.text.count("is empty; its objects stay") == 1  # once per emptying, not per look
+    path.write_text(NS.format("one") + "---\n" + NS.format("three"))  # the write lands
+    assert await source.poll_once()
+    assert registry.changes_since(first.version) == {("Namespace", "", "two"), ("Namespace", "", "three")}
+    # emptied by a rename (an atomic write, a ConfigMap swap): meant, so the objects go at once
+    second = registry.current
+    write_atomic(path, b"")
+    assert await source.poll_once()
+    assert registry.changes_since(second.version) == {("Namespace", "", "one"), ("Namespace", "", "three")}
+
+
+async def test_a_file_left_empty_drops_its_objects_after_the_settle_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(files, "EMPTY_SETTLE", 0.2)
+    path = tmp_path / "ns.yaml"
+    path.write_text(NS.format("one"))
+    (tmp_path / "other.yaml").write_text(NS.format("kept"))
+    registry = Registry()
+    source = FileRegistrySource(tmp_path, registry, rescan_interval=600)
+    first = await source.load_initial()
+    task = asyncio.create_task(source.run())
+    try:
+        path.write_text("")  # meant: the watch sees it at once, and the objects go one settle time later
+        t0 = asyncio.get_running_loop().time()
+        second = await asyncio.wait_for(registry.wait_for_change(first.version), 5)
+        assert asyncio.get_running_loop().time() - t0 >= 0.2
+        assert [n.name for n in second.namespaces()] == ["kept"]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
 # --- incremental snapshots ------------------------------------------------------------------------------------
 
 
@@ -1000,8 +1050,6 @@ def test_the_folder_source_ends_where_a_fresh_read_of_the_folder_does(
     fresh read of the folder holds, or, when the folder has errors, what it held before, with the same
     errors a fresh read reports."""
     import tempfile
-
-    from ztcore.fsutil import write_atomic
 
     async def run() -> None:
         with tempfile.TemporaryDirectory() as folder:

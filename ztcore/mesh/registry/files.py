@@ -3,15 +3,18 @@
 The folder is watched (inotify through watchfiles, with a slow rescan behind it for file systems that send no
 events); on a change only the files whose (mtime, size, inode) moved are read and parsed again, and the
 registry gets just the objects they add, change or drop. A folder with any error never replaces the last good
-snapshot, so a half-saved file cannot take policies away from a running mesh.
+snapshot, so a half-saved file cannot take policies away from a running mesh; nor can one caught empty between an
+in-place write's truncate and its write (`EMPTY_SETTLE`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -92,17 +95,25 @@ class _File:
     parsed: ParseResult
 
 
+# A file that held objects and now, still the same inode, has no byte is most likely an in-place write caught between
+# its truncate and its write (editors, `cat >`, a busy host): its objects stay until the file is written or has stayed
+# empty this long. An empty file put in place by a rename (an atomic write, a ConfigMap's symlink swap) is meant.
+EMPTY_SETTLE = 1.0
+
+
 @dataclass(frozen=True, slots=True)
 class _Scan:
     files: dict[str, _File]  # every config file now, by relative path
     changed: frozenset[str]  # read again (new or modified), or gone
     read: int  # files read and parsed
+    emptied: Mapping[str, float] = FrozenMap()  # file -> since when it has been empty, objects kept (EMPTY_SETTLE)
 
 
-def _scan(root: str, known: Mapping[str, _File]) -> _Scan:
-    """Stat every config file; read and parse only those whose stamp moved."""
+def _scan(root: str, known: Mapping[str, _File], emptied: Mapping[str, float] = FrozenMap(), now: float = 0.0) -> _Scan:
+    """Stat every config file; read and parse only those whose stamp moved. `emptied`/`now`: see EMPTY_SETTLE."""
     files: dict[str, _File] = {}
     changed: set[str] = set()
+    still_empty: dict[str, float] = {}
     for rel in config_files(root):
         path = os.path.join(root, rel)
         try:
@@ -123,10 +134,17 @@ def _scan(root: str, known: Mapping[str, _File]) -> _Scan:
             error = ConfigError(path, 0, f"cannot read file: {reason}")
             files[rel] = _File(stamp, ParseResult((), (error,), FrozenMap()))
             continue
+        if not text and before is not None and before.parsed.located and before.stamp[2] == stamp[2]:
+            since = emptied.get(rel, now)
+            if now - since < EMPTY_SETTLE:
+                files[rel] = before  # its old stamp: the next look reads it again
+                changed.discard(rel)
+                still_empty[rel] = since
+                continue
         files[rel] = _File(stamp, parse_file(text, path))
     read = len(changed)
     changed |= set(known) - set(files)
-    return _Scan(files, frozenset(changed), read)
+    return _Scan(files, frozenset(changed), read, FrozenMap(still_empty))
 
 
 class _FolderIndex:
@@ -190,6 +208,7 @@ class FileRegistrySource:
         self._last_errors: tuple[ConfigError, ...] = ()
         self._last_skipped: FrozenMap[str, int] = FrozenMap()
         self._unreachable = False
+        self._emptied: Mapping[str, float] = FrozenMap()  # files emptied, objects kept for now (EMPTY_SETTLE)
         self.last_read = 0  # files read and parsed by the latest look
 
     @property
@@ -220,7 +239,7 @@ class FileRegistrySource:
     async def poll_once(self) -> bool:
         """Look at the folder; True if the registry changed."""
         try:
-            scan = await asyncio.to_thread(_scan, self._path, self._files)
+            scan = await asyncio.to_thread(_scan, self._path, self._files, self._emptied, time.monotonic())
         except OSError as e:
             error = ConfigError(self._path, 0, f"cannot read registry config: {_os_reason(e)}")
             if not self._unreachable:  # once per outage, not every look
@@ -230,6 +249,10 @@ class FileRegistrySource:
             return False
         self._unreachable = False
         self.last_read = scan.read
+        for rel in scan.emptied.keys() - self._emptied.keys():  # once per emptying, not per look
+            logger.info("registry config %s is empty; its objects stay unless it is still empty in %.0fs (a write in "
+                        "progress?)", os.path.join(self._path, rel), EMPTY_SETTLE)  # fmt: skip
+        self._emptied = scan.emptied
         if not scan.changed and not self._pending:
             return False
         errors = self._take(scan)
@@ -295,7 +318,12 @@ class FileRegistrySource:
             tg.create_task(self._watch(wake))
             tg.create_task(self._rescan(wake))
             while True:
-                await wake.wait()
+                if self._emptied:  # look again once an emptied file has had EMPTY_SETTLE to be written
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(EMPTY_SETTLE + 0.05):
+                            await wake.wait()
+                else:
+                    await wake.wait()
                 wake.clear()
                 try:
                     await self.poll_once()
