@@ -19,7 +19,9 @@ their own netns, joined by a veth underlay.
   `sequential` pairs go one at a time before the waves (unloaded first-connection latency, each followed by a
   second connection over the tunnel it built); the waves go `concurrency` connections at a time (setup rate).
   Per wave, from the kernel: held packets freed for want of an SA (XfrmOutNoStates of both nodes: the first
-  packets a shared trap queue dropped) and TCP segments sent again (TcpRetransSegs of both pods' netns).
+  packets a shared trap queue dropped) and TCP segments sent again (TcpRetransSegs of both pods' netns); from
+  node-a's bridge, the pairs whose held first packets it gave up on (zt_bridge_held_pairs_given_up_total: their
+  pod's queue went at HOLD_MAX before they were up), which tells dropped first packets from merely slow ones.
   Then `rekey-pods` local pods' tunnels are rekeyed (POST /rekey) and the bridges' handshake counters read.
 - eager boot: the same mesh shape at a size eager set-up reaches (eager-local x eager-remote, every pair
   admitted), both bridges eager (the default): the time until every pair's SAs are in on both nodes, and the
