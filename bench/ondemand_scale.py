@@ -457,6 +457,8 @@ def guest_classes() -> type:
         # --- the runs -------------------------------------------------------------------------------------
 
         async def ondemand(self) -> None:
+            from tests.kernel.guestlib import counters_moved
+
             f, o = self.facts, self.opts
             f["bridges_sync_seconds"] = round(await self.start_bridges("--setup", "on-demand", "--idle-timeout",
                                                                        "86400s"), 1)  # fmt: skip
@@ -513,7 +515,7 @@ def guest_classes() -> type:
                             "kernel_release_ms": spread([x for x in release if x >= 0]),
                             "kernel_release_failed": sum(1 for x in release if x < 0),
                             "kernel_hz": await asyncio.to_thread(kernel_hz),
-                            "fast_open": diff(fo1, fo0), **cpu}  # fmt: skip
+                            "fast_open": counters_moved(fo0, fo1), **cpu}  # fmt: skip
 
             # the waves: 1/4, 1/4, 1/2 of the local pods, `concurrency` connections at a time
             cuts = [self.local // 4, self.local // 2, self.local]
@@ -542,7 +544,7 @@ def guest_classes() -> type:
                     "slowest": slowest(batch, done["results"]),
                     # exact: held packets the kernel freed for want of an SA (XfrmOutNoStates, both nodes), and
                     # TCP segments the clients' and servers' netns sent again (TcpRetransSegs)
-                    **diff(k1, k0),
+                    **counters_moved(k0, k1),
                     # pairs whose held first packets node-a let go before they were up (HOLD_MAX passed)
                     "given_up_a": given_up,
                 })  # fmt: skip
@@ -550,7 +552,7 @@ def guest_classes() -> type:
                 lo = cut
             f["waves"] = waves
             c1 = {n: await self.counters(n) for n in ("a", "b")}
-            f["setup_counters"] = {n: diff(c1[n], c0[n]) for n in ("a", "b")}
+            f["setup_counters"] = {n: counters_moved(c0[n], c1[n]) for n in ("a", "b")}
 
             # rekey a sample: every tunnel of `rekey_pods` local pods (POST /rekey on node-a, the initiator)
             chosen = list(range(0, self.local, max(1, self.local // o["rekey_pods"])))[: o["rekey_pods"]]
@@ -570,7 +572,8 @@ def guest_classes() -> type:
             await asyncio.sleep(1)  # the responder's counters of the last ones
             r1 = {n: await self.counters(n) for n in ("a", "b")}
             f["rekey"] = {"asked": asked, "wanted": want, "seconds": round(rekey_s, 2),
-                          "identity_pairs": len(idents), "counters": {n: diff(r1[n], r0[n]) for n in ("a", "b")},
+                          "identity_pairs": len(idents),
+                          "counters": {n: counters_moved(r0[n], r1[n]) for n in ("a", "b")},
                           "resumption": (await self.dump("a")).get("resumption")}  # fmt: skip
             snaps.append(await self.snapshot("after the rekeys (old generations retired)", len(all_pairs)))
             f["snapshots"] = snaps
@@ -609,10 +612,6 @@ async def poll(check: Callable[[], Awaitable[bool]], seconds: float) -> None:
 def slowest(pairs: list[tuple[str, str]], results: list[list[Any]], n: int = 5) -> list[list[Any]]:
     """The `n` slowest connections as (local pod, remote pod, start offset s, connect ms): to find in the logs."""
     return sorted(([*p, r[0], r[1]] for p, r in zip(pairs, results, strict=True)), key=lambda x: -x[3])[:n]
-
-
-def diff(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
-    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
 
 
 def inside(mode: str, opts: dict[str, int]) -> int:

@@ -82,6 +82,11 @@ async def xfrm_stat(netns: str) -> dict[str, int]:
     return {k: int(v) for k, v in (line.split() for line in text.splitlines() if line.strip())}
 
 
+def counters_moved(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The counters that moved between two reads (xfrm_stat, /metrics, TcpExt ...), by how much."""
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
 PING_SUMMARY = re.compile(r"(\d+) packets transmitted, (\d+) received")
 
 

@@ -59,7 +59,7 @@ from tests.kernel.bridge_guest import (  # noqa: E402
     wire,
     xfrm_stat,
 )
-from tests.kernel.guestlib import Capture  # noqa: E402
+from tests.kernel.guestlib import Capture, counters_moved  # noqa: E402
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -182,11 +182,6 @@ def parse_offloaded_sas(text: str, spis: set[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def changed(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    """The /proc/net/xfrm_stat counters that moved."""
-    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
-
-
 class NetdevsimGuest(Guest):
     async def nsim(self) -> dict[str, Any]:
         text = await asyncio.to_thread(Path(self.debugfs).read_text)
@@ -283,7 +278,7 @@ class NetdevsimGuest(Guest):
             "wire": await wire(cap),
             "nsim_tx_delta": (await self.nsim())["tx"] - tx0,
             "vf0_packets": {d: after_vf[d] - before_vf[d] for d in ("in", "out")},
-            "xfrm_errors": {n: changed(stat0[n], stat1[n]) for n in stat1},
+            "xfrm_errors": {n: counters_moved(stat0[n], stat1[n]) for n in stat1},
         }
 
         # 4. node-b's address routed through nsim0: the offloaded SA's packets go to the driver

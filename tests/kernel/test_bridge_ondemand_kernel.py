@@ -55,7 +55,7 @@ from tests.kernel.bridge_guest import (  # noqa: E402
     wire,
     xfrm_stat,
 )
-from tests.kernel.guestlib import Capture, fast_open_counters, raw_mtls_ms  # noqa: E402
+from tests.kernel.guestlib import Capture, counters_moved, fast_open_counters, raw_mtls_ms  # noqa: E402
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -572,12 +572,9 @@ class OnDemandStory(Guest):
             "errors": [err for _, err in out if err],
             "tcp_retransmits_a1": await tcp_retransmits("a1") - retrans0,
             "out_no_states": {n: await out_no_states(n) - nostates0[n] for n in ("a", "b")},
-            "acquires_a": {k: v - acq0.get(k, 0) for k, v in acq.items() if v != acq0.get(k, 0)},
-            "held_queues_a": {k: v - held0.get(k, 0) for k, v in held.items() if v != held0.get(k, 0)},
-            "fast_open": {
-                n: {k: v - fo0[n].get(k, 0) for k, v in (await fast_open_counters(f"node{n.upper()}")).items()}
-                for n in ("a", "b")
-            },
+            "acquires_a": counters_moved(acq0, acq),
+            "held_queues_a": counters_moved(held0, held),
+            "fast_open": {n: counters_moved(fo0[n], await fast_open_counters(f"node{n.upper()}")) for n in ("a", "b")},
         }
 
 

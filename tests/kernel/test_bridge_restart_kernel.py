@@ -47,7 +47,7 @@ from tests.kernel.bridge_guest import (  # noqa: E402
     wire,
     xfrm_stat,
 )
-from tests.kernel.guestlib import Capture  # noqa: E402
+from tests.kernel.guestlib import Capture, counters_moved  # noqa: E402
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -236,10 +236,6 @@ class Flood:
 NODES = {"a": ("node-a", "nodeA"), "b": ("node-b", "nodeB")}
 
 
-def moved(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
-
-
 def softnet_dropped() -> int:
     """Packets the kernel dropped because a CPU's input backlog was full (net.core.netdev_max_backlog): a guest
     starved of CPU drops here, before any XFRM counter sees the packet."""
@@ -407,7 +403,7 @@ class RestartGuest(Guest):
             "lost_at": {k: [round(t - t0, 2) for t in lost] for k, (_, _, lost, _) in stopped.items() if lost},
             "socket_drops": {k: drops for k, (_, _, _, drops) in stopped.items()},  # the measuring end's own losses
             "timeline": [(round(t - t0, 2), what) for t, what in self.timeline],
-            "counters_moved": {n: moved(stat0[n], stat1[n]) for n in NODES},
+            "counters_moved": {n: counters_moved(stat0[n], stat1[n]) for n in NODES},
             "backlog_dropped": softnet_dropped() - backlog0,
             "seconds": round(time.monotonic() - t0, 1),
             "wire": {n: await wire(c) for n, c in caps.items()},
