@@ -363,9 +363,11 @@ class Show:
 
         old = row(await self.dumps())
         cap = await self.lab_call("POST", "/capture/start", {"names": ["node-a"]})
-        flood = await self.lab_call("POST", "/flood/start", {"pod": src, "dst": dst_ip, "count": 400,
+        # 6 s of pings: ~1 s on the old keys, then the rekey (its handshake took over 1 s on a loaded CI host),
+        # and seconds on the new keys
+        flood = await self.lab_call("POST", "/flood/start", {"pod": src, "dst": dst_ip, "count": 600,
                                                               "interval": 0.01})  # fmt: skip
-        await asyncio.sleep(2.0)  # traffic on the old keys first
+        await asyncio.sleep(1.0)  # traffic on the old keys first
         await self.ztctl("tunnels", "rekey", *self.bridge_flags(), "--node", "node-a", "--local", src_ip,
                          "--peer", dst_ip)  # fmt: skip
         new = await wait_for("the new generation", lambda: self._newer(row, old["generation"]), 30, every=0.1)
