@@ -345,12 +345,14 @@ def guest_classes() -> type:
             return self.rss_of(str(self.procs[name].pid))
 
         def cpu_ms(self) -> dict[str, float]:
-            """Each bridge's CPU time so far (user + system, ms; clock ticks of /proc/<pid>/stat)."""
+            """Each bridge's CPU time so far (user + system, ms; clock ticks of /proc/<pid>/stat), and its minor page
+            faults as `<name>_faults` (each one a trap through the host in UML, as a syscall is)."""
             tick = os.sysconf("SC_CLK_TCK")
             out = {}
             for name in ("a", "b"):
                 fields = Path(f"/proc/{self.procs[name].pid}/stat").read_text().rsplit(")", 1)[1].split()
                 out[name] = (int(fields[11]) + int(fields[12])) * 1000 / tick  # utime, stime
+                out[f"{name}_faults"] = int(fields[7])  # minflt
             return out
 
         @staticmethod
@@ -497,6 +499,7 @@ def guest_classes() -> type:
                 idle_rate = (idle1[n] - idle0[n]) / t_idle
                 cpu[f"cpu_{n}_idle_ms_per_s"] = round(idle_rate, 2)
                 cpu[f"cpu_{n}_ms_per_pair"] = round((cpu1[n] - cpu0[n] - idle_rate * t_seq) / max(1, len(seq)), 2)
+                cpu[f"faults_{n}_per_pair"] = round((cpu1[f"{n}_faults"] - cpu0[f"{n}_faults"]) / max(1, len(seq)))
             tls_after = await self.raw_tls(15)
             # the kernel's own share of every first connection: releasing the held SYN once its policy is in
             from tests.kernel.guestlib import held_release_ms
@@ -692,7 +695,8 @@ def report(od: dict[str, Any], eg: dict[str, Any]) -> str:
     lines.append(
         f"  guest CPU per new pair (idle work taken out; UML bills the host's steal to whoever runs): node-a"
         f" {lat.get('cpu_a_ms_per_pair')} ms, node-b {lat.get('cpu_b_ms_per_pair')} ms; idle: node-a"
-        f" {lat.get('cpu_a_idle_ms_per_s')} ms/s, node-b {lat.get('cpu_b_idle_ms_per_s')} ms/s"
+        f" {lat.get('cpu_a_idle_ms_per_s')} ms/s, node-b {lat.get('cpu_b_idle_ms_per_s')} ms/s; minor page faults"
+        f" per pair: node-a {lat.get('faults_a_per_pair')}, node-b {lat.get('faults_b_per_pair')}"
     )
     kr = lat.get("kernel_release_ms", {})
     if kr:

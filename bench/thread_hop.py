@@ -6,8 +6,9 @@ Why it matters: the bridge ran every TLS step and every netlink request through 
 dozen in a row per new tunnel. Each figure is the median over `rounds` of `count` awaited `asyncio.to_thread` of
 a no-op, next to `os.getpid()` (one syscall) measured in the same process: UML pays for every syscall and
 context switch, the host barely does. Beside them, a clock read (`time.monotonic()`, `time.time()`) and an empty
-`epoll_wait`, which an event loop makes on every turn: the host's vDSO answers a clock read without a syscall,
-UML has no vDSO.
+`epoll_wait`, which an event loop makes on every turn: a vDSO answers a clock read without a syscall, on the host
+and, when the host keeps time with the TSC, in the project's UML kernel too (tools/uml-kernel/patches/0003);
+before that patch every clock read in UML was a syscall.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"
 sys.path.insert(0, str(REPO))
 
 
-# one syscall each on Linux, except that the host's vDSO answers clock reads without one; UML has no vDSO
+# one syscall each, except the clock reads a vDSO answers (the host's; UML's when the host keeps time with the TSC)
 CALLS: dict[str, Callable[[], object]] = {"getpid": os.getpid, "monotonic": time.monotonic, "time": time.time}
 
 
