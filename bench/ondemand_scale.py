@@ -355,6 +355,47 @@ def guest_classes() -> type:
                 out[f"{name}_faults"] = int(fields[7])  # minflt
             return out
 
+        async def strace_start(self) -> dict[str, tuple[asyncio.subprocess.Process, Path, float]]:
+            """`--strace`: strace -f -c attached to both bridges (every thread)."""
+            tracers = {}
+            for name in ("a", "b"):
+                out = Path(f"/run/strace-{name}.txt")
+                proc = await asyncio.create_subprocess_exec(
+                    "strace", "-f", "-c", "-qq", "-o", str(out), "-p", str(self.procs[name].pid),
+                    stderr=asyncio.subprocess.DEVNULL)  # fmt: skip
+                tracers[name] = (proc, out, time.monotonic())
+            await asyncio.sleep(1)  # attached to every thread before anything is measured
+            return tracers
+
+        @staticmethod
+        async def strace_stop(tracers: dict[str, tuple[asyncio.subprocess.Process, Path, float]]
+                              ) -> dict[str, tuple[float, dict[str, int]]]:  # fmt: skip
+            """Each bridge's traced seconds and its syscalls by name, from strace's summary."""
+            out = {}
+            for name, (proc, path, t0) in tracers.items():
+                proc.send_signal(2)
+                await proc.wait()
+                counts: dict[str, int] = {}
+                for row in path.read_text().splitlines():
+                    cols = row.split()
+                    if len(cols) >= 5 and cols[-1].isidentifier() and cols[3].isdigit():
+                        counts[cols[-1]] = int(cols[3])  # the last row: "total"
+                out[name] = (time.monotonic() - t0, counts)
+            return out
+
+        @staticmethod
+        def per_pair(idle: dict[str, tuple[float, dict[str, int]]], busy: dict[str, tuple[float, dict[str, int]]],
+                     pairs: int) -> dict[str, dict[str, float]]:  # fmt: skip
+            """Syscalls per new pair by name: the busy window's, less what the idle window's rate makes in it."""
+            out = {}
+            for name, (seconds, counts) in busy.items():
+                idle_s, idle_counts = idle[name]
+                net = {k: round((v - idle_counts.get(k, 0) * seconds / idle_s) / max(1, pairs), 1)
+                       for k, v in counts.items()}  # fmt: skip
+                out[f"syscalls_{name}_per_pair"] = dict(sorted(net.items(), key=lambda kv: -kv[1]))
+                out[f"syscalls_{name}_idle_per_s"] = round(idle_counts.get("total", 0) / idle_s, 1)
+            return out
+
         @staticmethod
         def rss_of(pid: str) -> dict[str, float]:
             fields = {}
@@ -478,9 +519,13 @@ def guest_classes() -> type:
             # unloaded first connections, between two raw TLS samples
             seq = all_pairs[: o["sequential"]]
             tls_before = await self.raw_tls(15)
+            tracers = await self.strace_start() if o.get("strace") else {}
             idle0, t_idle = self.cpu_ms(), time.monotonic()
             await asyncio.sleep(3)
             idle1, t_idle = self.cpu_ms(), time.monotonic() - t_idle
+            if tracers:
+                idle_calls = await self.strace_stop(tracers)
+                tracers = await self.strace_start()
             fo0, cpu0, t_seq = await self.fast_open(), self.cpu_ms(), time.monotonic()
             firsts: list[float] = []
             seconds: list[float] = []
@@ -493,6 +538,7 @@ def guest_classes() -> type:
                     else:
                         errors.append(err)
             fo1, cpu1, t_seq = await self.fast_open(), self.cpu_ms(), time.monotonic() - t_seq
+            syscalls = self.per_pair(idle_calls, await self.strace_stop(tracers), len(seq)) if tracers else {}
             # what each bridge spent per new pair (its handshake, the ACQUIRE, the switch), its idle work taken out
             cpu = {}
             for n in ("a", "b"):
@@ -515,7 +561,7 @@ def guest_classes() -> type:
             f["latency"] = {"first_ms": spread(firsts), "second_ms": spread(seconds), "errors": errors, **hs_ms,
                             "tls_before_ms": spread(tls_before), "tls_after_ms": spread(tls_after),
                             "tls_ms": spread(tls_before + tls_after), "first_all": firsts,
-                            "kernel_release_ms": spread([x for x in release if x >= 0]),
+                            "kernel_release_ms": spread([x for x in release if x >= 0]), **syscalls,
                             "kernel_release_failed": sum(1 for x in release if x < 0),
                             "kernel_hz": await asyncio.to_thread(kernel_hz),
                             "fast_open": counters_moved(fo0, fo1), **cpu}  # fmt: skip
@@ -755,6 +801,7 @@ def main() -> int:
     parser.add_argument("--skip-eager", action="store_true", help="only the on-demand boot (no peer: a partial run)")
     parser.add_argument("--timeout", type=int, default=3000, help="seconds before a UML run is stopped")
     parser.add_argument("--json", action="store_true", help="print the raw results as JSON")
+    parser.add_argument("--strace", action="store_true", help="count the bridges' syscalls per sequential pair")
     parser.add_argument("--inside", choices=("ondemand", "eager"), help=argparse.SUPPRESS)
     parser.add_argument("--opts", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -776,7 +823,7 @@ def main() -> int:
         return 2
     opts = {"local": args.local_pods, "remote": args.remote_pods, "peers": args.peers, "eager_local": args.eager_local,
             "eager_remote": args.eager_remote, "sequential": args.sequential, "concurrency": args.concurrency,
-            "rekey_pods": args.rekey_pods}  # fmt: skip
+            "rekey_pods": args.rekey_pods, "strace": int(args.strace)}  # fmt: skip
     results: dict[str, Any] = {}
     for mode in ("ondemand",) if args.skip_eager else ("eager", "ondemand"):
         # run_inside passes `--inside` first: the mode is its value

@@ -1,9 +1,14 @@
 """Sockets in the node's network namespace (--netns) while the process itself stays where it is.
 
-A socket belongs to the namespace it was created in, whatever thread uses it later. One worker thread
-enters the namespace once and creates every socket the bridge needs there (the handshake listener, the
-connections to peer bridges) and reads per-namespace /proc files; the event loop then uses those sockets
-as any other. The CA, xDS and admin connections stay in the process's own namespace.
+A socket belongs to the namespace it was created in, whatever thread uses it later. The connections to peer
+bridges are made on the event loop's own thread: it enters the namespace for the socket() call and comes back
+within the same synchronous call, so nothing else runs on it meanwhile (two setns syscalls). Everything else the
+bridge needs there (the handshake listener, per-namespace /proc files) goes through one worker thread that
+entered the namespace once. The CA, xDS and admin connections stay in the process's own namespace.
+
+Why not the worker thread for connections too: a thread hop costs 0.7-0.9 ms in UML (bench/thread_hop.py), and a
+stock of sockets that thread made ahead (what this did before) was refilled while handshakes ran, each socket a
+GIL handoff with the loop: ~10 futex calls per new pair on the initiating bridge.
 """
 
 from __future__ import annotations
@@ -19,14 +24,13 @@ from typing import TypeVar
 
 T = TypeVar("T")
 _CLONE_NEWNET = 0x40000000
-_STOCK = 8  # TCP sockets kept made in the namespace for the connections to peer bridges
 # TCP Fast Open (RFC 7413). Python 3.11's socket module lacks TCP_FASTOPEN_CONNECT (linux/tcp.h, Linux 4.11).
 TCP_FASTOPEN_CONNECT = 30
 _FAST_OPEN_QUEUE = 256  # SYNs with data the listener takes before their handshake completes; more fall back
 
 
-class NetnsError(Exception):
-    pass
+class NetnsError(OSError):
+    """A namespace that cannot be opened or entered (an OSError: a handshake that meets one fails as IO does)."""
 
 
 def netns_path(netns: str) -> str:
@@ -67,8 +71,8 @@ class Netns:
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix=f"netns-{netns}", initializer=_enter, initargs=(netns_path(netns),)
             )
-        self._stock: dict[int, list[socket.socket]] = {}  # by address family
-        self._filling: set[int] = set()
+        self._here: int | None = None  # the loop thread's own namespace, opened on its first connection
+        self._there: int | None = None  # the target namespace (fds: a namespace cannot go away under us)
         self._closed = False
 
     async def run(self, fn: Callable[[], T]) -> T:
@@ -83,40 +87,36 @@ class Netns:
         self._closed = True
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
-        for stock in self._stock.values():
-            for sock in stock:
-                sock.close()
-        self._stock.clear()
+        for fd in (self._here, self._there):
+            if fd is not None:
+                os.close(fd)
+        self._here = self._there = None
 
-    async def _tcp_socket(self, family: int) -> socket.socket:
-        """A new TCP socket of the namespace: made right here without one; else taken from a stock that the
-        namespace's thread refills behind the connections (a thread hop per connection cost each first connection
-        0.7-0.9 ms in UML: bench/thread_hop.py)."""
-        fast_open = self.fast_open
-        if self._pool is None:
-            return _tcp(family, fast_open)
-        stock = self._stock.setdefault(family, [])
-        sock = stock.pop() if stock else await self.run(lambda: _tcp(family, fast_open))
-        if len(stock) <= _STOCK // 2 and family not in self._filling and not self._closed:
-            self._refill(family, self._pool, _STOCK - len(stock))
-        return sock
-
-    def _refill(self, family: int, pool: concurrent.futures.ThreadPoolExecutor, count: int) -> None:
-        self._filling.add(family)
-        fast_open = self.fast_open
-        made = asyncio.get_running_loop().run_in_executor(pool, lambda: [_tcp(family, fast_open) for _ in range(count)])
-
-        def done(future: asyncio.Future[list[socket.socket]]) -> None:
-            self._filling.discard(family)
-            if future.cancelled() or future.exception() is not None:
-                return  # the next connection makes its own socket, and says why if it cannot
-            if self._closed:
-                for sock in future.result():
-                    sock.close()
-            else:
-                self._stock.setdefault(family, []).extend(future.result())
-
-        made.add_done_callback(done)
+    def _tcp_socket(self, family: int) -> socket.socket:
+        """A new TCP socket of the namespace, made on the calling thread (see the module docstring)."""
+        if self.name is None:
+            return _tcp(family, self.fast_open)
+        if self._closed:
+            raise NetnsError(f"network namespace {self.name!r}: closed")
+        if self._there is None:
+            try:
+                self._there = os.open(netns_path(self.name), os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as err:
+                raise NetnsError(f"cannot open network namespace {self.name!r}: {err.strerror}") from None
+        if self._here is None:
+            self._here = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            setns_fd(self._there)
+        except OSError as err:
+            raise NetnsError(f"cannot enter network namespace {self.name!r}: {err.strerror}") from None
+        try:
+            return _tcp(family, self.fast_open)
+        finally:
+            try:
+                setns_fd(self._here)
+            except OSError as err:  # never seen: a thread may always go back to the namespace it came from
+                # this thread would make its next sockets in the node's namespace: stop rather than go on
+                raise SystemExit(f"zt-bridge: cannot leave network namespace {self.name!r}: {err.strerror}") from None
 
     async def check(self) -> None:
         """Fail early, with the reason, when the namespace cannot be entered."""
@@ -155,7 +155,7 @@ class Netns:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A TCP connection from the namespace; `source` pins the local address (the peer checks it). With Fast
         Open and the peer's cookie, the connect returns at once and the SYN leaves with the first write."""
-        sock = await self._tcp_socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock = self._tcp_socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         try:
             if source is not None:
                 sock.bind((source, 0))  # in the socket's namespace, whichever thread asks
