@@ -488,6 +488,12 @@ def guest_classes() -> type:
 
             return await raw_mtls_ms("nodeA", "nodeB", NODE_B_IP, count, Path("/run"))
 
+        async def stack_tls(self, count: int) -> list[float]:
+            """The same with the bridges' TLS stack and SVID chains (tests/kernel/guestlib.stack_mtls_ms)."""
+            from tests.kernel.guestlib import stack_mtls_ms
+
+            return await stack_mtls_ms("nodeA", "nodeB", NODE_B_IP, count, Path("/run"))
+
         async def wait_tunnels(self, want: int, seconds: float) -> float:
             """Until node-a and node-b both hold `want` keyed tunnels' SAs (2 each); when (monotonic)."""
             async with asyncio.timeout(seconds):
@@ -518,7 +524,7 @@ def guest_classes() -> type:
 
             # unloaded first connections, between two raw TLS samples
             seq = all_pairs[: o["sequential"]]
-            tls_before = await self.raw_tls(15)
+            tls_before, stack_before = await self.raw_tls(15), await self.stack_tls(15)
             tracers = await self.strace_start() if o.get("strace") else {}
             idle0, t_idle = self.cpu_ms(), time.monotonic()
             await asyncio.sleep(3)
@@ -546,7 +552,7 @@ def guest_classes() -> type:
                 cpu[f"cpu_{n}_idle_ms_per_s"] = round(idle_rate, 2)
                 cpu[f"cpu_{n}_ms_per_pair"] = round((cpu1[n] - cpu0[n] - idle_rate * t_seq) / max(1, len(seq)), 2)
                 cpu[f"faults_{n}_per_pair"] = round((cpu1[f"{n}_faults"] - cpu0[f"{n}_faults"]) / max(1, len(seq)))
-            tls_after = await self.raw_tls(15)
+            tls_after, stack_after = await self.raw_tls(15), await self.stack_tls(15)
             # the kernel's own share of every first connection: releasing the held SYN once its policy is in
             from tests.kernel.guestlib import held_release_ms
 
@@ -561,6 +567,7 @@ def guest_classes() -> type:
             f["latency"] = {"first_ms": spread(firsts), "second_ms": spread(seconds), "errors": errors, **hs_ms,
                             "tls_before_ms": spread(tls_before), "tls_after_ms": spread(tls_after),
                             "tls_ms": spread(tls_before + tls_after), "first_all": firsts,
+                            "tls_stack_ms": spread(stack_before + stack_after),
                             "kernel_release_ms": spread([x for x in release if x >= 0]), **syscalls,
                             "kernel_release_failed": sum(1 for x in release if x < 0),
                             "kernel_hz": await asyncio.to_thread(kernel_hz),
@@ -731,6 +738,13 @@ def report(od: dict[str, Any], eg: dict[str, Any]) -> str:
         f" -> {fm.get('median', 0) / max(tl.get('median', 1), 1e-9):.1f}x; second connection over the tunnel:"
         f" median {lat['second_ms'].get('median')} ms"
     )
+    ts = lat.get("tls_stack_ms", {})
+    if ts:
+        lines.append(
+            f"  the same handshake with the bridges' TLS stack (pyOpenSSL on cryptography's OpenSSL, X25519MLKEM768,"
+            f" SVID chains): median {ts.get('median')} ms (p90 {ts.get('p90')}) -> first connection"
+            f" {fm.get('median', 0) / max(ts.get('median', 1), 1e-9):.1f}x"
+        )
     fo = lat.get("fast_open", {})
     if fo:  # --tcp-fast-open (off by default)
         lines.append(

@@ -17,10 +17,11 @@ import asyncio
 import concurrent.futures
 import contextlib
 import ctypes
+import functools
 import os
 import socket
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 _CLONE_NEWNET = 0x40000000
@@ -43,10 +44,15 @@ def setns_fd(fd: int) -> None:
     if setns is not None:
         setns(fd, _CLONE_NEWNET)
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, _CLONE_NEWNET) != 0:
+    if _libc_setns()(fd, _CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+@functools.cache
+def _libc_setns() -> Any:
+    """libc's setns, looked up once: a connection's socket enters and leaves the namespace with it."""
+    return ctypes.CDLL(None, use_errno=True).setns
 
 
 def _enter(path: str) -> None:

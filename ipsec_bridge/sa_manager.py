@@ -309,6 +309,7 @@ class SaManager:
         self.xfrm = xfrm
         self.settings = settings
         self._reqids = itertools.count(1)
+        self._larval_spis = itertools.cycle(range(LARVAL_SPI_MIN, LARVAL_SPI_MAX + 1))  # release_acquire's names
         self._bypass: set[IPAddress] = set()
         self._held: set[tuple[IPAddress, int]] = set()  # (dst, SPI) of adopted SAs
         self._batches = Coalescer(xfrm)
@@ -464,19 +465,17 @@ class SaManager:
     async def release_acquire(self, acquire: m.Acquire) -> None:
         """Delete the larval state behind an ACQUIRE, so the pair's next trapped packet is reported again.
 
-        The larval state has no SPI, and DELSA finds ESP states only by SPI: ALLOCSPI with the ACQUIRE's seq
-        gives it one (from a range no SA of ours uses), then DELSA removes it. Gone already (expired): fine."""
+        The larval state has no SPI, and DELSA finds ESP states only by SPI: ALLOCSPI with the ACQUIRE's seq gives it
+        the one we name (min = max, from a range no SA of ours uses), so the DELSA follows in the same batch: one
+        round trip, nothing to decode. Gone already (expired): fine. If another larval state still held that SPI
+        (its own release failed), the ALLOCSPI is refused and this one expires on its own (xfrm_acq_expires)."""
+        spi = next(self._larval_spis)
         request = m.SpiRequest(
-            acquire.src, acquire.dst, LARVAL_SPI_MIN, LARVAL_SPI_MAX, reqid=TRAP_REQID, mode=Mode.TRANSPORT,
-            seq=acquire.seq, mark=BRIDGE_MARK,
+            acquire.src, acquire.dst, spi, spi, reqid=TRAP_REQID, mode=Mode.TRANSPORT, seq=acquire.seq,
+            mark=BRIDGE_MARK,
         )  # fmt: skip
-        (result,) = await self._batches.submit([m.alloc_spi(request)])
-        if isinstance(result, XfrmError):
-            if _ignore_missing(result):
-                return
-            raise result
-        for info in m.decode_sas(result):
-            await self.delete_sas([m.SaId(info.sa.dst, info.sa.spi, mark=BRIDGE_MARK, src=info.sa.src)])
+        larval = m.SaId(acquire.dst, spi, mark=BRIDGE_MARK, src=acquire.src)
+        _first_error(await self._batches.submit([m.alloc_spi(request), m.delete_sa(larval)]), ignore_missing=True)
 
     async def kick(self, ip: IPAddress, flow: m.Selector | None = None, *, up: bool = True) -> None:
         """Let the packets a local pod's trap holds go now, in one batch (`kick_requests`)."""

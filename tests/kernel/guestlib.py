@@ -439,6 +439,100 @@ print(" ".join("%.2f" % x for x in out))
 """
 
 
+# The same handshake with the bridges' own TLS stack: pyOpenSSL on the OpenSSL that `cryptography` ships (its
+# default key exchange, X25519MLKEM768 first), contexts from ipsec_bridge.handshake.tls_context, and an SVID chain
+# as ztd issues (a P-256 leaf with a SPIFFE URI, signed by a P-256 CA) verified on both ends. Blocking sockets.
+_STACK_CONTEXT = """
+import datetime as dt, sys
+from cryptography import x509
+from ipsec_bridge.handshake import Credential, tls_context
+from ztcore.identity import Identity
+def context(ca, crt, key):
+    pem = open(crt, "rb").read()
+    leaf = x509.load_pem_x509_certificate(pem)
+    uri = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    spiffe = uri.get_values_for_type(x509.UniformResourceIdentifier)[0]
+    return tls_context(Credential(Identity.parse(spiffe), pem, open(key, "rb").read(), open(ca, "rb").read(),
+                                  leaf.not_valid_after_utc))
+"""
+
+MTLS_STACK_SERVER = (
+    _STACK_CONTEXT
+    + """
+import socket
+from OpenSSL import SSL
+ctx = context(*sys.argv[1:4])
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", 7444)); s.listen(8)
+print("ready", flush=True)
+for _ in range(int(sys.argv[4])):
+    c, _ = s.accept()
+    t = SSL.Connection(ctx, c); t.set_accept_state(); t.do_handshake()
+    t.recv(1)
+    c.close()
+"""
+)
+
+MTLS_STACK_CLIENT = (
+    _STACK_CONTEXT
+    + """
+import socket, time
+from OpenSSL import SSL
+ctx = context(*sys.argv[1:4])
+out = []
+for _ in range(int(sys.argv[5])):
+    t0 = time.perf_counter()
+    c = socket.create_connection((sys.argv[4], 7444), 5)
+    c.setblocking(True)  # pyOpenSSL reads the fd itself: no timeout mode
+    t = SSL.Connection(ctx, c); t.set_connect_state(); t.do_handshake()
+    assert t.get_peer_certificate() is not None
+    out.append((time.perf_counter() - t0) * 1000)
+    t.send(b"x")
+    c.close()
+print(" ".join("%.2f" % x for x in out))
+"""
+)
+
+
+def make_svids(workdir: Path) -> dict[str, Path]:
+    """A P-256 CA and two SVIDs it signed (client and server), as PEM files in `workdir`."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    pem = serialization.Encoding.PEM
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cluster.local")])
+    ca = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(ca_key.public_key())
+        .serial_number(1).not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(hours=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    files = {"ca": workdir / "svid-ca.crt"}
+    files["ca"].write_bytes(ca.public_bytes(pem))
+    for serial, (who, sa) in enumerate((("client", "client-0"), ("server", "server-0")), start=2):
+        key = ec.generate_private_key(ec.SECP256R1())
+        uri = f"spiffe://cluster.local/ns/default/sa/{sa}"
+        leaf = (
+            x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(name).public_key(key.public_key())
+            .serial_number(serial).not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(hours=2))
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True)
+            .sign(ca_key, hashes.SHA256())
+        )  # fmt: skip
+        files[f"{who}_crt"], files[f"{who}_key"] = workdir / f"svid-{who}.crt", workdir / f"svid-{who}.key"
+        files[f"{who}_crt"].write_bytes(leaf.public_bytes(pem))
+        files[f"{who}_key"].write_bytes(
+            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
+        files[f"{who}_key"].chmod(0o600)
+    return files
+
+
 def make_cert(crt: Path, key_path: Path) -> None:
     import datetime as dt
 
@@ -462,12 +556,13 @@ def make_cert(crt: Path, key_path: Path) -> None:
     )
 
 
-async def ready_server(netns: str, script: str, *args: str) -> asyncio.subprocess.Process:
-    """`python -S -c script args` in `netns`, once it has printed its "ready" line."""
+async def ready_server(netns: str, script: str, *args: str, site: bool = False) -> asyncio.subprocess.Process:
+    """`python -S -c script args` in `netns` (without -S if `site`: it imports installed packages), once it has
+    printed its "ready" line."""
     import sys
 
     server = await asyncio.create_subprocess_exec(
-        *in_ns(netns, sys.executable, "-S", "-c", script, *args), stdout=asyncio.subprocess.PIPE
+        *in_ns(netns, sys.executable, *([] if site else ["-S"]), "-c", script, *args), stdout=asyncio.subprocess.PIPE
     )
     assert server.stdout is not None
     line = await asyncio.wait_for(server.stdout.readline(), 30)
@@ -486,6 +581,19 @@ async def raw_mtls_ms(client_ns: str, server_ns: str, server_ip: str, count: int
     server = await ready_server(server_ns, MTLS_SERVER, str(crt), str(key), str(count))
     out = await sh(*in_ns(client_ns, sys.executable, "-S", "-c", MTLS_CLIENT, str(crt), server_ip, str(count),
                           str(key)))  # fmt: skip
+    await asyncio.wait_for(server.wait(), 30)
+    return [float(x) for x in out.split()]
+
+
+async def stack_mtls_ms(client_ns: str, server_ns: str, server_ip: str, count: int, workdir: Path) -> list[float]:
+    """As raw_mtls_ms, with the bridges' TLS stack and an SVID chain on each end (MTLS_STACK_SERVER)."""
+    import sys
+
+    f = await asyncio.to_thread(make_svids, workdir)
+    server = await ready_server(server_ns, MTLS_STACK_SERVER, str(f["ca"]), str(f["server_crt"]), str(f["server_key"]),
+                                str(count), site=True)  # fmt: skip
+    out = await sh(*in_ns(client_ns, sys.executable, "-c", MTLS_STACK_CLIENT, str(f["ca"]), str(f["client_crt"]),
+                          str(f["client_key"]), server_ip, str(count)))  # fmt: skip
     await asyncio.wait_for(server.wait(), 30)
     return [float(x) for x in out.split()]
 

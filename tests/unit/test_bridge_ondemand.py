@@ -23,6 +23,8 @@ from ipsec_bridge.pairs import TunnelScope
 from ipsec_bridge.sa_manager import (
     BRIDGE_MARK,
     FLOW_HOLD_PRIORITY,
+    LARVAL_SPI_MAX,
+    LARVAL_SPI_MIN,
     PAIR_TRAP_PRIORITY,
     RELEASED_HOLD_PRIORITY,
     SPI_MIN,
@@ -42,7 +44,7 @@ from ipsec_bridge.tunnels.records import Generation, Tunnel
 from ipsec_bridge.tunnels.settings import BridgeMetrics, BridgeSettings
 from ipsec_bridge.tunnels.table import TunnelTable
 from ipsec_bridge.xfrm import messages as m
-from ipsec_bridge.xfrm.consts import XfrmMsg
+from ipsec_bridge.xfrm.consts import Mode, XfrmMsg
 from ipsec_bridge.xfrm.netlink import XfrmError
 from ipsec_bridge.xfrm.offload import OffloadStatus
 from tests.support.bridge_fakes import MESH, NoCertificates, RecordingXfrm
@@ -200,7 +202,8 @@ async def test_a_denied_pair_gets_a_block_and_its_larval_state_released(tmp_path
     od.on_acquire(event_for("10.1.0.11", "10.2.0.10"))  # a2 -> b1: payments/deny-debug
     await settle(od)
     kinds = [r.type for r in xfrm.requests]
-    assert kinds == [XfrmMsg.UPDPOLICY, XfrmMsg.ALLOCSPI]  # the block, then the larval state gets an SPI
+    # the block, then the larval state gets the SPI its DELSA names, in one batch
+    assert kinds == [XfrmMsg.UPDPOLICY, XfrmMsg.ALLOCSPI, XfrmMsg.DELSA]
     block = m.decode_policy(xfrm.requests[0].payload).policy
     assert (block.action, block.priority, block.lifetime.hard_add_seconds) == (1, 100, 30)
     assert od.stats == {"received": 1, "denied": 1} and od.table.tunnels == {}
@@ -241,6 +244,25 @@ async def test_an_admitted_pair_gets_its_record_once_and_storms_are_bounded(tmp_
     assert "zt_bridge_acquires_total" in registry.render() and od.in_flight == set()
 
 
+async def test_a_larval_state_is_released_in_one_round_trip_under_an_spi_of_its_own() -> None:
+    """ALLOCSPI names the one SPI it may give (min = max, from the larval range), so the DELSA of that SPI goes in
+    the same batch; each release names another SPI, none in the range the bridge's SAs use."""
+    sa, xfrm = sa_manager()
+    events = [event_for("10.1.0.10", "10.2.0.10", seq=7), event_for("10.1.0.11", "10.2.0.10", seq=8)]
+    for event in events:
+        await sa.release_acquire(event)
+    assert [r.type for r in xfrm.requests] == [XfrmMsg.ALLOCSPI, XfrmMsg.DELSA] * 2
+    spis = []
+    for event, alloc, delete in zip(events, xfrm.requests[::2], xfrm.requests[1::2], strict=True):
+        larval = m.decode_sa_id(delete.payload)
+        assert (larval.dst, larval.mark) == (event.dst, BRIDGE_MARK)
+        request = m.SpiRequest(event.src, event.dst, larval.spi, larval.spi, reqid=TRAP_REQID, mode=Mode.TRANSPORT,
+                               seq=event.seq, mark=BRIDGE_MARK)  # fmt: skip
+        assert alloc.payload == m.alloc_spi(request).payload
+        spis.append(larval.spi)
+    assert spis[0] != spis[1] and all(LARVAL_SPI_MIN <= spi <= LARVAL_SPI_MAX < SPI_MIN for spi in spis)
+
+
 async def test_an_acquire_whose_tunnel_comes_up_releases_and_kicks(tmp_path: Path) -> None:
     od, xfrm, clock, _ = await on_demand(tmp_path)
     await od.sa.set_local_pods([A1])
@@ -254,7 +276,8 @@ async def test_an_acquire_whose_tunnel_comes_up_releases_and_kicks(tmp_path: Pat
     kinds = [r.type for r in xfrm.requests]
     # the pair's trap and its flow's hold; once up, the hold below the pair's policy and the pod's trap
     # re-written in one batch (the held packets go), then the larval state released
-    assert kinds == [XfrmMsg.NEWPOLICY, XfrmMsg.UPDPOLICY, XfrmMsg.UPDPOLICY, XfrmMsg.UPDPOLICY, XfrmMsg.ALLOCSPI]
+    assert kinds == [XfrmMsg.NEWPOLICY, XfrmMsg.UPDPOLICY, XfrmMsg.UPDPOLICY, XfrmMsg.UPDPOLICY, XfrmMsg.ALLOCSPI,
+                     XfrmMsg.DELSA]  # fmt: skip
     priorities = [m.decode_policy(r.payload).policy.priority for r in xfrm.requests[:4]]
     assert priorities == [PAIR_TRAP_PRIORITY, FLOW_HOLD_PRIORITY, RELEASED_HOLD_PRIORITY, TRAP_PRIORITY]
     assert od.stats["admitted"] == 1 and od.queues == {}
