@@ -28,9 +28,14 @@ their own netns, joined by a veth underlay.
   same state figures. The state eager mode would hold for the full mesh is projected from the count formula the
   small run checks exactly.
 - peers measured in the same boot: mutual TLS 1.3 handshakes (ECDSA P-256, as the bridges' SVIDs) between the
-  two node netns, one at a time, before and after the first-connection sample; and the kernel's own release of a
-  held first packet (tests/kernel/guestlib.held_release_ms: a trap holds a SYN, an UPDPOLICY puts a policy with an
-  SA in its slot, no bridge involved), 30 times: with a TLS handshake, the floor under any first connection here.
+  two node netns, one at a time, before and after the first-connection sample, twice: with Python's ssl module
+  (the system's OpenSSL, one self-signed certificate) and with the bridges' own TLS stack (pyOpenSSL on the OpenSSL
+  `cryptography` ships, its X25519MLKEM768 key exchange, a CA-signed SVID on each end: guestlib.stack_mtls_ms);
+  and the kernel's own release of a held first packet (tests/kernel/guestlib.held_release_ms: a trap holds a SYN,
+  an UPDPOLICY puts a policy with an SA in its slot, no bridge involved), 30 times: with a TLS handshake, the
+  floor under any first connection here.
+- `--strace`: strace -f -c attached to both bridges (every thread) over 3 s of idleness and then over the
+  one-at-a-time pairs; each bridge's syscalls per new pair by name, the idle window's rate taken out.
 
 The defaults are the issue's size (about 6 minutes for both boots on a 2-vCPU host; docs/benchmarks.md has a run).
 
