@@ -8,7 +8,7 @@ entered the namespace once. The CA, xDS and admin connections stay in the proces
 
 Why not the worker thread for connections too: a thread hop costs 0.7-0.9 ms in UML (bench/thread_hop.py), and a
 stock of sockets that thread made ahead (what this did before) was refilled while handshakes ran, each socket a
-GIL handoff with the loop: ~10 futex calls per new pair on the initiating bridge.
+GIL handoff with the loop: ~20 futex calls per new pair on the initiating bridge in UML.
 """
 
 from __future__ import annotations
