@@ -51,6 +51,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -837,6 +838,8 @@ def main() -> int:
         problems.append("--sequential must fit in the first wave (0..local/4 x peers)")
     if not (1 <= args.concurrency <= 1024 and 1 <= args.rekey_pods <= args.local_pods):
         problems.append("--concurrency must be 1..1024 and --rekey-pods 1..--local-pods")
+    if args.strace and shutil.which("strace") is None:
+        problems.append("--strace needs strace on PATH (Debian: apt-get install strace)")
     if problems:
         print("ondemand_scale: " + "; ".join(problems), file=sys.stderr)
         return 2
