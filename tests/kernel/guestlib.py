@@ -494,42 +494,20 @@ print(" ".join("%.2f" % x for x in out))
 
 
 def make_svids(workdir: Path) -> dict[str, Path]:
-    """A P-256 CA and two SVIDs it signed (client and server), as PEM files in `workdir`."""
-    import datetime as dt
+    """bench/rekey_resumption.py's two SVIDs of one P-256 CA (client and server), as PEM files in `workdir`."""
+    import os
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from bench.rekey_resumption import credentials
 
-    pem = serialization.Encoding.PEM
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cluster.local")])
-    ca = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(ca_key.public_key())
-        .serial_number(1).not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(hours=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
+    client, server = credentials().values()
     files = {"ca": workdir / "svid-ca.crt"}
-    files["ca"].write_bytes(ca.public_bytes(pem))
-    for serial, (who, sa) in enumerate((("client", "client-0"), ("server", "server-0")), start=2):
-        key = ec.generate_private_key(ec.SECP256R1())
-        uri = f"spiffe://cluster.local/ns/default/sa/{sa}"
-        leaf = (
-            x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(name).public_key(key.public_key())
-            .serial_number(serial).not_valid_before(now - dt.timedelta(minutes=1))
-            .not_valid_after(now + dt.timedelta(hours=2))
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True)
-            .sign(ca_key, hashes.SHA256())
-        )  # fmt: skip
+    files["ca"].write_bytes(client.roots_pem)
+    for who, cred in (("client", client), ("server", server)):
         files[f"{who}_crt"], files[f"{who}_key"] = workdir / f"svid-{who}.crt", workdir / f"svid-{who}.key"
-        files[f"{who}_crt"].write_bytes(leaf.public_bytes(pem))
-        files[f"{who}_key"].write_bytes(
-            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        )
-        files[f"{who}_key"].chmod(0o600)
+        files[f"{who}_crt"].write_bytes(cred.chain_pem)
+        fd = os.open(files[f"{who}_key"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(cred.key_pem)
     return files
 
 
