@@ -403,6 +403,21 @@ async def test_the_preamble_leaves_with_the_client_hello_and_the_announce_with_t
     server.close()
     assert result.spi_out == 0x9000
     assert sent[0][:6] == hs.announce(0x9000, True) and sent[0][6] == 0x16
+    # then its session ticket, then done and close_notify in one write: the initiator, which installs its outbound
+    # SA on done, is not woken a second time for the alert
+    assert len(sent) == 3, [len(w) for w in sent]
+    assert _records(sent[2]) == [0x17, 0x17]  # TLS 1.3 sends alerts encrypted, as application data
+
+
+def _records(data: bytes) -> list[int]:
+    """The content types of the TLS records `data` consists of (whole records only)."""
+    types, at = [], 0
+    while at < len(data):
+        kind, length = data[at], int.from_bytes(data[at + 3 : at + 5], "big")
+        types.append(kind)
+        at += 5 + length
+    assert at == len(data)
+    return types
 
 
 @pytest.mark.parametrize(
