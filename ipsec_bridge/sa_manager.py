@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import itertools
 import logging
 import secrets
@@ -168,7 +169,10 @@ class Endpoints:
         return m.Selector(self.local_net, self.peer_net)
 
 
+@functools.lru_cache(maxsize=8192)
 def host_net(ip: IPAddress) -> IPNetwork:
+    """`ip`'s /32 or /128. Shared: a pod has one per tunnel spec and selector it is in (ten peers: ten copies, ~0.3
+    KiB each, without the cache), and making one parses a string."""
     return ip_network(f"{ip}/{ip.max_prefixlen}")
 
 

@@ -8,6 +8,7 @@ same answer from the same WDS content, which is what keeps both ends of a tunnel
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import ip_address, ip_network
@@ -77,16 +78,17 @@ def pod_spec(view: NodeView, pair: PodPair, local_address: IPAddress) -> TunnelS
     if peer_address is None or peer_address.version != local_address.version:
         return None
     local_net, peer_net = host_net(pair.local.ip), host_net(pair.remote.ip)
+    # interned: a local pod's address and name recur in each of its pairs' specs
     return TunnelSpec(
-        key=("pod", str(pair.local.ip), str(pair.remote.ip)),
+        key=("pod", sys.intern(str(pair.local.ip)), sys.intern(str(pair.remote.ip))),
         scope=TunnelScope.POD,
         initiator=pair.initiator,
         endpoints=Endpoints(local_address, peer_address, local_net, peer_net),
         selectors=((local_net, peer_net),),
         local_identity=pair.local.identity,
         peer_identity=pair.remote.identity,
-        local_name=pair.local.name,
-        peer_name=pair.remote.name,
+        local_name=sys.intern(pair.local.name),
+        peer_name=sys.intern(pair.remote.name),
         local_address=pair.local.ip,
         peer_address=pair.remote.ip,
         peer_node=pair.remote.node,

@@ -185,3 +185,16 @@ def test_spec_now_without_a_node_address() -> None:
     view = build_view((A1, B1, *NOT_A), (), SETTINGS, 1)
     key = ("pod", "10.1.0.10", "10.2.0.10")
     assert spec_now(view, BridgeSettings("node-a"), TunnelScope.POD, key) == "no address for node node-a"
+
+
+def test_a_pods_specs_share_its_address_net_and_name() -> None:
+    """A node holds one spec per pair it talks to, ten or more per local pod: the pod's /32, its key string and its
+    name are one object each, not one per spec (and the spec a handshake rechecks shares them too)."""
+    case = Case((A1, B1, C1, *BRIDGES), {})
+    view, settings = view_of(case), settings_of(case)
+    to_b, to_c = (desired(view, settings).tunnels[pod_key("10.1.0.10", peer)] for peer in ("10.2.0.10", "10.3.0.10"))
+    assert to_b.endpoints.local_net is to_c.endpoints.local_net
+    assert to_b.selectors[0][0] is to_c.selectors[0][0] is to_b.endpoints.local_net
+    assert to_b.key[1] is to_c.key[1] and to_b.local_name is to_c.local_name
+    again = spec_now(view, settings, TunnelScope.POD, to_b.key)
+    assert again == to_b and not isinstance(again, str) and again.endpoints.peer_net is to_b.endpoints.peer_net
