@@ -39,9 +39,13 @@ class TunnelSpec:
 
     def same_tunnel(self, other: TunnelSpec) -> bool:
         """Everything but the pod pairs a node tunnel carries: a change here means a new tunnel."""
+        return self.initiator == other.initiator and self.same_keys(other)
+
+    def same_keys(self, other: TunnelSpec) -> bool:
+        """The same ends and identities, whoever initiates: the keys of one hold for the other. (A policy that
+        now admits one direction only, or both again, moves the initiator and nothing else.)"""
         return (
-            self.initiator == other.initiator
-            and self.endpoints == other.endpoints
+            self.endpoints == other.endpoints
             and self.local_identity == other.local_identity
             and self.peer_identity == other.peer_identity
         )

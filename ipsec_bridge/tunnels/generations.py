@@ -69,6 +69,20 @@ class Generations:
             return "the tunnel changed while its handshake ran"
         return None
 
+    def take_role(self, t: Tunnel, spec: TunnelSpec) -> None:
+        """`spec` is `t`'s tunnel with the other side initiating now: the SAs and policies stay (no gap in traffic,
+        no handshake), and the new initiator rekeys when a generation of its own would have been due."""
+        t.spec = spec
+        t.nudges, t.last_nudge = 0, 0.0
+        if not spec.initiator:
+            t.next_rekey = None
+        elif t.current is not None:
+            jitter = self._rng.uniform(1 - self.settings.rekey_jitter, 1.0)
+            t.next_rekey = t.current.established_mono + self.settings.rekey_interval * jitter
+        log.info("tunnel %s: this side %s now; its keys stay", describe(spec),
+                 "initiates" if spec.initiator else "responds")  # fmt: skip
+        self.table.touch(t)
+
     def installer(self, t: Tunnel) -> GenerationInstaller:
         previous = t.current.reqid if t.current is not None else None
         return GenerationInstaller(

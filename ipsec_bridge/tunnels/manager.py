@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -152,7 +153,7 @@ class TunnelManager:
             specs = await asyncio.to_thread(self._on_demand_specs, view, list(tunnels.values()))
         else:
             specs = want.tunnels
-        gone = [t for key, t in tunnels.items() if key not in specs or not specs[key].same_tunnel(t.spec)]
+        gone = [t for key, t in tunnels.items() if key not in specs or not specs[key].same_keys(t.spec)]
         if gone:
             since = view.received_at or None
             await asyncio.gather(*(self.remove(t, "policy or workload change", since=since) for t in gone))
@@ -161,7 +162,10 @@ class TunnelManager:
             if t is None:
                 # eager; on demand only the pairs --eager-for marks (the rest come with their first packet)
                 self.table.add(Tunnel(spec, self._monotonic()))
-            elif spec.selectors != t.spec.selectors:
+                continue
+            if spec.initiator != t.spec.initiator:
+                self.generations.take_role(t, dataclasses.replace(spec, selectors=t.spec.selectors))
+            if spec.selectors != t.spec.selectors:
                 await self._update_selectors(t, spec)
         if self.on_demand is not None:
             await self.on_demand.forgive(view)

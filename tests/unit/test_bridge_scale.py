@@ -427,6 +427,7 @@ async def test_a_tunnel_holds_its_handshake_task_only_while_it_runs(tmp_path: Pa
     async def initiate(tunnel: Tunnel) -> None:
         ran.append(tunnel)
         await release.wait()
+        tunnel.rekey_wanted = False  # as a commit does: nothing more to do for it
 
     manager.initiator.initiate = initiate  # type: ignore[method-assign]
     t.want_rekey("requested")
@@ -448,3 +449,45 @@ async def test_a_tunnel_holds_its_handshake_task_only_while_it_runs(tmp_path: Pa
         assert running.done() and t.task is None
         assert scheduler.looks > looks  # its end touched it: looked at again (a failure's retry time)
         task.cancel()
+
+
+ONE_WAY = """---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-frontend, namespace: payments}
+spec:
+  action: DENY
+  rules:
+    - from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]
+"""
+
+
+async def test_a_policy_that_moves_the_initiator_keeps_the_tunnel_and_its_keys(pair: Pair, tmp_path: Path) -> None:
+    """frontend -> ledger denied, ledger -> frontend still allowed: the pair stays admitted and node-b initiates
+    now. The tunnel is not torn down and set up again (a gap in the allowed direction, and a handshake): the
+    record, its generation and its SAs stay, only the role and who schedules the rekeys move. And back."""
+    from tests.support.bridge_mesh import POLICIES
+
+    pair.a.kernel.policy_delay = pair.b.kernel.policy_delay = 0.0
+    a = pair.a.manager
+    ta = a.tunnels[("pod", A1, B1)]
+    await a.initiator.initiate(ta)
+    gen = ta.current
+    assert gen is not None and ta.spec.initiator and ta.next_rekey is not None
+    pair.a.kernel.batches.clear()
+
+    one_way = (await load_view(write_mesh(tmp_path / "one-way", POLICIES + ONE_WAY))).view
+    await a.reconcile(one_way)
+    assert a.tunnels[("pod", A1, B1)] is ta and ta.current is gen and not ta.spec.initiator
+    assert ta.next_rekey is None and list(a.table.removals) == []
+    touched = [r.type for batch in pair.a.kernel.batches for r in batch]
+    assert not {XfrmMsg.DELSA, XfrmMsg.DELPOLICY} & set(touched), touched
+
+    both_ways = (await load_view(write_mesh(tmp_path / "both-ways", POLICIES))).view
+    await a.reconcile(both_ways)
+    assert a.tunnels[("pod", A1, B1)] is ta and ta.current is gen and ta.spec.initiator
+    interval = a.settings.rekey_interval
+    assert (
+        ta.next_rekey is not None and gen.established_mono + (1 - a.settings.rekey_jitter) * interval <= ta.next_rekey
+    )
+    assert ta.next_rekey <= gen.established_mono + interval and list(a.table.removals) == []
