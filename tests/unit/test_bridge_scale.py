@@ -491,3 +491,25 @@ async def test_a_policy_that_moves_the_initiator_keeps_the_tunnel_and_its_keys(p
         ta.next_rekey is not None and gen.established_mono + (1 - a.settings.rekey_jitter) * interval <= ta.next_rekey
     )
     assert ta.next_rekey <= gen.established_mono + interval and list(a.table.removals) == []
+
+
+async def test_a_responder_that_thought_it_initiated_keeps_its_record_when_the_peers_handshake_comes(
+    pair: Pair,
+) -> None:
+    """node-b's record says it initiates (a view from before a policy change), node-b's view now says node-a
+    does, and node-a's handshake arrives: the record is kept (its generation's SAs with it, retired as a rekey
+    retires them) instead of replaced by a new one that would leave them in the kernel."""
+    from ipsec_bridge.handshake import Kind
+
+    pair.a.kernel.policy_delay = pair.b.kernel.policy_delay = 0.0
+    ta = pair.a.manager.tunnels[("pod", A1, B1)]
+    await pair.a.manager.initiator.initiate(ta)
+    tb = pair.b.manager.tunnels[("pod", B1, A1)]
+    gen = tb.current
+    assert gen is not None and not tb.spec.initiator
+    tb.spec = dataclasses.replace(tb.spec, initiator=True)  # the stale role
+    preamble = pair.a.manager.generations.preamble(ta.spec, Kind.HANDSHAKE)
+    assert pair.b.manager.responder.tunnel_for(preamble) is tb
+    assert not tb.spec.initiator and tb.current is gen and tb.next_rekey is None
+    await pair.a.manager.initiator.initiate(ta)  # a rekey: node-b's old generation retires, nothing is left over
+    assert tb.current is not None and tb.current.number == 2 and [g for g, _ in tb.retiring] == [gen]
