@@ -80,15 +80,21 @@ spec:
 """
 
 
-# Added to POLICIES: frontend and ledger denied to each other both ways (the revoke the kernel tests apply).
-DENY_FRONTEND_LEDGER = """---
+# Added to POLICIES: frontend -> ledger denied, ledger -> frontend still allowed (the pair stays admitted, and
+# node-b initiates it now).
+DENY_FRONTEND_TO_LEDGER = """---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: deny-frontend, namespace: payments}
 spec:
   action: DENY
   rules: [{from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]}]
----
+"""
+
+# Added to POLICIES: frontend and ledger denied to each other both ways (the revoke the kernel tests apply).
+DENY_FRONTEND_LEDGER = (
+    DENY_FRONTEND_TO_LEDGER
+    + """---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: frontend-deny-ledger, namespace: shop}
@@ -97,6 +103,7 @@ spec:
   action: DENY
   rules: [{from: [{source: {principals: ["cluster.local/ns/payments/sa/ledger"]}}]}]
 """
+)
 
 
 def mesh_yaml(pods: dict[str, tuple[str, str, str, str, str]] | None = None) -> str:

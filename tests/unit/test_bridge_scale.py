@@ -451,22 +451,11 @@ async def test_a_tunnel_holds_its_handshake_task_only_while_it_runs(tmp_path: Pa
         task.cancel()
 
 
-ONE_WAY = """---
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-frontend, namespace: payments}
-spec:
-  action: DENY
-  rules:
-    - from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]
-"""
-
-
 async def test_a_policy_that_moves_the_initiator_keeps_the_tunnel_and_its_keys(pair: Pair, tmp_path: Path) -> None:
     """frontend -> ledger denied, ledger -> frontend still allowed: the pair stays admitted and node-b initiates
     now. The tunnel is not torn down and set up again (a gap in the allowed direction, and a handshake): the
     record, its generation and its SAs stay, only the role and who schedules the rekeys move. And back."""
-    from tests.support.bridge_mesh import POLICIES
+    from tests.support.bridge_mesh import DENY_FRONTEND_TO_LEDGER, POLICIES
 
     pair.a.kernel.policy_delay = pair.b.kernel.policy_delay = 0.0
     a = pair.a.manager
@@ -476,7 +465,7 @@ async def test_a_policy_that_moves_the_initiator_keeps_the_tunnel_and_its_keys(p
     assert gen is not None and ta.spec.initiator and ta.next_rekey is not None
     pair.a.kernel.batches.clear()
 
-    one_way = (await load_view(write_mesh(tmp_path / "one-way", POLICIES + ONE_WAY))).view
+    one_way = (await load_view(write_mesh(tmp_path / "one-way", POLICIES + DENY_FRONTEND_TO_LEDGER))).view
     await a.reconcile(one_way)
     assert a.tunnels[("pod", A1, B1)] is ta and ta.current is gen and not ta.spec.initiator
     assert ta.next_rekey is None and list(a.table.removals) == []

@@ -20,18 +20,8 @@ from ipsec_bridge.pairs import pod_pairs
 from ipsec_bridge.state import NodeView, Rejected, StateStore, TypeHandler
 from ipsec_bridge.xds_client import DeltaXdsClient, XdsClientOptions, build_node
 from tests.helpers import running_ztd
-from tests.support.bridge_mesh import PODS, POLICIES, load_view, settings, write_mesh
+from tests.support.bridge_mesh import DENY_FRONTEND_TO_LEDGER, PODS, POLICIES, load_view, settings, write_mesh
 from ztcore.xds import typeurls
-
-DENY_A1 = """---
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-frontend, namespace: payments}
-spec:
-  action: DENY
-  rules:
-    - from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"]}}]
-"""
 
 
 async def wait_for(store: StateStore, predicate: Any, seconds: float = 10) -> NodeView:
@@ -93,9 +83,9 @@ async def test_the_view_from_xds_equals_the_view_from_the_folder_and_follows_cha
             assert xds.status.connected and xds.status.nacks == 0
 
             # a policy that refuses frontend -> ledger, and the deletion of b2: both arrive as deltas
-            (folder / "policies.yaml").write_text(POLICIES + DENY_A1)
+            (folder / "policies.yaml").write_text(POLICIES + DENY_FRONTEND_TO_LEDGER)
             pods = {k: v for k, v in PODS.items() if k != "b2"}
-            write_mesh(folder, POLICIES + DENY_A1, pods)
+            write_mesh(folder, POLICIES + DENY_FRONTEND_TO_LEDGER, pods)
             view = await wait_for(store, lambda v: "payments/deny-frontend" in {a.key for a in v.authorizations}
                                   and len(v.pods_by_ip) == 3)  # fmt: skip
             admitted, _ = pod_pairs(view, "node-a")
