@@ -8,6 +8,7 @@ bounds that force a full handshake. Tickets outlive a removed tunnel, so a pair 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 from collections import Counter
@@ -71,8 +72,9 @@ class Generations:
 
     def take_role(self, t: Tunnel, spec: TunnelSpec) -> None:
         """`spec` is `t`'s tunnel with the other side initiating now: the SAs and policies stay (no gap in traffic,
-        no handshake), and the new initiator rekeys when a generation of its own would have been due."""
-        t.spec = spec
+        no handshake), and the new initiator rekeys when a generation of its own would have been due. Only the
+        role moves: the selectors stay `t`'s until reconcile moves its policies with them."""
+        t.spec = dataclasses.replace(spec, selectors=t.spec.selectors)
         t.nudges, t.last_nudge = 0, 0.0
         if not spec.initiator:
             t.next_rekey = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import random
 import time
@@ -164,7 +163,7 @@ class TunnelManager:
                 self.table.add(Tunnel(spec, self._monotonic()))
                 continue
             if spec.initiator != t.spec.initiator:
-                self.generations.take_role(t, dataclasses.replace(spec, selectors=t.spec.selectors))
+                self.generations.take_role(t, spec)
             if spec.selectors != t.spec.selectors:
                 await self._update_selectors(t, spec)
         if self.on_demand is not None:

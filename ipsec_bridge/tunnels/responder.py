@@ -193,9 +193,8 @@ class Responder:
             raise HandshakeError("refused", f"this node initiates the tunnel {describe(spec)}")
         t = self.table.tunnels.get(key)
         if t is not None and t.spec.initiator and t.spec.same_keys(spec):
-            # our view turned this side into the responder before the peer's handshake came: its keys stay (and
-            # its selectors, until reconcile moves its policies with them)
-            self.generations.take_role(t, dataclasses.replace(spec, selectors=t.spec.selectors))
+            # our view turned this side into the responder before the peer's handshake came: its keys stay
+            self.generations.take_role(t, spec)
         elif t is None or not t.spec.same_tunnel(spec):
             t = self.table.add(Tunnel(spec, self._monotonic()))
         return t
